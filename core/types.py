@@ -1,0 +1,219 @@
+"""Public types shared by the core and plugins: requests, events, deliveries, attempts, components.
+
+Plugins import only this module and `hookgate.hookspecs`. Everything here is a msgspec Struct or a
+small protocol, so values cross layers typed and encode cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+Headers = list[tuple[str, str]]
+
+
+def find_header(headers: Headers, name: str) -> str | None:
+    """The first value of a header, matched case-insensitively."""
+    name = name.lower()
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+class IngressRequest(msgspec.Struct, kw_only=True):
+    """A webhook as it reached `/webhooks/{source}`: raw body bytes, headers with lower-case names."""
+
+    source: str
+    method: str
+    url: str  # as the provider addressed it: scheme://host[:port]/path?query
+    path: str
+    query_string: bytes
+    headers: Headers
+    body: bytes
+    client: str | None = None  # peer IP address
+
+    def header(self, name: str) -> str | None:
+        return find_header(self.headers, name)
+
+
+class Rejection(msgspec.Struct, kw_only=True):
+    """A refusal of an ingress request; `code` is a stable machine-readable reason."""
+
+    status: int
+    code: str
+    message: str
+
+
+class HandshakeResponse(msgspec.Struct, kw_only=True):
+    """The answer to a provider handshake (challenge echo, CRC), sent instead of storing an event."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain"
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """An event as stored in the events stream.
+
+    Ingress events keep the provider's body bytes and headers untouched; internal events hold their
+    `data` as JSON bytes in `body`.
+    """
+
+    id: str
+    source: str  # a configured source name, or "internal"
+    type: str
+    received_at: float  # unix seconds
+    body: bytes
+    content_type: str = "application/json"
+    headers: Headers = []
+    to: list[str] | None = None  # explicit endpoints (internal publish with "to")
+
+    @property
+    def internal(self) -> bool:
+        return self.source == INTERNAL_SOURCE
+
+
+INTERNAL_SOURCE = "internal"
+
+
+class Delivery(msgspec.Struct, kw_only=True):
+    """One event on its way to one endpoint. `attempt` is the number of the next attempt."""
+
+    id: str
+    endpoint: str
+    attempt: int
+    event: Event
+    created_at: float
+    routes: list[str] = []
+
+
+ErrorKind = Literal["timeout", "connect", "tls", "http_status", "protocol", "destination"]
+Outcome = Literal["succeeded", "retrying", "dead", "deferred"]
+
+
+class Attempt(msgspec.Struct, kw_only=True):
+    """The record of one delivery attempt."""
+
+    delivery_id: str
+    event_id: str
+    endpoint: str
+    attempt: int
+    started_at: float
+    latency: float
+    outcome: Outcome
+    status: int | None = None
+    error_kind: ErrorKind | None = None
+    error: str | None = None
+    response_headers: Headers = []
+    response_body: bytes = b""
+    next_attempt_at: float | None = None
+
+
+class OutgoingRequest(msgspec.Struct, kw_only=True):
+    """The HTTP request about to be sent for an attempt; signing hooks add headers to it."""
+
+    method: str
+    url: str
+    headers: Headers
+    body: bytes
+    delivery_id: str
+    event_id: str
+    attempt: int
+    timestamp: int  # unix seconds, the value of webhook-timestamp
+
+    def set_header(self, name: str, value: str) -> None:
+        lowered = name.lower()
+        self.headers = [(k, v) for k, v in self.headers if k.lower() != lowered]
+        self.headers.append((name, value))
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """What hooks see of a configured source: its name and its instantiated components."""
+
+    name: str
+    verifier: Verifier | None = None
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    """What hooks see of a configured endpoint."""
+
+    name: str
+    url: str | None
+    subject: str | None
+    signer: Signer | None = None
+
+
+# --- Named components: what the YAML picks with `type:` ---------------------------------------
+
+
+class ComponentKind(StrEnum):
+    VERIFIER = "verifier"
+    SIGNER = "signer"
+
+
+class Verifier(Protocol):
+    """Checks an ingress request's signature on its raw body bytes."""
+
+    #: where the event type and id are read by default ("header.X", "body.a.b", or a literal)
+    default_event_type: str | None
+    default_event_id: str | None
+
+    def verify(self, request: IngressRequest) -> Rejection | None: ...
+
+
+class Signer(Protocol):
+    """Signs an outgoing request by adding headers to it."""
+
+    def sign(self, request: OutgoingRequest) -> None: ...
+
+
+@dataclass(frozen=True)
+class ComponentType:
+    kind: ComponentKind
+    name: str
+    config_type: type[msgspec.Struct]
+    factory: Callable[[Any], Any]
+    plugin: str = ""
+
+
+@dataclass
+class ComponentRegistry:
+    """Named component types contributed by plugins through `hookgate_register_components`."""
+
+    types: dict[tuple[ComponentKind, str], ComponentType] = field(default_factory=dict)
+
+    def add(
+        self,
+        kind: ComponentKind,
+        name: str,
+        config_type: type[msgspec.Struct],
+        factory: Callable[[Any], Any],
+        plugin: str = "",
+    ) -> None:
+        key = (kind, name)
+        if key in self.types:
+            raise ValueError(f"{kind} {name!r} is registered twice")
+        self.types[key] = ComponentType(kind, name, config_type, factory, plugin)
+
+    def add_verifier(
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Verifier]
+    ) -> None:
+        self.add(ComponentKind.VERIFIER, name, config_type, factory)
+
+    def add_signer(
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Signer]
+    ) -> None:
+        self.add(ComponentKind.SIGNER, name, config_type, factory)
+
+    def get(self, kind: ComponentKind, name: str) -> ComponentType | None:
+        return self.types.get((kind, name))
+
+    def names(self, kind: ComponentKind) -> list[str]:
+        return sorted(name for k, name in self.types if k == kind)

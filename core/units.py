@@ -1,0 +1,56 @@
+"""Durations ("500ms", "5m", "2d") and sizes ("64KiB", "1MiB") as they are written in the config."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+}
+
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"
+SIZE_PATTERN = r"^\d+(B|KiB|MiB|GiB|KB|MB)?$"
+
+# Config fields hold the string as written; validation happens through the pattern so errors name
+# the key path, and the numeric value is read with seconds()/size_bytes().
+Duration = Annotated[
+    str,
+    msgspec.Meta(pattern=DURATION_PATTERN, description='A duration such as "500ms", "5s", "10m", "2h", "5d"'),
+]
+Size = Annotated[str, msgspec.Meta(pattern=SIZE_PATTERN, description='A size such as "64KiB" or "1MiB"')]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_SIZE = re.compile(r"^(\d+)(B|KiB|MiB|GiB|KB|MB)?$")
+
+
+def seconds(duration: str) -> float:
+    """The number of seconds in a duration string such as "1h30m"."""
+    if not re.fullmatch(DURATION_PATTERN, duration):
+        raise ValueError(f'expected a duration like "5m", got {duration!r}')
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(duration))
+
+
+def size_bytes(size: str) -> int:
+    """The number of bytes in a size string such as "1MiB"."""
+    match = _SIZE.match(size)
+    if match is None:
+        raise ValueError(f'expected a size like "64KiB", got {size!r}')
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
+
+
+def format_duration(value: float) -> str:
+    """The shortest readable duration string for a number of seconds, for summaries."""
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if value >= factor and value % factor == 0:
+            return f"{int(value // factor)}{unit}"
+    return f"{round(value * 1000)}ms"
