@@ -119,6 +119,7 @@ class Config(_Base):
 class Component:
     """A plugin component picked in YAML with `type:`, its config converted to the plugin's Struct."""
 
+    kind: ComponentKind
     type: str
     config: Any
 
@@ -467,7 +468,7 @@ def _resolve_components(conv: _Converter, loaded: LoadedConfig, registry: Compon
         options = {k: v for k, v in spec.items() if k != key_name}
         converted = conv.convert(options, component_type.config_type, path)
         if converted is not None:
-            into[path.split(".")[2]] = Component(type_name, converted)
+            into[path.split(".")[2]] = Component(kind, type_name, converted)
 
 
 def json_schema(registry: ComponentRegistry) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class Event(msgspec.Struct, kw_only=True):
     content_type: str = "application/json"
     headers: Headers = []
     to: list[str] | None = None  # explicit endpoints (internal publish with "to")
+    external_id: str | None = None  # the provider's own id for this event, the dedup key
 
     @property
     def internal(self) -> bool:

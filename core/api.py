@@ -1,0 +1,117 @@
+"""The internal API under `/api/v1`: publishing events from our services (bearer tokens)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+import msgspec
+
+from hookgate.asgi import (
+    BodyTooLarge,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    scope_header,
+    send_error,
+    send_json,
+)
+from hookgate.broker import Broker
+from hookgate.ids import new_event_id
+from hookgate.intake import store_event
+from hookgate.types import INTERNAL_SOURCE, Event
+
+log = logging.getLogger("hookgate.api")
+
+
+class PublishRequest(msgspec.Struct, forbid_unknown_fields=True):
+    type: str
+    data: msgspec.Raw
+    id: str | None = None
+    to: list[str] | None = None
+
+
+_publish_decoder = msgspec.json.Decoder(PublishRequest)
+
+
+class Api:
+    def __init__(self, broker: Broker, tokens: list[str], endpoints: set[str], max_body: int):
+        self.broker = broker
+        self._tokens = [t.encode() for t in tokens if t]
+        self.endpoints = endpoints
+        self.max_body = max_body
+
+    def _authorized(self, scope: Scope) -> int | None:
+        """None when the bearer token is valid, else the status to answer (401 or 403)."""
+        header = scope_header(scope, b"authorization")
+        if header is None or not header.startswith(b"Bearer "):
+            return 401
+        given = header[7:].strip()
+        # Compare against every token, always, so timing says nothing about which one was close.
+        matched = False
+        for token in self._tokens:
+            matched |= hmac.compare_digest(given, token)
+        return None if matched else 403
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        denied = self._authorized(scope)
+        if denied == 401:
+            await send_error(
+                send, 401, "unauthorized", "send an API token as 'Authorization: Bearer <token>'"
+            )
+            return
+        if denied == 403:
+            await send_error(send, 403, "forbidden", "the API token is not valid")
+            return
+        if path == "/api/v1/events":
+            if scope["method"] != "POST":
+                await send_error(send, 405, "method_not_allowed", "POST events here")
+                return
+            await self._publish(scope, receive, send)
+            return
+        await send_error(send, 404, "not_found", f"no API resource at {path}")
+
+    async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await read_body(scope, receive, self.max_body)
+        except BodyTooLarge:
+            await send_error(send, 413, "body_too_large", f"the body is larger than {self.max_body} bytes")
+            return
+        except ClientGone:
+            return
+        try:
+            request = _publish_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            await send_error(send, 422, "invalid_event", str(exc))
+            return
+        except msgspec.DecodeError as exc:
+            await send_error(send, 400, "malformed_body", f"the body is not valid JSON: {exc}")
+            return
+        if not request.type:
+            await send_error(send, 422, "invalid_event", "type must not be empty - at `$.type`")
+            return
+        if request.to is not None:
+            unknown = [name for name in request.to if name not in self.endpoints]
+            if unknown:
+                await send_error(
+                    send, 422, "unknown_endpoint", f"no endpoint named {', '.join(unknown)} - at `$.to`"
+                )
+                return
+        event_id = request.id or new_event_id()
+        event = Event(
+            id=event_id,
+            source=INTERNAL_SOURCE,
+            type=request.type,
+            received_at=time.time(),
+            body=bytes(request.data),
+            to=request.to,
+        )
+        result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}")
+        if not result.ok:
+            log.error("could not store event %s: %s", event_id, result.error)
+            await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")
+            return
+        await send_json(send, 202, {"id": event_id})

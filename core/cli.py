@@ -1,0 +1,165 @@
+"""The `hookgate` command: run, check, plugins, schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from hookgate import __version__, config, gateway
+from hookgate.hooks import Hooks
+from hookgate.types import ComponentKind
+from hookgate.units import format_duration, seconds
+
+DEFAULT_CONFIG = "hookgate.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hookgate", description="A webhook gateway on NATS JetStream.")
+    parser.add_argument("--version", action="version", version=f"hookgate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c",
+            "--config",
+            default=os.environ.get("HOOKGATE_CONFIG", DEFAULT_CONFIG),
+            help=f"config file (default: $HOOKGATE_CONFIG or {DEFAULT_CONFIG})",
+        )
+
+    run = commands.add_parser("run", help="run the gateway: ingress, API, router and dispatcher")
+    with_config(run)
+    run.add_argument("--log-level", default=os.environ.get("HOOKGATE_LOG_LEVEL", "INFO"))
+    check = commands.add_parser("check", help="validate a config file and summarise it")
+    with_config(check)
+    commands.add_parser("plugins", help="list loaded plugins, their hooks and components")
+    schema = commands.add_parser("schema", help="print the JSON Schema of the config")
+    schema.add_argument("-o", "--output", help="write to this file instead of stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args.config, args.log_level)
+    if args.command == "check":
+        return _check(args.config)
+    if args.command == "plugins":
+        return _plugins()
+    if args.command == "schema":
+        text = json.dumps(config.json_schema(Hooks().registry), indent=2) + "\n"
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    return 2
+
+
+def _load(path: str, hooks: Hooks) -> config.LoadedConfig | None:
+    try:
+        return config.load(path, hooks.registry)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _check(path: str) -> int:
+    hooks = Hooks()
+    loaded = _load(path, hooks)
+    if loaded is None:
+        return 1
+    c = loaded.config
+    broker = c.broker.url or f"embedded nats-server, data in {c.broker.data_dir}"
+    print(f"{path}: OK")
+    print(f"  listen:    {c.server.listen}")
+    print(f"  broker:    {broker if isinstance(broker, str) else ', '.join(broker)}")
+    print(f"  sources:   {len(c.sources)}")
+    for name in c.sources:
+        verify = loaded.verifiers.get(name)
+        print(f"    {name:<20} POST /webhooks/{name}  verify: {verify.type if verify else 'none'}")
+    print(f"  endpoints: {len(c.endpoints)}")
+    for name, endpoint in c.endpoints.items():
+        target = endpoint.url or f"subject {endpoint.subject}"
+        attempts = len(endpoint.retry.schedule) + 1
+        signer = loaded.signers.get(name)
+        print(
+            f"    {name:<20} {target}  timeout {format_duration(seconds(endpoint.timeout))}, "
+            f"{attempts} attempts, signing: {signer.type if signer else 'none'}"
+        )
+    print(f"  routes:    {len(c.routes)}")
+    for i, route in enumerate(c.routes):
+        origin = ", ".join(route.from_) if route.from_ else "any source"
+        types = ", ".join(route.types) if route.types else "all types"
+        print(f"    {route.name or f'route-{i}':<20} {origin} [{types}] -> {', '.join(route.to)}")
+    return 0
+
+
+def _plugins() -> int:
+    hooks = Hooks()
+    for info in hooks.plugins():
+        origin = f" ({info.distribution})" if info.distribution else ""
+        print(f"{info.name}{origin}")
+        print(f"  hooks: {', '.join(info.hooks) or 'none'}")
+        components = [
+            f"{ctype.kind} {ctype.name}"
+            for ctype in hooks.registry.types.values()
+            if ctype.plugin == info.name
+        ]
+        if components:
+            print(f"  components: {', '.join(sorted(components))}")
+    kinds = ", ".join(f"{kind}s: {', '.join(hooks.registry.names(kind)) or '-'}" for kind in ComponentKind)
+    print(f"\n{kinds}")
+    return 0
+
+
+def _run(path: str, log_level: str) -> int:
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("nats").setLevel(logging.CRITICAL)  # its disconnect noise is reported by us
+    hooks = Hooks()
+    loaded = _load(path, hooks)
+    if loaded is None:
+        return 1
+    try:
+        trio.run(_run_until_signalled, loaded, hooks)
+    except gateway.BrokerUnavailable as exc:
+        print(f"hookgate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _run_until_signalled(loaded: config.LoadedConfig, hooks: Hooks) -> None:
+    stopping = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if stopping.is_set():
+                        logging.getLogger("hookgate").warning("second signal: stopping now")
+                        nursery.cancel_scope.cancel()
+                        return
+                    logging.getLogger("hookgate").info("received %s", signal.Signals(signum).name)
+                    stopping.set()
+
+            nursery.start_soon(watch)
+            await gateway.run(loaded, hooks, stopping=stopping)
+            nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

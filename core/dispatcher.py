@@ -1,0 +1,394 @@
+"""The dispatcher: one durable consumer and one connection pool per endpoint, retries by schedule.
+
+A failed attempt is not nak'ed with a delay: that would keep the message counted against the
+consumer's max_ack_pending for the whole delay, and a recovered endpoint would wait hours for fresh
+events. Instead the next attempt is published as a JetStream scheduled message (`Nats-Schedule:
+@at ...`) that lands back on the endpoint's subject when due, and the current message is acked.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import httpx
+import msgspec
+import trio
+
+from hookgate.bridge import ConsumerSpec
+from hookgate.broker import Broker, InMsg, OutMsg, PullConsumer
+from hookgate.config import EndpointConfig
+from hookgate.hooks import Hooks
+from hookgate.transport import PooledTransport
+from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
+from hookgate.units import seconds
+
+log = logging.getLogger("hookgate.dispatcher")
+
+FETCH_WAIT = 1.0
+RESPONSE_EXCERPT = 4096
+
+# Not forwarded from the provider's request: they describe the hop, not the event.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+# Set by us on every request; a provider's own values of these are replaced.
+OURS = frozenset(
+    {"webhook-id", "webhook-timestamp", "webhook-signature", "hookgate-delivery-id", "hookgate-attempt"}
+)
+
+_delivery_decoder = msgspec.msgpack.Decoder(Delivery)
+_encode = msgspec.msgpack.Encoder().encode
+_encode_json = msgspec.json.Encoder().encode
+
+
+@dataclass
+class Endpoint:
+    """A configured endpoint, ready to deliver to."""
+
+    name: str
+    config: EndpointConfig
+    view: EndpointView
+    timeout: float
+    schedule: list[float]
+    jitter: float
+    transport: PooledTransport | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, name: str, config: EndpointConfig, signer: object | None) -> Endpoint:
+        transport = PooledTransport(max_connections=config.concurrency) if config.url else None
+        return cls(
+            name=name,
+            config=config,
+            view=EndpointView(name=name, url=config.url, subject=config.subject, signer=signer),  # type: ignore[arg-type]
+            timeout=seconds(config.timeout),
+            schedule=[seconds(d) for d in config.retry.schedule],
+            jitter=config.retry.jitter,
+            transport=transport,
+        )
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.schedule) + 1
+
+    def retry_delay(self, attempt: int) -> float:
+        """The delay before attempt `attempt + 1`, with jitter (so retries of a burst spread out)."""
+        base = self.schedule[attempt - 1]
+        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+@dataclass
+class Result:
+    status: int | None = None
+    error_kind: ErrorKind | None = None
+    error: str | None = None
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def request_body(event: Event) -> tuple[bytes, str]:
+    """Ingress events keep their bytes; internal events become a Standard Webhooks payload."""
+    if not event.internal:
+        return event.body, event.content_type
+    head = (
+        b'{"type":' + _encode_json(event.type) + b',"timestamp":' + _encode_json(rfc3339(event.received_at))
+    )
+    return head + b',"data":' + event.body + b"}", "application/json"
+
+
+def request_headers(
+    delivery: Delivery, event: Event, endpoint: Endpoint, content_type: str, ts: int
+) -> Headers:
+    headers: Headers = []
+    if not event.internal:
+        headers.extend(
+            (k, v) for k, v in event.headers if k.lower() not in HOP_BY_HOP and k.lower() not in OURS
+        )
+        headers.append(("hookgate-source", event.source))
+        headers.append(("hookgate-event-id", event.id))
+    else:
+        headers.append(("content-type", content_type))
+    headers.extend(endpoint.config.headers.items())
+    headers.append(("webhook-id", event.id))
+    headers.append(("webhook-timestamp", str(ts)))
+    headers.append(("hookgate-delivery-id", delivery.id))
+    headers.append(("hookgate-attempt", str(delivery.attempt)))
+    headers.append(("user-agent", "hookgate"))
+    return headers
+
+
+class Dispatcher:
+    def __init__(self, broker: Broker, hooks: Hooks, endpoints: dict[str, Endpoint], grace: float):
+        self.broker = broker
+        self.hooks = hooks
+        self.endpoints = endpoints
+        self.grace = grace
+
+    def consumer_spec(self, endpoint: Endpoint) -> ConsumerSpec:
+        t = self.broker.topology
+        return ConsumerSpec(
+            t.deliveries_stream,
+            t.endpoint_consumer(endpoint.name),
+            t.delivery_subject(endpoint.name),
+            # A delivery in flight never outlives its timeout; past this the server redelivers.
+            ack_wait=endpoint.timeout + 30.0,
+            max_ack_pending=max(64, endpoint.config.concurrency * 4),
+        )
+
+    async def run(self, stopping: trio.Event) -> None:
+        consumers = await self.broker.consumers([self.consumer_spec(e) for e in self.endpoints.values()])
+        try:
+            async with trio.open_nursery() as nursery:
+                for endpoint, consumer in zip(self.endpoints.values(), consumers, strict=True):
+                    worker = EndpointWorker(self, endpoint, consumer)
+                    nursery.start_soon(worker.run, stopping)
+        finally:
+            with trio.CancelScope(shield=True):
+                for endpoint in self.endpoints.values():
+                    if endpoint.transport is not None:
+                        await endpoint.transport.aclose()
+
+
+class EndpointWorker:
+    """Fetches deliveries for one endpoint and runs up to `concurrency` of them at once."""
+
+    def __init__(self, dispatcher: Dispatcher, endpoint: Endpoint, consumer: PullConsumer):
+        self.d = dispatcher
+        self.broker = dispatcher.broker
+        self.hooks = dispatcher.hooks
+        self.endpoint = endpoint
+        self.consumer = consumer
+        self.slots = trio.Semaphore(endpoint.config.concurrency)
+
+    async def run(self, stopping: trio.Event) -> None:
+        async with trio.open_nursery() as deliveries:
+            with trio.CancelScope() as fetching:
+                deliveries.start_soon(_cancel_when_set, stopping, fetching)
+                await self._fetch_loop(deliveries)
+            # Stopping: no new fetches; in-flight deliveries get the grace period, then are nak'ed.
+            deliveries.cancel_scope.deadline = trio.current_time() + self.d.grace
+
+    async def _fetch_loop(self, deliveries: trio.Nursery) -> None:
+        backoff = 0.5
+        while True:
+            # Fetch only as many as there are free slots, so nothing waits unacked in our memory.
+            await self.slots.acquire()
+            try:
+                msgs = await self.broker.fetch(self.consumer, self.slots.value + 1, FETCH_WAIT)
+                backoff = 0.5
+            except Exception as exc:
+                self.slots.release()
+                log.warning(
+                    "endpoint %s: fetch failed: %s; retrying in %.1fs", self.endpoint.name, exc, backoff
+                )
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if not msgs:
+                self.slots.release()
+                continue
+            for i, msg in enumerate(msgs):
+                if i:
+                    await self.slots.acquire()
+                deliveries.start_soon(self._deliver_and_release, msg)
+
+    async def _deliver_and_release(self, msg: InMsg) -> None:
+        try:
+            await self.deliver(msg)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await self.broker.nak(msg)  # shut down mid-attempt: redeliver at once elsewhere
+            raise
+        except Exception:
+            log.exception(
+                "endpoint %s: delivery failed unexpectedly; it will be redelivered", self.endpoint.name
+            )
+            with trio.CancelScope(shield=True):
+                await self.broker.nak(msg)
+        finally:
+            self.slots.release()
+
+    async def deliver(self, msg: InMsg) -> None:
+        endpoint = self.endpoint
+        try:
+            delivery = _delivery_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            log.error(
+                "endpoint %s: dropping unreadable delivery seq %d: %s", endpoint.name, msg.stream_seq, exc
+            )
+            await self.broker.ack(msg)
+            return
+        defer = await self.hooks.call_first("hookgate_rate_limit", delivery=delivery, endpoint=endpoint.view)
+        if defer:
+            await self._schedule(msg, delivery, time.time() + float(defer), counted=False)
+            return
+        event = await self.hooks.chain("hookgate_transform", "event", delivery.event, endpoint=endpoint.view)
+        started = time.time()
+        result = await self._attempt(delivery, event, int(started))
+        latency = time.time() - started
+        attempt = Attempt(
+            delivery_id=delivery.id,
+            event_id=delivery.event.id,
+            endpoint=endpoint.name,
+            attempt=delivery.attempt,
+            started_at=started,
+            latency=latency,
+            outcome="succeeded",
+            status=result.status,
+            error_kind=result.error_kind,
+            error=result.error,
+            response_headers=result.headers,
+            response_body=result.body[:RESPONSE_EXCERPT],
+        )
+        if result.ok:
+            await self.broker.ack(msg)
+        elif delivery.attempt < endpoint.max_attempts:
+            attempt.outcome = "retrying"
+            attempt.next_attempt_at = time.time() + endpoint.retry_delay(delivery.attempt)
+            log.info(
+                "delivery %s to %s failed (attempt %d: %s); next attempt at %s",
+                delivery.id,
+                endpoint.name,
+                delivery.attempt,
+                result.error or result.status,
+                rfc3339(attempt.next_attempt_at),
+            )
+            await self._schedule(msg, delivery, attempt.next_attempt_at, counted=True)
+        else:
+            attempt.outcome = "dead"
+            log.warning(
+                "delivery %s to %s is dead after %d attempts (last: %s)",
+                delivery.id,
+                endpoint.name,
+                delivery.attempt,
+                result.error or result.status,
+            )
+            await self._dead_letter(msg, delivery, attempt)
+        await self.broker.publish(
+            OutMsg(self.broker.topology.attempt_subject(endpoint.name), _encode_json(attempt))
+        )
+        await self.hooks.call("hookgate_delivery_outcome", attempt=attempt)
+
+    async def _attempt(self, delivery: Delivery, event: Event, ts: int) -> Result:
+        endpoint = self.endpoint
+        body, content_type = request_body(event)
+        request = OutgoingRequest(
+            method="POST",
+            url=endpoint.config.url or endpoint.config.subject or "",
+            headers=request_headers(delivery, event, endpoint, content_type, ts),
+            body=body,
+            delivery_id=delivery.id,
+            event_id=event.id,
+            attempt=delivery.attempt,
+            timestamp=ts,
+        )
+        await self.hooks.call("hookgate_sign", request=request, endpoint=endpoint.view)
+        if endpoint.transport is None:
+            return await self._publish_to_subject(request)
+        return await self._post(endpoint.transport, request)
+
+    async def _post(self, transport: PooledTransport, request: OutgoingRequest) -> Result:
+        timeout = self.endpoint.timeout
+        http_request = httpx.Request(
+            request.method,
+            request.url,
+            headers=request.headers,
+            content=request.body,
+            extensions={"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
+        )
+        try:
+            with trio.fail_after(timeout):
+                response = await transport.handle_async_request(http_request)
+        except (trio.TooSlowError, httpx.TimeoutException):
+            return Result(error_kind="timeout", error=f"no response within {timeout:g}s")
+        except httpx.ConnectError as exc:
+            kind: ErrorKind = "tls" if "TLS" in str(exc) or "SSL" in str(exc) else "connect"
+            return Result(error_kind=kind, error=str(exc) or "connection failed")
+        except httpx.HTTPError as exc:
+            return Result(error_kind="protocol", error=str(exc) or type(exc).__name__)
+        result = Result(
+            status=response.status_code,
+            headers=list(response.headers.items()),
+            body=response.content[:RESPONSE_EXCERPT],
+        )
+        if not result.ok:
+            result.error_kind = "http_status"
+            result.error = f"HTTP {response.status_code}"
+        return result
+
+    async def _publish_to_subject(self, request: OutgoingRequest) -> Result:
+        headers = {k: v for k, v in request.headers}
+        published = await self.broker.publish(OutMsg(request.url, request.body, headers))
+        if published.ok:
+            return Result(status=200)
+        return Result(error_kind="destination", error=published.error)
+
+    async def _schedule(self, msg: InMsg, delivery: Delivery, at: float, *, counted: bool) -> None:
+        """Put the delivery back on the endpoint's subject at `at`, then ack the current message."""
+        topology = self.broker.topology
+        next_delivery = msgspec.structs.replace(delivery, attempt=delivery.attempt + (1 if counted else 0))
+        scheduled = OutMsg(
+            topology.schedule_subject(self.endpoint.name, delivery.id, next_delivery.attempt),
+            _encode(next_delivery),
+            {
+                "Nats-Schedule": f"@at {rfc3339(math.ceil(at * 1000) / 1000)}",
+                "Nats-Schedule-Target": topology.delivery_subject(self.endpoint.name),
+            },
+        )
+        result = await self.broker.publish(scheduled)
+        if result.ok:
+            await self.broker.ack(msg)
+        else:
+            # Could not schedule: leave the message to be redelivered after ack_wait.
+            log.warning("could not schedule retry of %s: %s", delivery.id, result.error)
+
+    async def _dead_letter(self, msg: InMsg, delivery: Delivery, attempt: Attempt) -> None:
+        record = DeadLetter(delivery=delivery, last_attempt=attempt)
+        result = await self.broker.publish(
+            OutMsg(
+                self.broker.topology.dead_subject(self.endpoint.name),
+                _encode(record),
+                {"Nats-Msg-Id": f"dead:{delivery.id}:{delivery.attempt}"},
+            )
+        )
+        if result.ok:
+            await self.broker.ack(msg)
+        else:
+            log.warning("could not dead-letter %s: %s", delivery.id, result.error)
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """A delivery that used up its attempts, kept in the dead-letter stream for inspection and redrive."""
+
+    delivery: Delivery
+    last_attempt: Attempt
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

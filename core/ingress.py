@@ -1,0 +1,235 @@
+"""Webhook ingress: `POST /webhooks/{source}` (and GET/HEAD handshakes).
+
+Order matters and is fixed: size limit, access rules, signature verification on the raw bytes,
+handshakes, event type and id extraction, then a durable JetStream publish. Only after JetStream
+acknowledged the event does the provider get its 2xx; a duplicate delivery of the same provider
+event id is answered 2xx and not stored again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+
+from hookgate.asgi import (
+    BodyTooLarge,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    header_list,
+    read_body,
+    send_bytes,
+    send_error,
+)
+from hookgate.broker import Broker
+from hookgate.config import SourceConfig
+from hookgate.hooks import Hooks
+from hookgate.ids import event_id_for, new_event_id
+from hookgate.intake import store_event
+from hookgate.types import Event, HandshakeResponse, IngressRequest, Rejection, SourceView, find_header
+
+log = logging.getLogger("hookgate.ingress")
+
+DEFAULT_EVENT_TYPE = "webhook"
+_MISSING = object()
+
+
+class MalformedBody(Exception):
+    pass
+
+
+@dataclass
+class Source:
+    """A configured source, ready to serve: its config, hook view, and how to read type and id."""
+
+    name: str
+    config: SourceConfig
+    view: SourceView
+    event_type: str | None
+    event_id: str | None
+
+    @classmethod
+    def build(cls, name: str, config: SourceConfig, verifier: Any) -> Source:
+        default_type = getattr(verifier, "default_event_type", None)
+        default_id = getattr(verifier, "default_event_id", None)
+        return cls(
+            name=name,
+            config=config,
+            view=SourceView(name=name, verifier=verifier),
+            event_type=config.event_type or default_type,
+            event_id=config.event_id or default_id,
+        )
+
+
+class _Body:
+    """The request body parsed as JSON at most once, and only if a `body.` selector needs it."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self._parsed: Any = _MISSING
+
+    def get(self, path: str) -> Any:
+        if self._parsed is _MISSING:
+            try:
+                self._parsed = msgspec.json.decode(self.raw)
+            except msgspec.DecodeError:
+                raise MalformedBody("the body is not valid JSON") from None
+        value = self._parsed
+        for part in path.split("."):
+            if isinstance(value, dict):
+                value = value.get(part)
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                return None
+        return value
+
+
+def select(spec: str, request: IngressRequest, body: _Body) -> str | None:
+    """Read a value by selector: `body.<path>`, `header.<name>`, or else the literal itself."""
+    if spec.startswith("body."):
+        value = body.get(spec[5:])
+        if value is None or isinstance(value, dict | list):
+            return None
+        return str(value)
+    if spec.startswith("header."):
+        return request.header(spec[7:])
+    return spec
+
+
+class Ingress:
+    def __init__(self, sources: dict[str, Source], hooks: Hooks, broker: Broker, max_body: int):
+        self.sources = sources
+        self.hooks = hooks
+        self.broker = broker
+        self.max_body = max_body
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, source_name: str) -> None:
+        source = self.sources.get(source_name)
+        if source is None:
+            await send_error(send, 404, "unknown_source", f"no source named {source_name!r}")
+            return
+        method = scope["method"]
+        if method in ("GET", "HEAD"):
+            await self._handshake_only(scope, send, source)
+            return
+        if method != "POST":
+            await send_error(send, 405, "method_not_allowed", "webhooks are POSTed")
+            return
+        try:
+            body = await read_body(scope, receive, self.max_body)
+        except BodyTooLarge:
+            await send_error(send, 413, "body_too_large", f"the body is larger than {self.max_body} bytes")
+            return
+        except ClientGone:
+            return
+        request = _request(scope, source_name, body)
+
+        rejection = await self._check(request, source)
+        if rejection is not None:
+            log.warning(
+                "rejected webhook for source %s: %s (%s)", source_name, rejection.code, rejection.message
+            )
+            await send_error(send, rejection.status, rejection.code, rejection.message)
+            return
+        handshake = await self.hooks.call_first("hookgate_handshake", request=request, source=source.view)
+        if handshake is not None:
+            await _send_handshake(send, handshake)
+            return
+
+        parsed = _Body(body)
+        try:
+            event_type = select(source.event_type, request, parsed) if source.event_type else None
+            external_id = select(source.event_id, request, parsed) if source.event_id else None
+        except MalformedBody as exc:
+            await send_error(send, 400, "malformed_body", str(exc))
+            return
+        event_id = event_id_for(source_name, external_id) if external_id else new_event_id()
+        event = Event(
+            id=event_id,
+            source=source_name,
+            type=event_type or DEFAULT_EVENT_TYPE,
+            received_at=time.time(),
+            body=body,
+            content_type=request.header("content-type") or "application/octet-stream",
+            headers=request.headers,
+            external_id=external_id,
+        )
+        result = await store_event(self.broker, event, f"{source_name}:{external_id or event_id}")
+        if not result.ok:
+            log.error("could not store webhook for source %s: %s", source_name, result.error)
+            await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")
+            return
+        if result.duplicate:
+            log.info(
+                "duplicate webhook for source %s, event id %s: not stored again", source_name, external_id
+            )
+        await self._respond(send, source, event_id)
+
+    async def _check(self, request: IngressRequest, source: Source) -> Rejection | None:
+        rejection = await self.hooks.first_rejection(
+            "hookgate_authenticate", request=request, source=source.view
+        )
+        if rejection is None:
+            rejection = await self.hooks.first_rejection(
+                "hookgate_verify_signature", request=request, source=source.view
+            )
+        return rejection
+
+    async def _handshake_only(self, scope: Scope, send: Send, source: Source) -> None:
+        request = _request(scope, source.name, b"")
+        rejection = await self.hooks.first_rejection(
+            "hookgate_authenticate", request=request, source=source.view
+        )
+        if rejection is not None:
+            await send_error(send, rejection.status, rejection.code, rejection.message)
+            return
+        handshake = await self.hooks.call_first("hookgate_handshake", request=request, source=source.view)
+        if handshake is None:
+            await send_error(
+                send, 405, "method_not_allowed", "this source has no GET handshake; POST webhooks"
+            )
+            return
+        await _send_handshake(send, handshake)
+
+    async def _respond(self, send: Send, source: Source, event_id: str) -> None:
+        response = source.config.response
+        if response is None:
+            await send_bytes(send, 202, b'{"id":"' + event_id.encode() + b'"}')
+        elif response.body is None:
+            await send_bytes(
+                send, response.status, b'{"id":"' + event_id.encode() + b'"}', response.content_type
+            )
+        else:
+            await send_bytes(send, response.status, response.body.encode(), response.content_type)
+
+
+async def _send_handshake(send: Send, handshake: HandshakeResponse) -> None:
+    await send_bytes(send, handshake.status, handshake.body, handshake.content_type)
+
+
+def _request(scope: Scope, source: str, body: bytes) -> IngressRequest:
+    headers = header_list(scope)
+    host = find_header(headers, "host") or "localhost"
+    query = scope.get("query_string", b"")
+    raw_path = scope.get("raw_path") or quote(scope["path"]).encode()
+    url = f"{scope.get('scheme', 'http')}://{host}{raw_path.decode('latin-1')}"
+    if query:
+        url += "?" + query.decode("latin-1")
+    client = scope.get("client")
+    return IngressRequest(
+        source=source,
+        method=scope["method"],
+        url=url,
+        path=scope["path"],
+        query_string=query,
+        headers=headers,
+        body=body,
+        client=client[0] if client else None,
+    )

@@ -1,0 +1,44 @@
+"""Storing events in the events stream: shared by webhook ingress and the internal publish API."""
+
+from __future__ import annotations
+
+import msgspec
+import trio
+
+from hookgate.broker import Broker, OutMsg, PubResult
+from hookgate.types import Event
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Event)
+
+RETRY_INTERVAL = 0.25
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    return _decoder.decode(data)
+
+
+async def store_event(broker: Broker, event: Event, dedup_key: str) -> PubResult:
+    """Publish an event and wait until JetStream has stored it (or reports it as a duplicate).
+
+    During a leader election or a reconnect publishes fail for a few seconds, so failures are
+    retried until the publish timeout; only then does the caller answer 503.
+    """
+    msg = OutMsg(
+        broker.topology.event_subject(event.source),
+        encode_event(event),
+        {"Nats-Msg-Id": dedup_key},
+    )
+    deadline = trio.current_time() + broker.publish_timeout
+    while True:
+        with trio.move_on_at(deadline):
+            result = await broker.publish(msg)
+            if result.ok or trio.current_time() + RETRY_INTERVAL >= deadline:
+                return result
+            await trio.sleep(RETRY_INTERVAL)
+            continue
+        return PubResult(error="timed out waiting for JetStream")

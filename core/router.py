@@ -1,0 +1,198 @@
+"""The router: consumes the events stream and fans each event out into one delivery per endpoint.
+
+Each delivery is published with `Nats-Msg-Id: <event id>:<endpoint>`, so a router that crashes
+after publishing and before acking fans out again without duplicating anything. Every routing
+decision, including "no route matched", is recorded in the log stream.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import msgspec
+import trio
+
+from hookgate.bridge import ConsumerSpec
+from hookgate.broker import Broker, InMsg, OutMsg
+from hookgate.config import RouteConfig
+from hookgate.hooks import Hooks
+from hookgate.ids import delivery_id
+from hookgate.intake import decode_event
+from hookgate.types import INTERNAL_SOURCE, Delivery, Event
+
+log = logging.getLogger("hookgate.router")
+
+FETCH_BATCH = 256
+FETCH_WAIT = 1.0
+
+
+class RoutingRecord(msgspec.Struct, kw_only=True):
+    """What the router decided for one event (kept in the log stream)."""
+
+    event_id: str
+    source: str
+    type: str
+    received_at: float
+    routes: list[str]
+    endpoints: list[str]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CompiledRoute:
+    name: str
+    sources: frozenset[str] | None
+    types: re.Pattern[str] | None
+    to: tuple[str, ...]
+
+    @classmethod
+    def compile(cls, index: int, route: RouteConfig) -> CompiledRoute:
+        types = None
+        if route.types:
+            types = re.compile("|".join(f"(?:{fnmatch.translate(t)})" for t in route.types))
+        return cls(
+            name=route.name or f"route-{index}",
+            sources=frozenset(route.from_) if route.from_ else None,
+            types=types,
+            to=tuple(route.to),
+        )
+
+    def matches(self, event: Event) -> bool:
+        if self.sources is not None and event.source not in self.sources:
+            return False
+        return self.types is None or self.types.match(event.type) is not None
+
+
+class Router:
+    def __init__(self, broker: Broker, hooks: Hooks, routes: list[RouteConfig], endpoints: set[str]):
+        self.broker = broker
+        self.hooks = hooks
+        self.routes = [CompiledRoute.compile(i, r) for i, r in enumerate(routes)]
+        self.endpoints = endpoints
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._encode_json = msgspec.json.Encoder().encode
+
+    def consumer_spec(self) -> ConsumerSpec:
+        t = self.broker.topology
+        return ConsumerSpec(t.events_stream, t.router_consumer(), None, ack_wait=30.0, max_ack_pending=4096)
+
+    async def run(self, stopping: trio.Event) -> None:
+        (consumer,) = await self.broker.consumers([self.consumer_spec()])
+        backoff = 0.5
+        while not stopping.is_set():
+            try:
+                msgs = await self.broker.fetch(consumer, FETCH_BATCH, FETCH_WAIT)
+                if msgs:
+                    with trio.CancelScope(shield=True):
+                        await self.route_batch(msgs)
+                backoff = 0.5
+            except Exception as exc:
+                log.warning("router: %s; retrying in %.1fs", exc, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def to_event(self, msg: InMsg) -> Event:
+        topology = self.broker.topology
+        if msg.subject.startswith(topology.publish_prefix):
+            # Published by one of our services straight to JetStream: the body is the event data.
+            msgspec.json.decode(msg.data)  # must be JSON to be sent as Standard Webhooks `data`
+            return Event(
+                id=msg.headers.get("Nats-Msg-Id") or f"evt_s{msg.stream_seq}",
+                source=INTERNAL_SOURCE,
+                type=msg.subject[len(topology.publish_prefix) :],
+                received_at=msg.timestamp,
+                body=msg.data,
+            )
+        return decode_event(msg.data)
+
+    async def endpoints_for(self, event: Event) -> tuple[list[str], list[str]]:
+        if event.to is not None:
+            return ["explicit"], [e for e in event.to if e in self.endpoints]
+        matched_routes: list[str] = []
+        targets: list[str] = []
+        for route in self.routes:
+            if route.matches(event):
+                matched_routes.append(route.name)
+                targets.extend(t for t in route.to if t not in targets)
+        for extra in await self.hooks.call("hookgate_route", event=event, endpoints=list(targets)):
+            for name in extra or []:
+                if name not in self.endpoints:
+                    log.warning("a routing plugin named unknown endpoint %r for event %s", name, event.id)
+                elif name not in targets:
+                    targets.append(name)
+        return matched_routes, targets
+
+    async def route_batch(self, msgs: list[InMsg]) -> None:
+        topology = self.broker.topology
+        out: list[OutMsg] = []
+        owners: list[int] = []  # index into msgs for each outgoing message
+        for index, msg in enumerate(msgs):
+            try:
+                event = self.to_event(msg)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error(
+                    "router: dropping unreadable message %s seq %d: %s", msg.subject, msg.stream_seq, exc
+                )
+                source = msg.subject.rsplit(".", 1)[-1]
+                record = RoutingRecord(
+                    event_id=msg.headers.get("Nats-Msg-Id") or f"evt_s{msg.stream_seq}",
+                    source=source,
+                    type="",
+                    received_at=msg.timestamp,
+                    routes=[],
+                    endpoints=[],
+                    error=f"unreadable event: {exc}",
+                )
+                out.append(OutMsg(topology.routed_subject(INTERNAL_SOURCE), self._encode_json(record)))
+                owners.append(index)
+                continue
+            routes, targets = await self.endpoints_for(event)
+            now = time.time()
+            for endpoint in targets:
+                delivery = Delivery(
+                    id=delivery_id(event.id, endpoint),
+                    endpoint=endpoint,
+                    attempt=1,
+                    event=event,
+                    created_at=now,
+                    routes=routes,
+                )
+                out.append(
+                    OutMsg(
+                        topology.delivery_subject(endpoint),
+                        self._encode(delivery),
+                        {"Nats-Msg-Id": f"{event.id}:{endpoint}"},
+                    )
+                )
+                owners.append(index)
+            if not targets:
+                log.info("event %s (%s from %s) matched no route", event.id, event.type, event.source)
+            record = RoutingRecord(
+                event_id=event.id,
+                source=event.source,
+                type=event.type,
+                received_at=event.received_at,
+                routes=routes,
+                endpoints=targets,
+            )
+            out.append(
+                OutMsg(
+                    topology.routed_subject(event.source),
+                    self._encode_json(record),
+                    {"Nats-Msg-Id": f"routed:{event.id}"},
+                )
+            )
+            owners.append(index)
+        results = await self.broker.publish_many(out)
+        failed = {owners[i] for i, r in enumerate(results) if not r.ok}
+        if failed:
+            log.warning(
+                "router: %d of %d events not routed yet; they will be retried", len(failed), len(msgs)
+            )
+        acks = [m for i, m in enumerate(msgs) if i not in failed]
+        naks = [m for i, m in enumerate(msgs) if i in failed]
+        await self.broker.settle_many(acks, naks)
