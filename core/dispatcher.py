@@ -292,7 +292,11 @@ class EndpointWorker:
         await self.broker.publish(
             OutMsg(self.broker.topology.attempt_subject(endpoint.name), _encode_json(attempt))
         )
-        await self.hooks.call("hookgate_delivery_outcome", attempt=attempt)
+        try:
+            await self.hooks.call("hookgate_delivery_outcome", attempt=attempt)
+        except Exception:
+            # Observers must not change what happened to the delivery, which is settled already.
+            log.exception("a hookgate_delivery_outcome plugin failed for %s", delivery.id)
 
     async def _attempt(self, delivery: Delivery, event: Event, ts: int) -> Result:
         endpoint = self.endpoint

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sysconfig
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -79,8 +80,6 @@ def _stop_stale_server(pid_file: Path, config_file: Path) -> None:
     for _ in range(100):
         if not _alive(pid):
             return
-        import time
-
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
 
@@ -185,10 +184,8 @@ class EmbeddedNats:
         process.kill()
         process.wait()
 
-    async def supervise(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the server, restart it (same port, same store) if it dies, stop it when cancelled."""
-        await self.start()
-        task_status.started()
+    async def supervise(self) -> None:
+        """Restart the started server (same port, same store) if it dies; stop it when cancelled."""
         try:
             while True:
                 code = await self.wait_exit()
@@ -204,8 +201,10 @@ class EmbeddedNats:
 @contextlib.asynccontextmanager
 async def embedded_nats(data_dir: str | os.PathLike[str], max_payload: int) -> AsyncIterator[EmbeddedNats]:
     server = EmbeddedNats(data_dir, max_payload)
+    # Started outside the nursery so a failure to start surfaces as a plain BrokerUnavailable.
+    await server.start()
     async with trio.open_nursery() as nursery:
-        await nursery.start(server.supervise)
+        nursery.start_soon(server.supervise)
         try:
             yield server
         finally:
