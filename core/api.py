@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from typing import Annotated
 
 import msgspec
 
@@ -27,10 +28,15 @@ from hookgate.types import INTERNAL_SOURCE, Event
 log = logging.getLogger("hookgate.api")
 
 
+# Ids and types travel in NATS headers and subjects, so they are limited to safe characters.
+EventId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:@-]{1,256}$")]
+EventType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,256}$")]
+
+
 class PublishRequest(msgspec.Struct, forbid_unknown_fields=True):
-    type: str
+    type: EventType
     data: msgspec.Raw
-    id: str | None = None
+    id: EventId | None = None
     to: list[str] | None = None
 
 
@@ -89,9 +95,6 @@ class Api:
             return
         except msgspec.DecodeError as exc:
             await send_error(send, 400, "malformed_body", f"the body is not valid JSON: {exc}")
-            return
-        if not request.type:
-            await send_error(send, 422, "invalid_event", "type must not be empty - at `$.type`")
             return
         if request.to is not None:
             unknown = [name for name in request.to if name not in self.endpoints]

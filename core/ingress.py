@@ -161,7 +161,9 @@ class Ingress:
             headers=request.headers,
             external_id=external_id,
         )
-        result = await store_event(self.broker, event, f"{source_name}:{external_id or event_id}")
+        # The event id is derived from the provider's id, so it is the dedup key and is always
+        # header-safe (a provider id may hold any bytes).
+        result = await store_event(self.broker, event, f"{source_name}:{event_id}")
         if not result.ok:
             log.error("could not store webhook for source %s: %s", source_name, result.error)
             await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")

@@ -1,0 +1,80 @@
+"""The internal publish API: bearer tokens, validation errors, idempotency keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from tests.support import NatsServer, base_config, receiver, run_gateway
+
+
+def _config(nats_url: str, receiver_url: str) -> str:
+    return base_config(
+        nats_url,
+        f"""
+        endpoints:
+          svc: {{url: "{receiver_url}/in"}}
+        routes:
+          - {{from: [internal], to: [svc]}}
+        """,
+    )
+
+
+async def test_tokens_are_required_and_checked(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with run_gateway(tmp_path, _config(nats_server.url, "http://127.0.0.1:9")) as gw:
+        missing = await gw.http.post(f"{gw.url}/api/v1/events", json={"type": "a", "data": {}})
+        wrong = await gw.publish("a", {}, token="not-the-token")
+        right = await gw.publish("a", {})
+    assert missing.status_code == 401
+    assert missing.json()["error"] == "unauthorized"
+    assert wrong.status_code == 403
+    assert wrong.json()["error"] == "forbidden"
+    assert "not-the-token" not in wrong.text
+    assert right.status_code == 202
+
+
+async def test_invalid_events_get_4xx_with_the_path(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with run_gateway(tmp_path, _config(nats_server.url, "http://127.0.0.1:9")) as gw:
+        auth = {"Authorization": "Bearer test-token"}
+        not_json = await gw.http.post(f"{gw.url}/api/v1/events", content=b"{nope", headers=auth)
+        no_type = await gw.http.post(f"{gw.url}/api/v1/events", json={"data": {}}, headers=auth)
+        bad_to = await gw.http.post(
+            f"{gw.url}/api/v1/events", json={"type": "a", "data": 1, "to": "svc"}, headers=auth
+        )
+        unknown = await gw.http.post(
+            f"{gw.url}/api/v1/events", json={"type": "a", "data": 1, "x": 2}, headers=auth
+        )
+        wrong_method = await gw.http.get(f"{gw.url}/api/v1/events", headers=auth)
+        elsewhere = await gw.http.get(f"{gw.url}/nothing-here")
+    assert not_json.status_code == 400
+    assert no_type.status_code == 422 and "type" in no_type.json()["message"]
+    assert bad_to.status_code == 422 and "$.to" in bad_to.json()["message"]
+    assert unknown.status_code == 422 and "x" in unknown.json()["message"]
+    assert wrong_method.status_code == 405
+    assert elsewhere.status_code == 404
+
+
+async def test_event_id_is_an_idempotency_key(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with receiver() as rx, run_gateway(tmp_path, _config(nats_server.url, rx.url)) as gw:
+        first = await gw.publish("order.created", {"n": 1}, id="order-1-created")
+        second = await gw.publish("order.created", {"n": 1}, id="order-1-created")
+        other = await gw.publish("order.created", {"n": 2}, id="order-2-created")
+        await rx.wait_for(2)
+        with trio.move_on_after(0.5):
+            await rx.wait_for(3)
+    assert first.json() == second.json() == {"id": "order-1-created"}
+    assert other.json() == {"id": "order-2-created"}
+    assert sorted(r.headers["webhook-id"] for r in rx.requests) == ["order-1-created", "order-2-created"]
+
+
+async def test_ids_and_types_with_unsafe_characters_are_refused(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with run_gateway(tmp_path, _config(nats_server.url, "http://127.0.0.1:9")) as gw:
+        newline_id = await gw.publish("a", {}, id="x\r\nNats-Msg-Id: y")
+        spaced_type = await gw.publish("a b", {})
+        empty_type = await gw.publish("", {})
+    assert newline_id.status_code == 422 and "$.id" in newline_id.json()["message"]
+    assert spaced_type.status_code == 422 and "$.type" in spaced_type.json()["message"]
+    assert empty_type.status_code == 422
