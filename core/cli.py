@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 import trio
 
-from hookgate import __version__, config, gateway
+from hookgate import __version__, config, gateway, hookspecs
 from hookgate.hooks import Hooks
 from hookgate.types import ComponentKind
 from hookgate.units import format_duration, seconds
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("plugins", help="list loaded plugins, their hooks and components")
     schema = commands.add_parser("schema", help="print the JSON Schema of the config")
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
+    schema.add_argument(
+        "--builtin-only",
+        action="store_true",
+        help="only the plugins shipped with hookgate, not others installed (config/hookgate.schema.json)",
+    )
     return parser
 
 
@@ -53,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "plugins":
         return _plugins()
     if args.command == "schema":
-        text = json.dumps(config.json_schema(Hooks().registry), indent=2) + "\n"
+        hooks = _builtin_hooks() if args.builtin_only else Hooks()
+        text = json.dumps(config.json_schema(hooks.registry), indent=2) + "\n"
         if args.output:
             with open(args.output, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -61,6 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(text)
         return 0
     return 2
+
+
+def _builtin_hooks() -> Hooks:
+    """The plugins of the hookgate distribution itself, whatever else is installed."""
+    plugins = [
+        ep.load()
+        for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT)
+        if ep.dist is not None and ep.dist.name == "hookgate"
+    ]
+    return Hooks(plugins, load_entry_points=False)
 
 
 def _load(path: str, hooks: Hooks) -> config.LoadedConfig | None:
@@ -78,10 +95,14 @@ def _check(path: str) -> int:
     if loaded is None:
         return 1
     c = loaded.config
-    broker = c.broker.url or f"embedded nats-server, data in {c.broker.data_dir}"
+    if c.broker.url is None:
+        # Relative to the config file, as the gateway resolves it.
+        broker = f"embedded nats-server, data in {loaded.path.parent / c.broker.data_dir}"
+    else:
+        broker = c.broker.url if isinstance(c.broker.url, str) else ", ".join(c.broker.url)
     print(f"{path}: OK")
-    print(f"  listen:    {c.server.listen}")
-    print(f"  broker:    {broker if isinstance(broker, str) else ', '.join(broker)}")
+    print(f"  listen:    {c.server.listen}{' (TLS)' if c.server.tls else ''}")
+    print(f"  broker:    {broker}, retention {c.broker.retention}")
     print(f"  sources:   {len(c.sources)}")
     for name in c.sources:
         verify = loaded.verifiers.get(name)
@@ -116,8 +137,9 @@ def _plugins() -> int:
         ]
         if components:
             print(f"  components: {', '.join(sorted(components))}")
-    kinds = ", ".join(f"{kind}s: {', '.join(hooks.registry.names(kind)) or '-'}" for kind in ComponentKind)
-    print(f"\n{kinds}")
+    print()
+    for kind in ComponentKind:
+        print(f"{kind}s: {', '.join(hooks.registry.names(kind)) or 'none'}")
     return 0
 
 
@@ -134,12 +156,27 @@ def _run(path: str, log_level: str) -> int:
         return 1
     try:
         trio.run(_run_until_signalled, loaded, hooks)
+    except KeyboardInterrupt:
+        return 130
+    except BaseExceptionGroup as group:
+        # Nurseries wrap errors in groups; a broker that cannot start is a plain message, not a trace.
+        unavailable, rest = group.split(gateway.BrokerUnavailable)
+        if rest is not None or unavailable is None:
+            raise
+        for exc in _leaves(unavailable):
+            print(f"hookgate: {exc}", file=sys.stderr)
+        return 1
     except gateway.BrokerUnavailable as exc:
         print(f"hookgate: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 async def _run_until_signalled(loaded: config.LoadedConfig, hooks: Hooks) -> None:

@@ -1,30 +1,42 @@
 """The YAML config: msgspec Structs, loading with file:line:path errors, env interpolation.
 
-Loading is two passes. The YAML is composed into nodes so that every value keeps its line, `${VAR}`
-references are expanded, and the result is converted into the Structs below section by section
-(msgspec paths do not name dict keys, so each named source and endpoint is converted on its own
-and the path prefixed). Plugin components (`verify:`, `signing:`) are then converted into the
-config Struct their plugin registered, with the same error format.
+Loading has three steps, and every problem found on the way is collected and reported together:
+
+1. The YAML is composed into nodes and turned into plain values by `_Loader`, which records the
+   line of every key path and expands `${VAR}` references (so a missing variable has a line).
+2. Keys of the contract that are not implemented yet are refused, then the values are converted
+   into the Structs below. Each source, endpoint and route is converted on its own, so one bad
+   item does not hide the others; when msgspec rejects a value, the value is walked field by field
+   to report every problem in it, not only the first.
+3. Rules that span fields (references between sections, url xor subject, ...) are checked, and
+   plugin components (`verify:`, `signing:`) are converted into the config Struct their plugin
+   registered, with the same error format.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 import yaml
 
 from hookgate.types import INTERNAL_SOURCE, ComponentKind, ComponentRegistry
-from hookgate.units import Duration, Size, seconds
+from hookgate.units import Duration, Size, format_duration, seconds, size_bytes
 
+# Source and endpoint names become NATS subject tokens and consumer names.
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
-# Names become NATS subject tokens and consumer names, so they are restricted to safe characters.
-Name = msgspec.Meta(pattern=NAME_PATTERN)
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="letters, digits, '-' and '_'")]
+# Dot-separated tokens; `(?!\n)` because msgspec's `$` would also match before a final newline.
+PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(?!\n)$"
+Prefix = Annotated[str, msgspec.Meta(pattern=PREFIX_PATTERN)]
 
 DEFAULT_RETRY_SCHEDULE = ["5s", "5m", "30m", "2h", "5h", "10h", "10h"]
 
@@ -39,10 +51,17 @@ class TLSFiles(_Base):
 
 
 class ServerConfig(_Base):
-    listen: str = "127.0.0.1:8080"
+    """The HTTP server: ingress, API, health and metrics on one port."""
+
+    listen: Annotated[
+        str, msgspec.Meta(description='host:port, e.g. "127.0.0.1:8080" (port 0: any free port)')
+    ] = "127.0.0.1:8080"
     tls: TLSFiles | None = None
+    # Larger requests get 413, and are never read past the limit.
     max_body: Size = "1MiB"
-    api_tokens: list[str] = []
+    api_tokens: Annotated[
+        list[str], msgspec.Meta(description="bearer tokens for /api/v1; empty ones are ignored")
+    ] = []
     # How long ingress waits for JetStream to store an event before answering 503.
     publish_timeout: Duration = "5s"
     # On SIGINT/SIGTERM, how long in-flight deliveries may take to finish.
@@ -56,62 +75,93 @@ class BrokerTLS(_Base):
 
 
 class BrokerConfig(_Base):
-    url: str | list[str] | None = None
-    data_dir: str = ".hookgate"
+    """NATS JetStream: embedded (no url) or an external server or cluster."""
+
+    url: Annotated[
+        str | list[str] | None,
+        msgspec.Meta(description="external NATS server(s); omitted or empty: an embedded nats-server"),
+    ] = None
+    data_dir: Annotated[
+        str, msgspec.Meta(description="embedded server's storage, relative to the config file")
+    ] = ".hookgate"
     token: str | None = None
     user: str | None = None
     password: str | None = None
     creds: str | None = None
     tls: BrokerTLS | None = None
-    replicas: int = 1
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    # How long events, deliveries and attempts are kept.
     retention: Duration = "72h"
     # Providers retry for days; duplicates inside this window are stored and delivered once.
     dedup_window: Duration = "24h"
     # Subjects start with "<prefix>." and streams with "<PREFIX>_".
-    prefix: str = msgspec.field(default="hookgate")
+    prefix: Prefix = "hookgate"
 
 
 class ResponseConfig(_Base):
-    status: int = 202
+    # Providers retry anything but 2xx, so only 2xx may be configured.
+    status: Annotated[int, msgspec.Meta(ge=200, le=299)] = 202
     body: str | None = None
     content_type: str = "application/json"
 
 
 class SourceConfig(_Base):
-    verify: dict[str, Any] | None = None
-    auth: list[dict[str, Any]] = []
-    event_type: str | None = None
-    event_id: str | None = None
+    """A webhook sender, served at POST /webhooks/<name>."""
+
+    verify: Annotated[
+        dict[str, Any] | None, msgspec.Meta(description="a signature verifier: {type: <name>, ...options}")
+    ] = None
+    event_type: Annotated[str | None, msgspec.Meta(description="body.<path> | header.<name> | a literal")] = (
+        None
+    )
+    event_id: Annotated[
+        str | None, msgspec.Meta(description="the dedup key: body.<path> | header.<name>")
+    ] = None
     response: ResponseConfig | None = None
 
 
 class RetryConfig(_Base):
+    # The delays before each retry: attempts = len(schedule) + 1.
     schedule: list[Duration] = msgspec.field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE))
-    jitter: float = 0.2
+    jitter: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.2
 
 
 class EndpointConfig(_Base):
+    """Where events go: an HTTP(S) url or a NATS subject."""
+
     url: str | None = None
     subject: str | None = None
     timeout: Duration = "15s"
     headers: dict[str, str] = {}
-    signing: dict[str, Any] | None = None
+    signing: Annotated[
+        dict[str, Any] | None, msgspec.Meta(description="an outgoing signer: {scheme: <name>, ...options}")
+    ] = None
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
-    concurrency: int = 10
+    concurrency: Annotated[int, msgspec.Meta(ge=1)] = 10
 
 
 class RouteConfig(_Base):
-    to: list[str]
+    """Which events go to which endpoints."""
+
+    to: Annotated[list[str], msgspec.Meta(min_length=1)]
     name: str | None = None
-    from_: list[str] | None = msgspec.field(default=None, name="from")
-    types: list[str] | None = None
+    from_: Annotated[
+        Annotated[list[str], msgspec.Meta(min_length=1)] | None,
+        msgspec.Meta(description=f'source names or "{INTERNAL_SOURCE}"; omitted: every source'),
+    ] = msgspec.field(default=None, name="from")
+    types: Annotated[
+        Annotated[list[str], msgspec.Meta(min_length=1)] | None,
+        msgspec.Meta(description="event type globs; omitted: every type"),
+    ] = None
 
 
 class Config(_Base):
+    """hookgate configuration."""
+
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
-    sources: dict[str, SourceConfig] = {}
-    endpoints: dict[str, EndpointConfig] = {}
+    sources: dict[Name, SourceConfig] = {}
+    endpoints: dict[Name, EndpointConfig] = {}
     routes: list[RouteConfig] = []
 
 
@@ -134,8 +184,9 @@ class LoadedConfig:
     signers: dict[str, Component] = field(default_factory=dict)  # by endpoint name
 
 
-# Keys of the contract that this version does not implement yet. They are refused by name
-# rather than ignored, so a config never silently loses a safety setting.
+# Keys of the contract that this version does not implement yet. They are refused whatever their
+# value rather than ignored, so a config never silently loses a safety setting (an SSRF guard, an
+# auth rule) that its author believes is in force.
 UNSUPPORTED: dict[str, str] = {
     "$.egress": "egress settings (SSRF allowlist, proxy)",
     "$.sources.*.auth": "access rules on sources",
@@ -172,9 +223,33 @@ class Problem:
         return f"{where}: {self.path}: {self.message}"
 
 
+# --- paths ----------------------------------------------------------------------------------
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_LAST_STEP = re.compile(r'(?:\.[^.\[\]]*|\[(?:\d+|"(?:[^"\\]|\\.)*")\])$')
+
+
+def _child(path: str, key: str) -> str:
+    # Keys that could be misread as path syntax (dots, brackets, spaces) are written as ["..."].
+    return f"{path}.{key}" if _PLAIN_KEY.fullmatch(key) else f"{path}[{json.dumps(key)}]"
+
+
+def _parent(path: str) -> str | None:
+    match = _LAST_STEP.search(path)
+    return path[: match.start()] if match and match.start() > 0 else None
+
+
 # --- YAML with lines ------------------------------------------------------------------------
 
-_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(\}|:-)")
+# Aliases can expand a small file exponentially ("billion laughs"); a config never needs this many.
+_MAX_NODES = 200_000
+
+
+class _TooLarge(Exception):
+    pass
 
 
 class _Loader:
@@ -185,133 +260,393 @@ class _Loader:
         self.env = env
         self.lines: dict[str, int] = {}
         self.problems: list[Problem] = []
+        # Paths whose value lacks an environment variable: problems reported at or below them
+        # would only repeat that one (an empty value is not a duration, not a URL, ...).
+        self.unresolved: set[str] = set()
+        self._constructor = yaml.constructor.SafeConstructor()
+        self._open: set[int] = set()
+        self._nodes = 0
 
     def value(self, node: yaml.Node, path: str) -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = self.value(key_node, path + ".<key>")
-                child = f"{path}.{key}"
-                self.lines[child] = key_node.start_mark.line + 1
-                if key in out:
-                    self._problem(child, "duplicate key")
-                out[key] = self.value(value_node, child)
+        self._nodes += 1
+        if self._nodes > _MAX_NODES:
+            raise _TooLarge
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node, path)
+        if id(node) in self._open:
+            self._unresolved(path, "an alias refers to a node that contains it")
+            return None
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.value(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+            out: dict[str, Any] = {}
+            self._mapping(node, path, out, merged=False)
             return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.value(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
-        assert isinstance(node, yaml.ScalarNode)
-        if "$" in node.value:
+        finally:
+            self._open.discard(id(node))
+
+    def _mapping(self, node: yaml.Node, path: str, out: dict[str, Any], *, merged: bool) -> None:
+        merges: list[yaml.Node] = []
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                merges.append(value_node)
+                continue
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.problem(path, "keys must be plain strings", line)
+                continue
+            # Keys are taken as written: `on:` or `1:` name a source "on" or "1", not True or 1.
+            key = key_node.value
+            child = _child(path, key)
+            if key in seen:
+                self.problem(child, "duplicate key", line)
+            seen.add(key)
+            if merged:
+                if key in out:
+                    continue  # keys written in the mapping itself win over `<<:` merged ones
+                self.lines.setdefault(child, line)
+            else:
+                self.lines[child] = line
+            out[key] = self.value(value_node, child)
+        # `<<: *defaults` or `<<: [*a, *b]`: earlier mappings win, as in the YAML merge key spec.
+        for merge in merges:
+            for source in merge.value if isinstance(merge, yaml.SequenceNode) else [merge]:
+                if isinstance(source, yaml.MappingNode) and id(source) not in self._open:
+                    self._open.add(id(source))
+                    try:
+                        self._mapping(source, path, out, merged=True)
+                    finally:
+                        self._open.discard(id(source))
+                else:
+                    self.problem(
+                        path, "'<<' takes a mapping or a list of mappings", merge.start_mark.line + 1
+                    )
+
+    def _scalar(self, node: yaml.ScalarNode, path: str) -> Any:
+        if node.tag == _STR_TAG and "$" in node.value:
             text = self._interpolate(node.value, path)
-            if node.style is None:
-                # An unquoted `${PORT}` becomes an int when the variable holds digits.
-                return yaml.safe_load(text) if text.strip() else ""
-            return text
-        return yaml.constructor.SafeConstructor().construct_object(node)
+            # Values with references stay strings and are converted to the field's type, as
+            # docker compose does: `replicas: ${R}` becomes an int and `token: ${T}` stays a string
+            # even when T holds digits. A plain value that expands to nothing is YAML's empty
+            # value, null, so `url: ${NATS_URL:-}` means "not set".
+            resolved = path not in self.unresolved
+            return None if text == "" and node.style is None and resolved else text
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as exc:  # an unknown tag such as `!env`
+            self.problem(path, f"invalid value: {exc.problem}")
+        except ValueError as exc:  # a tag that does not fit, such as `!!int abc`
+            self.problem(path, f"invalid value: {exc}")
+        return None
 
     def _interpolate(self, text: str, path: str) -> str:
-        def replace(match: re.Match[str]) -> str:
-            if match.group(0) == "$$":
-                return "$"
-            name, default = match.group(1), match.group(2)
-            if name in self.env:
-                return self.env[name]
-            if default is not None:
-                return default
-            self._problem(path, f"environment variable {name} is not set")
-            return ""
+        out: list[str] = []
+        i = 0
+        while (j := text.find("$", i)) >= 0:
+            out.append(text[i:j])
+            following = text[j + 1 : j + 2]
+            if following == "$":  # `$$` is a literal `$`
+                out.append("$")
+                i = j + 2
+                continue
+            if following != "{":  # a lone `$` (as in a regex) is kept as it is
+                out.append("$")
+                i = j + 1
+                continue
+            match = _REFERENCE.match(text, j)
+            end = self._default_end(text, match.end()) if match and match.group(2) == ":-" else None
+            if match is None or (match.group(2) == ":-" and end is None):
+                self._unresolved(
+                    path,
+                    f"invalid variable reference in {_show(text)}: write ${{NAME}} or ${{NAME:-default}}, "
+                    "and $$ for a literal $",
+                )
+                return text
+            name = match.group(1)
+            value = self.env.get(name)
+            if end is not None:
+                # `:-` as in the shell: the default applies when the variable is unset or empty.
+                if not value:
+                    value = self._interpolate(text[match.end() : end], path)
+                i = end + 1
+            else:
+                if value is None:
+                    self._unresolved(path, f"environment variable {name} is not set")
+                    value = ""
+                i = match.end()
+            out.append(value)
+        out.append(text[i:])
+        return "".join(out)
 
-        return _ENV_REF.sub(replace, text)
+    @staticmethod
+    def _default_end(text: str, start: int) -> int | None:
+        """The index of the `}` closing a default, which may itself hold `${...}` references."""
+        depth = 0
+        k = start
+        while k < len(text):
+            if text.startswith("$$", k):
+                k += 2
+                continue
+            if text.startswith("${", k):
+                depth += 1
+                k += 2
+                continue
+            if text[k] == "}":
+                if depth == 0:
+                    return k
+                depth -= 1
+            k += 1
+        return None
 
-    def _problem(self, path: str, message: str) -> None:
+    def _unresolved(self, path: str, message: str) -> None:
+        """Report a value that cannot be known; problems that would follow from it are not."""
         self.problems.append(Problem(self.file, self.line_of(path), path, message))
+        self.unresolved.add(path)
+
+    def lacks_variable(self, path: str) -> bool:
+        """Whether a value at or below `path` lacks a variable (a whole-value error may follow from it)."""
+        return any(u == path or u.startswith((path + ".", path + "[")) for u in self.unresolved)
+
+    def problem(self, path: str, message: str, line: int | None = None) -> None:
+        """Record a problem, unless it is at or below a value that lacks a variable."""
+        at: str | None = path
+        while at is not None:
+            if at in self.unresolved:
+                return
+            at = _parent(at)
+        self.problems.append(
+            Problem(self.file, line if line is not None else self.line_of(path), path, message)
+        )
 
     def line_of(self, path: str) -> int | None:
-        # Walk up the path until a recorded line is found (msgspec may point below a leaf).
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            cut = max(path.rfind("."), path.rfind("["))
-            if cut <= 0:
-                break
-            path = path[:cut]
+        # Walk up the path until a recorded line is found (a missing key has its parent's line).
+        at: str | None = path
+        while at is not None:
+            if at in self.lines:
+                return self.lines[at]
+            at = _parent(at)
         return self.lines.get("$")
 
 
 # --- conversion -----------------------------------------------------------------------------
 
 _MSGSPEC_PATH = re.compile(r" - at `(\$[^`]*)`$")
-_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]+)`")
+_TYPE_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "object": "a mapping",
+    "array": "a list",
+    "null": "null",
+}
+_NO_VALUE = object()
+# Annotated strings whose pattern means nothing to a reader: say what is expected instead.
+_EXPECTED: list[tuple[Any, str]] = [
+    (Duration, 'a duration like "5m"'),
+    (Size, 'a size like "64KiB"'),
+    (Prefix, 'dot-separated names like "hookgate" (letters, digits, "-" and "_")'),
+]
 
 
-def _lookup(data: Any, path: str) -> Any:
-    for token in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
-        key, index = token
-        try:
-            data = data[int(index)] if index else data[key]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
+def _unoptional(type_: Any) -> Any:
+    """X for `X | None`; anything else unchanged."""
+    if get_origin(type_) in (Union, types.UnionType):
+        members = [t for t in get_args(type_) if t is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return type_
+
+
+def _bare(type_: Any) -> Any:
+    """The type without `| None` and `Annotated[...]` wrappers, to see its structure."""
+    while True:
+        inner = _unoptional(type_)
+        if get_origin(inner) is Annotated:
+            inner = get_args(inner)[0]
+        if inner is type_:
+            return inner
+        type_ = inner
+
+
+def _struct_of(type_: Any) -> type[msgspec.Struct] | None:
+    bare = _bare(type_)
+    return bare if isinstance(bare, type) and issubclass(bare, msgspec.Struct) else None
+
+
+def _accepts_none(type_: Any) -> bool:
+    if get_origin(type_) is Annotated:
+        return _accepts_none(get_args(type_)[0])
+    if get_origin(type_) in (Union, types.UnionType):
+        return any(_accepts_none(t) for t in get_args(type_))
+    return type_ is Any or type_ is None or type_ is type(None)
+
+
+def _fields(struct: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    return {f.encode_name: f for f in msgspec.structs.fields(struct)}
 
 
 def _show(value: Any) -> str:
-    return msgspec.json.encode(value).decode() if isinstance(value, str | int | float) else repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except TypeError:
+        return str(value)  # dates and timestamps that YAML resolved
+
+
+def _drop_nulls(value: Any, type_: Any) -> Any:
+    """Treat an empty YAML value (null) as "use the default" where the field cannot be null.
+
+    `server:` with nothing under it, or `retry:` with only comments, then mean the defaults, and
+    a null source or endpoint (`github:`) is one with every option at its default.
+    """
+    struct = _struct_of(type_)
+    bare = _bare(type_)
+    if struct is not None and isinstance(value, dict):
+        fields = _fields(struct)
+        for key in list(value):
+            f = fields.get(key)
+            if f is None:
+                continue
+            if value[key] is None and not f.required and not _accepts_none(f.type):
+                del value[key]
+            else:
+                value[key] = _drop_nulls(value[key], f.type)
+    elif get_origin(bare) is dict and isinstance(value, dict):
+        item_type = get_args(bare)[1]
+        for key, item in value.items():
+            if item is None and _struct_of(item_type) is not None and not _accepts_none(item_type):
+                value[key] = {}
+            else:
+                value[key] = _drop_nulls(item, item_type)
+    elif get_origin(bare) is list and isinstance(value, list):
+        value[:] = [_drop_nulls(item, get_args(bare)[0]) for item in value]
+    return value
 
 
 class _Converter:
-    def __init__(self, loader: _Loader, root: Any):
+    def __init__(self, loader: _Loader):
         self.loader = loader
-        self.root = root
+        # Required keys already suggested for a typo, by path: "missing" would say it twice.
+        self.suggested: dict[str, set[str]] = {}
 
     def convert(self, value: Any, type_: Any, path: str) -> Any:
+        """The value converted to `type_`, or None after reporting every problem found in it."""
         try:
             return msgspec.convert(value, type_, strict=False)
         except msgspec.ValidationError as exc:
-            self._report(str(exc), path)
+            if not self._diagnose(value, type_, path) and not self.loader.lacks_variable(path):
+                self._report(str(exc), path, type_, value)
             return None
 
-    def _report(self, message: str, prefix: str) -> None:
+    def _check(self, value: Any, type_: Any, path: str) -> int:
+        """How many problems `value` has as a `type_` (each one reported)."""
+        try:
+            msgspec.convert(value, type_, strict=False)
+        except msgspec.ValidationError as exc:
+            found = self._diagnose(value, type_, path)
+            if not found and not self.loader.lacks_variable(path):
+                self._report(str(exc), path, type_, value)
+            return found or 1
+        return 0
+
+    def _diagnose(self, value: Any, type_: Any, path: str) -> int:
+        """Report the problems inside a rejected struct, list or mapping, item by item."""
+        struct = _struct_of(type_)
+        bare = _bare(type_)
+        if struct is not None and isinstance(value, dict):
+            fields = _fields(struct)
+            found = self.unknown_keys(value, struct, path)
+            for key, item in value.items():
+                if key in fields:
+                    found += self._check(item, fields[key].type, _child(path, key))
+            for name, f in fields.items():
+                if f.required and name not in value:
+                    if name not in self.suggested.get(path, ()):
+                        self.loader.problem(path, f"missing required key {_show(name)}")
+                    found += 1
+            return found
+        if get_origin(bare) is list and isinstance(value, list):
+            item_type = get_args(bare)[0]
+            return sum(self._check(item, item_type, f"{path}[{i}]") for i, item in enumerate(value))
+        if get_origin(bare) is dict and isinstance(value, dict):
+            item_type = get_args(bare)[1]
+            return sum(self._check(item, item_type, _child(path, str(k))) for k, item in value.items())
+        return 0
+
+    def unknown_keys(self, value: dict[str, Any], struct: type[msgspec.Struct], path: str) -> int:
+        """Report keys the struct does not have, with a suggestion for likely typos."""
+        fields = _fields(struct)
+        unset = [name for name in fields if name not in value]
+        found = 0
+        for key in value:
+            if key not in fields:
+                close = difflib.get_close_matches(key, unset, n=1)
+                if close:
+                    self.suggested.setdefault(path, set()).add(close[0])
+                    hint = f'did you mean "{close[0]}"?'
+                else:
+                    hint = f"expected one of: {', '.join(fields)}"
+                self.loader.problem(_child(path, key), f"unknown key; {hint}")
+                found += 1
+        return found
+
+    def _report(self, message: str, path: str, type_: Any, value: Any) -> None:
         at = _MSGSPEC_PATH.search(message)
-        sub = at.group(1) if at else "$"
         if at:
             message = message[: at.start()]
-        path = prefix + sub[1:]
-        unknown = _UNKNOWN_FIELD.match(message)
-        if unknown:
-            path = f"{path}.{unknown.group(1)}"
-            message = "unknown key"
-        elif "(ms|s|m|h|d)" in message:
-            message = f'expected a duration like "5m", got {_show(_lookup(self.root, path))}'
-        elif "(B|KiB|MiB" in message:
-            message = f'expected a size like "64KiB", got {_show(_lookup(self.root, path))}'
-        elif "A-Za-z0-9_-" in message:
-            message = "names may use only letters, digits, '-' and '_'"
-        else:
-            message = message[0].lower() + message[1:]
-        self.loader.problems.append(Problem(self.loader.file, self.loader.line_of(path), path, message))
+            if at.group(1) != "$":  # the problem is deeper than the value we know
+                path, type_, value = path + at.group(1)[1:], None, _NO_VALUE
+        expected = _unoptional(type_)
+        got = "" if value is _NO_VALUE else f", got {_show(value)}"
+        for known, description in _EXPECTED:
+            if expected == known:
+                self.loader.problem(path, f"expected {description}{got}")
+                return
+        if get_origin(expected) is Literal:
+            options = ", ".join(_show(o) for o in get_args(expected))
+            self.loader.problem(path, f"expected one of {options}{got}")
+            return
+        # msgspec's own words, with its type names spelled out: "expected an integer >= 1, got 0".
+        text = re.sub(
+            r"`([^`]+)`",
+            lambda m: " or ".join(_TYPE_WORDS.get(t, t) for t in m.group(1).split(" | ")),
+            message,
+        )
+        text = text[:1].lower() + text[1:]
+        if got and not isinstance(value, dict | list):
+            text = re.sub(r", got .*$", "", text) + got
+        self.loader.problem(path, text)
 
 
-def _glob_paths(data: Any, pattern: str) -> Iterator[str]:
-    """Concrete paths in `data` matching a pattern with `*` for a key and `[*]` for an index."""
+def _unsupported(data: Any, pattern: str) -> Iterator[tuple[dict[str, Any], str, str]]:
+    """(mapping, key, path) for each key in `data` matching a pattern with `*` and `[*]`."""
     parts = re.findall(r"\.([^.\[]+)|(\[\*\])", pattern)
 
-    def walk(node: Any, index: int, path: str) -> Iterator[str]:
-        if index == len(parts):
-            yield path
-            return
+    def walk(node: Any, index: int, path: str) -> Iterator[tuple[dict[str, Any], str, str]]:
         key, star_index = parts[index]
+        last = index == len(parts) - 1
         if star_index:
             if isinstance(node, list):
                 for i, item in enumerate(node):
                     yield from walk(item, index + 1, f"{path}[{i}]")
         elif isinstance(node, dict):
-            if key == "*":
-                for name, child in node.items():
-                    yield from walk(child, index + 1, f"{path}.{name}")
-            elif key in node:
-                yield from walk(node[key], index + 1, f"{path}.{key}")
+            for name in list(node) if key == "*" else [key] if key in node else []:
+                if last:
+                    yield node, name, _child(path, name)
+                else:
+                    yield from walk(node[name], index + 1, _child(path, name))
 
     yield from walk(data, 0, "$")
+
+
+# --- loading --------------------------------------------------------------------------------
 
 
 def load(
@@ -325,6 +660,10 @@ def load(
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem(file, None, "$", f"cannot read config: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [Problem(file, None, "$", f"cannot read config: not UTF-8 ({exc.reason})")]
+        ) from None
     return loads(text, registry, file=file, env=env)
 
 
@@ -335,146 +674,284 @@ def loads(
     file: str = "<config>",
     env: dict[str, str] | None = None,
 ) -> LoadedConfig:
+    """Validate config text; `file` names it in errors, `env` replaces os.environ for `${VAR}`."""
     loader = _Loader(file, dict(os.environ) if env is None else env)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
-        reason = getattr(exc, "problem", None) or str(exc)
+        problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
+        reason = problem or str(exc)
+        if context and problem and problem.startswith("but "):  # "expected a single document ..."
+            reason = f"{context} {problem}"
+        reason += f" (column {mark.column + 1})" if mark is not None else ""
+        lines = text.splitlines()
+        if line is not None and 0 < line <= len(lines) and "${" in lines[line - 1]:
+            # `{` is YAML syntax inside [...] and {...}: the commonest cause there.
+            reason += '; inside [...] or {...}, quote values that use variables: "${VAR}"'
         raise ConfigError([Problem(file, line, "$", f"invalid YAML: {reason}")]) from None
-    raw: Any = loader.value(node, "$") if node is not None else {}
-    if raw is None:
+    try:
+        raw: Any = loader.value(node, "$") if node is not None else None
+    except _TooLarge:
+        raise ConfigError([Problem(file, None, "$", "too many values once aliases are expanded")]) from None
+    if raw is None:  # an empty file, or only comments: every default
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([Problem(file, 1, "$", "expected a mapping at the top level")])
+        raise ConfigError([Problem(file, 1, "$", f"expected a mapping of sections, got {_show(raw)}")])
 
     for pattern, feature in UNSUPPORTED.items():
-        for found in _glob_paths(raw, pattern):
-            value = _lookup(raw, found)
-            if value in (None, [], {}, False):
-                continue  # an explicit "off" is harmless
-            loader._problem(found, f"not supported yet ({feature} arrive in a later version)")
+        for mapping, key, found in list(_unsupported(raw, pattern)):
+            loader.problem(found, f"not supported yet ({feature}); remove it")
+            del mapping[key]  # so it is not reported a second time as an unknown key
 
-    conv = _Converter(loader, raw)
-    config = _convert_sections(conv, raw)
+    conv = _Converter(loader)
+    _drop_nulls(raw, Config)
+    config, valid, route_indexes = _convert_sections(conv, raw)
+    declared = {
+        key: set(raw[key]) if isinstance(raw.get(key), dict) else set() for key in ("sources", "endpoints")
+    }
     loaded = LoadedConfig(config=config, path=Path(file))
-    if not loader.problems:
-        _check_references(loader, config)
-        _resolve_components(conv, loaded, registry)
+    _check_rules(loader, config, valid, declared["sources"], declared["endpoints"], route_indexes)
+    _resolve_components(conv, loaded, registry)
     if loader.problems:
-        raise ConfigError(loader.problems)
+        unique = list(dict.fromkeys(loader.problems))
+        raise ConfigError(sorted(unique, key=lambda p: p.line or 0))
     return loaded
 
 
-def _convert_sections(conv: _Converter, raw: dict[str, Any]) -> Config:
-    sections = {k: v for k, v in raw.items() if k not in ("sources", "endpoints", "routes")}
-    config = conv.convert(sections, Config, "$") or Config()
-    for key, type_ in (("sources", SourceConfig), ("endpoints", EndpointConfig)):
-        value = raw.get(key) or {}
-        if not isinstance(value, dict):
-            conv.loader._problem(f"$.{key}", "expected a mapping of names")
+def _convert_sections(conv: _Converter, raw: dict[str, Any]) -> tuple[Config, set[str], list[int]]:
+    """The Config, with every item that converted; problems are reported as they are found."""
+    config = Config()
+    conv.unknown_keys(raw, Config, "$")
+    # Each section on its own, so that the rules can tell which ones are known to be valid.
+    valid = set()
+    for key, section_type in (("server", ServerConfig), ("broker", BrokerConfig)):
+        if (section := conv.convert(raw.get(key, {}), section_type, f"$.{key}")) is not None:
+            setattr(config, key, section)
+            valid.add(key)
+    named = {"sources": SourceConfig, "endpoints": EndpointConfig}
+    for key, type_ in named.items():
+        items = raw.get(key, {})
+        if not isinstance(items, dict):
+            conv.convert(items, dict[str, Any], f"$.{key}")  # reports "expected a mapping"
             continue
         converted: dict[str, Any] = {}
-        for name, item in value.items():
-            item_path = f"$.{key}.{name}"
-            if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-                conv.loader._problem(item_path, "names may use only letters, digits, '-' and '_'")
-                continue
-            result = conv.convert(item if item is not None else {}, type_, item_path)
-            if result is not None:
+        for name, item in items.items():
+            item_path = _child(f"$.{key}", name)
+            if not re.fullmatch(NAME_PATTERN, name):
+                conv.loader.problem(
+                    item_path, "names may use only letters, digits, '-' and '_' (they become NATS subjects)"
+                )
+            elif key == "sources" and name == INTERNAL_SOURCE:
+                conv.loader.problem(
+                    item_path, f"{_show(INTERNAL_SOURCE)} is reserved for events published by your services"
+                )
+            elif (result := conv.convert(item, type_, item_path)) is not None:
                 converted[name] = result
         setattr(config, key, converted)
-    routes = raw.get("routes") or []
+    routes = raw.get("routes", [])
+    indexes: list[int] = []
     if not isinstance(routes, list):
-        conv.loader._problem("$.routes", "expected a list of routes")
+        conv.convert(routes, list[RouteConfig], "$.routes")
     else:
-        config.routes = [
-            r for i, item in enumerate(routes) if (r := conv.convert(item, RouteConfig, f"$.routes[{i}]"))
-        ]
-    return config
+        for i, item in enumerate(routes):
+            if (route := conv.convert(item, RouteConfig, f"$.routes[{i}]")) is not None:
+                config.routes.append(route)
+                indexes.append(i)
+    return config, valid, indexes
 
 
-def _check_references(loader: _Loader, config: Config) -> None:
-    if INTERNAL_SOURCE in config.sources:
-        loader._problem(
-            f"$.sources.{INTERNAL_SOURCE}",
-            f"{INTERNAL_SOURCE!r} is reserved for events published by your services",
-        )
-    try:
-        seconds(config.broker.retention)
-    except ValueError as exc:
-        loader._problem("$.broker.retention", str(exc))
+# --- rules that span fields -----------------------------------------------------------------
+
+_LISTEN = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})")
+_HTTP_URL = re.compile(r"https?://[^/\s?#]+\S*")
+_SUBJECT = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+# Headers every delivery carries already; a second copy would contradict them.
+_OWN_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "user-agent",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+)
+
+
+Report = Callable[[str, str], None]
+
+
+def _check_rules(
+    loader: _Loader,
+    config: Config,
+    valid: set[str],
+    sources: set[str],
+    endpoints: set[str],
+    route_indexes: list[int],
+) -> None:
+    problem = loader.problem
+    if "server" in valid:
+        _check_server(problem, config.server)
+    if "broker" in valid:
+        _check_broker(problem, config.broker)
+    # When the broker section failed, its defaults stand in: rules that read it would mislead.
+    broker = config.broker if "broker" in valid else None
+    for name, source in config.sources.items():
+        path = _child("$.sources", name)
+        for key in ("event_type", "event_id"):
+            selector = getattr(source, key)
+            if selector in ("body.", "header."):
+                problem(f"{path}.{key}", f"{_show(selector)} needs a name after the dot")
     for name, endpoint in config.endpoints.items():
-        path = f"$.endpoints.{name}"
-        if (endpoint.url is None) == (endpoint.subject is None):
-            loader._problem(path, "set exactly one of url or subject")
-        if endpoint.url is not None and not re.match(r"^https?://[^/\s]+", endpoint.url):
-            loader._problem(f"{path}.url", f"expected an http:// or https:// URL, got {endpoint.url!r}")
-        if endpoint.concurrency < 1:
-            loader._problem(f"{path}.concurrency", "must be at least 1")
-        if not 0 <= endpoint.retry.jitter < 1:
-            loader._problem(f"{path}.retry.jitter", "must be between 0 and 1")
-    for i, route in enumerate(config.routes):
-        for j, target in enumerate(route.to):
-            if target not in config.endpoints:
-                loader._problem(f"$.routes[{i}].to[{j}]", f"no endpoint named {target!r}")
-        for j, origin in enumerate(route.from_ or []):
-            if origin != INTERNAL_SOURCE and origin not in config.sources:
-                loader._problem(
-                    f"$.routes[{i}].from[{j}]",
-                    f"no source named {origin!r} (use {INTERNAL_SOURCE!r} for events from your services)",
+        _check_endpoint(problem, _child("$.endpoints", name), endpoint, broker)
+    route_names: dict[str, int] = {}
+    for i, route in zip(route_indexes, config.routes, strict=True):
+        if route.name is not None:
+            if route.name in route_names:
+                problem(
+                    f"$.routes[{i}].name", f"duplicate route name (also $.routes[{route_names[route.name]}])"
                 )
-    if config.broker.url is None and config.broker.replicas != 1:
-        loader._problem("$.broker.replicas", "the embedded broker is a single server: replicas must be 1")
+            route_names.setdefault(route.name, i)
+        for j, target in enumerate(route.to):
+            if target not in endpoints:
+                known = ", ".join(sorted(endpoints)) or "none"
+                problem(f"$.routes[{i}].to[{j}]", f"no endpoint named {_show(target)} (endpoints: {known})")
+        for j, origin in enumerate(route.from_ or []):
+            if origin != INTERNAL_SOURCE and origin not in sources:
+                problem(
+                    f"$.routes[{i}].from[{j}]",
+                    f"no source named {_show(origin)} "
+                    f"(use {_show(INTERNAL_SOURCE)} for events from your services)",
+                )
+
+
+def _check_server(problem: Report, server: ServerConfig) -> None:
+    match = _LISTEN.fullmatch(server.listen)
+    if not server.listen.startswith(("unix:", "fd://")) and (match is None or int(match.group(1)) > 65535):
+        problem("$.server.listen", f'expected host:port like "127.0.0.1:8080", got {_show(server.listen)}')
+    if size_bytes(server.max_body) == 0:
+        problem("$.server.max_body", "must be more than 0")
+    if seconds(server.publish_timeout) == 0:
+        problem("$.server.publish_timeout", "must be more than 0")
+
+
+def _check_broker(problem: Report, broker: BrokerConfig) -> None:
+    urls = [broker.url] if isinstance(broker.url, str) else broker.url
+    if urls is not None:
+        if not urls or not all(urls):
+            problem(
+                "$.broker.url", "expected a NATS URL or a list of them (omit url for the embedded server)"
+            )
+        for i, url in enumerate(urls):
+            scheme = url.split("://", 1)[0] if "://" in url else None
+            if scheme is not None and scheme not in _NATS_SCHEMES:
+                where = "$.broker.url" if isinstance(broker.url, str) else f"$.broker.url[{i}]"
+                problem(where, f"expected a nats://, tls://, ws:// or wss:// URL, got {_show(url)}")
+    else:
+        # These settings only reach an external server; the embedded one would silently ignore them.
+        for key in ("token", "user", "password", "creds", "tls"):
+            if getattr(broker, key) is not None:
+                problem(f"$.broker.{key}", "only used with an external broker: set broker.url")
+        if broker.replicas != 1:
+            problem("$.broker.replicas", "the embedded broker is a single server: replicas must be 1")
+    if broker.password is not None and broker.user is None:
+        problem("$.broker.password", "set user with password")
+    retention = seconds(broker.retention)
+    if retention == 0:
+        problem("$.broker.retention", "must be more than 0")
+    elif seconds(broker.dedup_window) > retention:
+        # JetStream refuses a duplicate window longer than the stream's max age.
+        problem("$.broker.dedup_window", f"must not be longer than broker.retention ({broker.retention})")
+
+
+def _check_endpoint(
+    problem: Report, path: str, endpoint: EndpointConfig, broker: BrokerConfig | None
+) -> None:
+    if (endpoint.url is None) == (endpoint.subject is None):
+        problem(path, "set exactly one of url or subject")
+    if endpoint.url is not None and not _HTTP_URL.fullmatch(endpoint.url):
+        problem(f"{path}.url", f"expected an http:// or https:// URL, got {_show(endpoint.url)}")
+    if endpoint.subject is not None:
+        if not _SUBJECT.fullmatch(endpoint.subject):
+            problem(
+                f"{path}.subject",
+                'expected a NATS subject like "billing.events" (no spaces or wildcards), '
+                f"got {_show(endpoint.subject)}",
+            )
+        elif broker is not None and endpoint.subject.startswith(broker.prefix + "."):
+            problem(
+                f"{path}.subject", f"subjects under {_show(broker.prefix)} are hookgate's own: it would loop"
+            )
+    if seconds(endpoint.timeout) == 0:
+        problem(f"{path}.timeout", "must be more than 0")
+    for header in endpoint.headers:
+        if not _HEADER_NAME.fullmatch(header):
+            problem(_child(f"{path}.headers", header), "not a valid header name")
+        elif header.lower() in _OWN_HEADERS or header.lower().startswith("hookgate-"):
+            problem(_child(f"{path}.headers", header), "hookgate sets this header itself")
+    # A retry is a scheduled message in a stream whose max age is the retention: a longer delay
+    # would expire before it fires, and the delivery would silently stop.
+    retention = seconds(broker.retention) if broker is not None else 0
+    if retention and endpoint.retry.schedule:
+        delays = [seconds(d) * (1 + endpoint.retry.jitter) for d in endpoint.retry.schedule]
+        longest = max(range(len(delays)), key=delays.__getitem__)
+        if delays[longest] >= retention:
+            problem(
+                f"{path}.retry.schedule[{longest}]",
+                f"{endpoint.retry.schedule[longest]} (up to {format_duration(round(delays[longest]))} with "
+                f"jitter) must be shorter than broker.retention ({broker.retention if broker else ''}), "
+                "or the retry expires before it is due",
+            )
 
 
 def _resolve_components(conv: _Converter, loaded: LoadedConfig, registry: ComponentRegistry) -> None:
     config = loaded.config
-    wanted: list[tuple[ComponentKind, str, dict[str, Any], dict[str, Component]]] = []
+    wanted: list[tuple[ComponentKind, str, str, dict[str, Any], dict[str, Component]]] = []
     for name, source in config.sources.items():
         if source.verify is not None:
-            wanted.append(
-                (
-                    ComponentKind.VERIFIER,
-                    f"$.sources.{name}.verify",
-                    source.verify,
-                    loaded.verifiers,
-                )
-            )
+            path = f"{_child('$.sources', name)}.verify"
+            wanted.append((ComponentKind.VERIFIER, name, path, source.verify, loaded.verifiers))
     for name, endpoint in config.endpoints.items():
         if endpoint.signing is not None:
-            wanted.append(
-                (
-                    ComponentKind.SIGNER,
-                    f"$.endpoints.{name}.signing",
-                    endpoint.signing,
-                    loaded.signers,
-                )
-            )
-    for kind, path, spec, into in wanted:
-        key_name = "scheme" if kind is ComponentKind.SIGNER else "type"
-        type_name = spec.get(key_name)
-        if not isinstance(type_name, str):
-            conv.loader._problem(path, f"missing {key_name!r}: one of {registry.names(kind)}")
+            path = f"{_child('$.endpoints', name)}.signing"
+            wanted.append((ComponentKind.SIGNER, name, path, endpoint.signing, loaded.signers))
+    for kind, name, path, spec, into in wanted:
+        key = "scheme" if kind is ComponentKind.SIGNER else "type"
+        installed = ", ".join(registry.names(kind)) or "none"
+        type_name = spec.get(key)
+        if type_name is None:
+            conv.loader.problem(path, f"missing required key {_show(key)} (installed {kind}s: {installed})")
             continue
-        component_type = registry.get(kind, type_name)
+        component_type = registry.get(kind, type_name) if isinstance(type_name, str) else None
         if component_type is None:
-            conv.loader._problem(
-                f"{path}.{key_name}",
-                f"unknown {kind} {type_name!r}; installed: {', '.join(registry.names(kind)) or 'none'}",
+            conv.loader.problem(
+                f"{path}.{key}", f"unknown {kind} {_show(type_name)} (installed {kind}s: {installed})"
             )
             continue
-        options = {k: v for k, v in spec.items() if k != key_name}
-        converted = conv.convert(options, component_type.config_type, path)
-        if converted is not None:
-            into[path.split(".")[2]] = Component(kind, type_name, converted)
+        options = {k: v for k, v in spec.items() if k != key}
+        struct = component_type.config_type
+        # Unknown options are refused even if the plugin's Struct would ignore them: a typo in a
+        # security setting must not fall back to its default unnoticed.
+        unknown = 0
+        if _struct_of(struct) is not None:
+            unknown = conv.unknown_keys(options, struct, path)
+            options = {k: v for k, v in options.items() if k in _fields(struct)}
+        converted = conv.convert(_drop_nulls(options, struct), struct, path)
+        if converted is not None and not unknown:
+            into[name] = Component(kind, type_name, converted)
 
 
 def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
     """The JSON Schema of the config, with every registered component's options, for editors."""
     schema = msgspec.json.schema(Config)
-    defs = schema.setdefault("$defs", {})
+    defs = schema["$defs"]
     for kind, field_name, key_name, struct in (
         (ComponentKind.VERIFIER, "verify", "type", "SourceConfig"),
         (ComponentKind.SIGNER, "signing", "scheme", "EndpointConfig"),
@@ -489,11 +966,23 @@ def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
             defs.update(sub_defs)
             target = sub_defs[sub["$ref"].split("/")[-1]]
             target.setdefault("properties", {})[key_name] = {"const": name}
-            target.setdefault("required", []).append(key_name)
+            required = target.setdefault("required", [])
+            if key_name not in required:
+                required.append(key_name)
             variants.append(sub)
-        defs[struct]["properties"][field_name] = {"anyOf": [*variants, {"type": "null"}]}
-    schema["title"] = "hookgate configuration"
-    return schema
+        prop = defs[struct]["properties"][field_name]
+        description = prop.get("description")
+        defs[struct]["properties"][field_name] = {
+            "anyOf": [*variants, {"type": "null"}],
+            **({"description": description} if description else {}),
+        }
+    # The loader refuses this source name; say so to editors too.
+    defs["Config"]["properties"]["sources"]["propertyNames"]["not"] = {"const": INTERNAL_SOURCE}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "hookgate configuration",
+        **schema,
+    }
 
 
 Mode = Literal["embedded", "external"]

@@ -16,10 +16,14 @@ _SIZE_UNITS = {
     "GiB": 1024**3,
     "KB": 1000,
     "MB": 1000**2,
+    "GB": 1000**3,
 }
 
-DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"
-SIZE_PATTERN = r"^\d+(B|KiB|MiB|GiB|KB|MB)?$"
+# msgspec matches patterns with re.search, where `$` also matches before a final newline; the
+# `(?!\n)` refuses "5s\n" (which seconds() would then reject at run time). In the JSON Schema
+# (ECMA-262 regexes) it is a no-op.
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+(?!\n)$"
+SIZE_PATTERN = r"^\d+(B|KiB|MiB|GiB|KB|MB|GB)?(?!\n)$"
 
 # Config fields hold the string as written; validation happens through the pattern so errors name
 # the key path, and the numeric value is read with seconds()/size_bytes().
@@ -29,20 +33,21 @@ Duration = Annotated[
 ]
 Size = Annotated[str, msgspec.Meta(pattern=SIZE_PATTERN, description='A size such as "64KiB" or "1MiB"')]
 
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_SIZE = re.compile(r"^(\d+)(B|KiB|MiB|GiB|KB|MB)?$")
+_SIZE = re.compile(r"(\d+)(B|KiB|MiB|GiB|KB|MB|GB)?")
 
 
 def seconds(duration: str) -> float:
     """The number of seconds in a duration string such as "1h30m"."""
-    if not re.fullmatch(DURATION_PATTERN, duration):
+    if not isinstance(duration, str) or not _DURATION.fullmatch(duration):
         raise ValueError(f'expected a duration like "5m", got {duration!r}')
     return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(duration))
 
 
 def size_bytes(size: str) -> int:
     """The number of bytes in a size string such as "1MiB"."""
-    match = _SIZE.match(size)
+    match = _SIZE.fullmatch(size) if isinstance(size, str) else None
     if match is None:
         raise ValueError(f'expected a size like "64KiB", got {size!r}')
     return int(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]

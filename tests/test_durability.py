@@ -229,3 +229,17 @@ async def test_a_leftover_server_from_an_earlier_crash_is_stopped_before_start(t
                     stale.wait()
         finally:
             gw.ensure_stopped()
+
+
+def test_missing_nats_server_binary_fails_with_a_clear_message(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, _free_port(), "http://127.0.0.1:9")
+    result = subprocess.run(
+        hookgate_command("run", "-c", str(config)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "HOOKGATE_NATS_SERVER": str(tmp_path / "no-such-nats-server")},
+    )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr
+    assert "Traceback" not in result.stderr
