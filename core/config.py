@@ -118,6 +118,14 @@ class SourceConfig(_Base):
         str | None, msgspec.Meta(description="the dedup key: body.<path> | header.<name>")
     ] = None
     response: ResponseConfig | None = None
+    auth: Annotated[
+        list[dict[str, Any]],
+        msgspec.Meta(description="access rules, all of which must pass: [{type: <name>, ...options}]"),
+    ] = []
+    handshake: Annotated[
+        dict[str, Any] | None,
+        msgspec.Meta(description="a provider handshake answered on GET: {type: <name>, ...options}"),
+    ] = None
 
 
 class RetryConfig(_Base):
@@ -182,6 +190,8 @@ class LoadedConfig:
     path: Path
     verifiers: dict[str, Component] = field(default_factory=dict)  # by source name
     signers: dict[str, Component] = field(default_factory=dict)  # by endpoint name
+    access_rules: dict[str, list[Component]] = field(default_factory=dict)  # by source name
+    handshakes: dict[str, Component] = field(default_factory=dict)  # by source name
 
 
 # Keys of the contract that this version does not implement yet. They are refused whatever their
@@ -189,7 +199,6 @@ class LoadedConfig:
 # auth rule) that its author believes is in force.
 UNSUPPORTED: dict[str, str] = {
     "$.egress": "egress settings (SSRF allowlist, proxy)",
-    "$.sources.*.auth": "access rules on sources",
     "$.endpoints.*.auth": "endpoint authentication",
     "$.endpoints.*.rate_limit": "per-endpoint rate limits",
     "$.endpoints.*.circuit_breaker": "circuit breakers",
@@ -913,49 +922,84 @@ def _check_endpoint(
 
 def _resolve_components(conv: _Converter, loaded: LoadedConfig, registry: ComponentRegistry) -> None:
     config = loaded.config
-    wanted: list[tuple[ComponentKind, str, str, dict[str, Any], dict[str, Component]]] = []
     for name, source in config.sources.items():
+        base = _child("$.sources", name)
         if source.verify is not None:
-            path = f"{_child('$.sources', name)}.verify"
-            wanted.append((ComponentKind.VERIFIER, name, path, source.verify, loaded.verifiers))
+            verifier = _resolve(conv, registry, ComponentKind.VERIFIER, f"{base}.verify", source.verify)
+            if verifier is not None:
+                loaded.verifiers[name] = verifier
+        rules = [
+            _resolve(conv, registry, ComponentKind.ACCESS_RULE, f"{base}.auth[{i}]", spec)
+            for i, spec in enumerate(source.auth)
+        ]
+        loaded.access_rules[name] = [r for r in rules if r is not None]
+        if source.handshake is not None:
+            handshake = _resolve(
+                conv, registry, ComponentKind.HANDSHAKE, f"{base}.handshake", source.handshake
+            )
+            if handshake is not None:
+                loaded.handshakes[name] = handshake
     for name, endpoint in config.endpoints.items():
         if endpoint.signing is not None:
             path = f"{_child('$.endpoints', name)}.signing"
-            wanted.append((ComponentKind.SIGNER, name, path, endpoint.signing, loaded.signers))
-    for kind, name, path, spec, into in wanted:
-        key = "scheme" if kind is ComponentKind.SIGNER else "type"
-        installed = ", ".join(registry.names(kind)) or "none"
-        type_name = spec.get(key)
-        if type_name is None:
-            conv.loader.problem(path, f"missing required key {_show(key)} (installed {kind}s: {installed})")
-            continue
-        component_type = registry.get(kind, type_name) if isinstance(type_name, str) else None
-        if component_type is None:
-            conv.loader.problem(
-                f"{path}.{key}", f"unknown {kind} {_show(type_name)} (installed {kind}s: {installed})"
-            )
-            continue
-        options = {k: v for k, v in spec.items() if k != key}
-        struct = component_type.config_type
-        # Unknown options are refused even if the plugin's Struct would ignore them: a typo in a
-        # security setting must not fall back to its default unnoticed.
-        unknown = 0
-        if _struct_of(struct) is not None:
-            unknown = conv.unknown_keys(options, struct, path)
-            options = {k: v for k, v in options.items() if k in _fields(struct)}
-        converted = conv.convert(_drop_nulls(options, struct), struct, path)
-        if converted is not None and not unknown:
-            into[name] = Component(kind, type_name, converted)
+            signer = _resolve(conv, registry, ComponentKind.SIGNER, path, endpoint.signing)
+            if signer is not None:
+                loaded.signers[name] = signer
+
+
+def _resolve(
+    conv: _Converter, registry: ComponentRegistry, kind: ComponentKind, path: str, spec: Any
+) -> Component | None:
+    """Convert one `{type: name, ...options}` mapping into the options Struct its plugin registered."""
+    key = COMPONENT_KEYS[kind]
+    installed = ", ".join(registry.names(kind)) or "none"
+    if not isinstance(spec, dict):
+        conv.loader.problem(path, f"expected a mapping with {_show(key)} (installed {kind}s: {installed})")
+        return None
+    type_name = spec.get(key)
+    if type_name is None:
+        conv.loader.problem(path, f"missing required key {_show(key)} (installed {kind}s: {installed})")
+        return None
+    component_type = registry.get(kind, type_name) if isinstance(type_name, str) else None
+    if component_type is None:
+        conv.loader.problem(
+            f"{path}.{key}", f"unknown {kind} {_show(type_name)} (installed {kind}s: {installed})"
+        )
+        return None
+    options = {k: v for k, v in spec.items() if k != key}
+    struct = component_type.config_type
+    # Unknown options are refused even if the plugin's Struct would ignore them: a typo in a
+    # security setting must not fall back to its default unnoticed.
+    unknown = 0
+    if _struct_of(struct) is not None:
+        unknown = conv.unknown_keys(options, struct, path)
+        options = {k: v for k, v in options.items() if k in _fields(struct)}
+    converted = conv.convert(_drop_nulls(options, struct), struct, path)
+    if converted is None or unknown:
+        return None
+    return Component(kind, type_name, converted)
+
+
+# The key that names a component's type, per kind.
+COMPONENT_KEYS = {
+    ComponentKind.VERIFIER: "type",
+    ComponentKind.SIGNER: "scheme",
+    ComponentKind.ACCESS_RULE: "type",
+    ComponentKind.HANDSHAKE: "type",
+}
 
 
 def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
     """The JSON Schema of the config, with every registered component's options, for editors."""
     schema = msgspec.json.schema(Config)
     defs = schema["$defs"]
-    for kind, field_name, key_name, struct in (
-        (ComponentKind.VERIFIER, "verify", "type", "SourceConfig"),
-        (ComponentKind.SIGNER, "signing", "scheme", "EndpointConfig"),
+    for kind, field_name, struct in (
+        (ComponentKind.VERIFIER, "verify", "SourceConfig"),
+        (ComponentKind.ACCESS_RULE, "auth", "SourceConfig"),
+        (ComponentKind.HANDSHAKE, "handshake", "SourceConfig"),
+        (ComponentKind.SIGNER, "signing", "EndpointConfig"),
     ):
+        key_name = COMPONENT_KEYS[kind]
         variants = []
         for name in registry.names(kind):
             ctype = registry.get(kind, name)
@@ -972,8 +1016,14 @@ def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
             variants.append(sub)
         prop = defs[struct]["properties"][field_name]
         description = prop.get("description")
+        one_of: dict[str, Any] = {"anyOf": variants} if variants else {"type": "object"}
+        shape = (
+            {"type": "array", "items": one_of}
+            if kind is ComponentKind.ACCESS_RULE
+            else {"anyOf": [*one_of.get("anyOf", [one_of]), {"type": "null"}]}
+        )
         defs[struct]["properties"][field_name] = {
-            "anyOf": [*variants, {"type": "null"}],
+            **shape,
             **({"description": description} if description else {}),
         }
     # The loader refuses this source name; say so to editors too.

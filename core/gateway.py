@@ -62,7 +62,13 @@ async def run(
 
     async with _broker_url(loaded, max_body) as url, _connect(loaded, url, publish_timeout) as broker:
         sources = {
-            name: Source.build(name, source, _instantiate(hooks, loaded.verifiers.get(name)))
+            name: Source.build(
+                name,
+                source,
+                verifier=_instantiate(hooks, loaded.verifiers.get(name)),
+                access_rules=tuple(_instantiate(hooks, r) for r in loaded.access_rules.get(name, [])),
+                handshake=_instantiate(hooks, loaded.handshakes.get(name)),
+            )
             for name, source in config.sources.items()
         }
         endpoints = {

@@ -55,13 +55,20 @@ class Source:
     event_id: str | None
 
     @classmethod
-    def build(cls, name: str, config: SourceConfig, verifier: Any) -> Source:
+    def build(
+        cls,
+        name: str,
+        config: SourceConfig,
+        verifier: Any = None,
+        access_rules: tuple[Any, ...] = (),
+        handshake: Any = None,
+    ) -> Source:
         default_type = getattr(verifier, "default_event_type", None)
         default_id = getattr(verifier, "default_event_id", None)
         return cls(
             name=name,
             config=config,
-            view=SourceView(name=name, verifier=verifier),
+            view=SourceView(name=name, verifier=verifier, access_rules=access_rules, handshake=handshake),
             event_type=config.event_type or default_type,
             event_id=config.event_id or default_id,
         )

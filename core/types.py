@@ -139,6 +139,8 @@ class SourceView:
 
     name: str
     verifier: Verifier | None = None
+    access_rules: tuple[AccessRule, ...] = ()
+    handshake: Handshake | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ class EndpointView:
 class ComponentKind(StrEnum):
     VERIFIER = "verifier"
     SIGNER = "signer"
+    ACCESS_RULE = "access rule"
+    HANDSHAKE = "handshake"
 
 
 class Verifier(Protocol):
@@ -167,6 +171,22 @@ class Verifier(Protocol):
     default_event_id: str | None
 
     def verify(self, request: IngressRequest) -> Rejection | None: ...
+
+    # A verifier may also answer its provider's own handshakes (Slack's url_verification, GitHub's
+    # ping) by defining `handshake(request) -> HandshakeResponse | None`; it is called only after
+    # the signature verified.
+
+
+class AccessRule(Protocol):
+    """Decides whether a caller may send to a source (`auth:` on a source). Refuse with 403."""
+
+    def check(self, request: IngressRequest) -> Rejection | None: ...
+
+
+class Handshake(Protocol):
+    """Answers a provider's handshake (`handshake:` on a source), or None if it is not one."""
+
+    def answer(self, request: IngressRequest) -> HandshakeResponse | None: ...
 
 
 class Signer(Protocol):
@@ -212,6 +232,16 @@ class ComponentRegistry:
         self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Signer]
     ) -> None:
         self.add(ComponentKind.SIGNER, name, config_type, factory)
+
+    def add_access_rule(
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], AccessRule]
+    ) -> None:
+        self.add(ComponentKind.ACCESS_RULE, name, config_type, factory)
+
+    def add_handshake(
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Handshake]
+    ) -> None:
+        self.add(ComponentKind.HANDSHAKE, name, config_type, factory)
 
     def get(self, kind: ComponentKind, name: str) -> ComponentType | None:
         return self.types.get((kind, name))
