@@ -6,6 +6,9 @@ import hashlib
 import hmac
 from pathlib import Path
 
+import pytest
+import trio
+
 from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
 
 SECRET = "acme-secret"
@@ -102,3 +105,75 @@ async def test_unknown_source_is_404_and_oversized_body_is_413(
     assert too_large.json()["error"] == "body_too_large"
     assert health.status_code == 200
     assert ready.status_code == 200
+
+
+async def _raw_request(url: str, request: bytes) -> bytes:
+    """Send bytes as they are (httpx would refuse to send malformed requests) and read the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(request)
+        response = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in response:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                response += chunk
+    return response
+
+
+async def test_bad_input_gets_4xx_never_500_and_is_not_stored(
+    tmp_path: Path, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = acme_config(nats_server.url, "http://127.0.0.1:9").replace(
+        "event_id: header.X-Acme-Delivery", "event_id: body.id"
+    )
+    not_utf8 = b"\xff\xfe\x00garbage"
+    async with run_gateway(tmp_path, text) as gw:
+        statuses = {}
+        statuses["non-utf8 unsigned"] = (
+            await gw.http.post(f"{gw.url}/webhooks/acme", content=not_utf8)
+        ).status_code
+        # Correctly signed but not JSON where the source reads body.id: 400, not stored.
+        signed_garbage = await gw.http.post(
+            f"{gw.url}/webhooks/acme", content=not_utf8, headers=signed(not_utf8, "x")
+        )
+        statuses["signed non-JSON"] = signed_garbage.status_code
+        for name, value in {
+            "empty": "",
+            "no prefix": "deadbeef",
+            "not hex": "sha256=zz",
+            "huge": "sha256=" + "a" * 8000,
+            "latin-1": "sha256=\xe9\xe9",
+        }.items():
+            response = await gw.http.post(
+                f"{gw.url}/webhooks/acme",
+                content=b"{}",
+                headers={"X-Acme-Signature": value.encode("latin-1")},  # type: ignore[dict-item]
+            )
+            statuses[name] = response.status_code
+            assert response.json()["error"] in ("missing_signature", "invalid_signature")
+        huge_headers = await _raw_request(
+            gw.url,
+            b"POST /webhooks/acme HTTP/1.1\r\nHost: x\r\nX-Big: "
+            + b"b" * 200_000
+            + b"\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        garbage_request = await _raw_request(gw.url, b"\x00\x01\x02 nonsense\r\n\r\n")
+    assert statuses["non-utf8 unsigned"] == 401
+    assert statuses["signed non-JSON"] == 400
+    assert signed_garbage.json()["error"] == "malformed_body"
+    assert all(
+        status == 401
+        for name, status in statuses.items()
+        if name not in ("signed non-JSON", "non-utf8 unsigned")
+    )
+    for raw in (huge_headers, garbage_request):
+        if raw:  # the server may also just close the connection, which is fine
+            status = int(raw.split(b" ", 2)[1])
+            assert 400 <= status < 500, raw[:200]
+    assert await stream_messages(nats_server.url, "HOOKGATE_EVENTS") == []
+    rejections = [r for r in caplog.records if "rejected webhook" in r.getMessage()]
+    assert rejections and all("acme" in r.getMessage() for r in rejections)
+    assert not any(SECRET in r.getMessage() for r in caplog.records)
