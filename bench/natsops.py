@@ -1,0 +1,137 @@
+"""Direct NATS work for the benchmarks (nats-py on asyncio, called from the synchronous orchestrator).
+
+Finding the embedded server of a running hookgate, bulk JetStream publishing, waiting for consumers
+to catch up, and reading a process's resident memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+from nats.js.errors import NotFoundError
+
+
+@dataclass(frozen=True)
+class EmbeddedServer:
+    pid: int
+    url: str
+
+
+def embedded_server(data_dir: Path, timeout: float = 10.0) -> EmbeddedServer:
+    """The nats-server a hookgate started in `data_dir`: its pid file, then its ports file."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid = int((data_dir / "nats-server.pid").read_text().strip())
+            ports = json.loads((data_dir / f"nats-server_{pid}.ports").read_text())
+            return EmbeddedServer(pid, ports["nats"][0])
+        except (OSError, ValueError, KeyError, IndexError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no embedded nats-server found in {data_dir}") from None
+            time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Published:
+    count: int
+    errors: int
+    duplicates: int
+    seconds: float
+
+
+def publish_bulk(
+    url: str,
+    count: int,
+    subject: Callable[[int], str],
+    payload: Callable[[int], bytes],
+    msg_id: Callable[[int], str] | None,
+) -> Published:
+    """JetStream-publish `count` messages as fast as the server acks them (async publish, windowed)."""
+
+    async def go() -> Published:
+        nc = await nats.connect(url, name="hookgate-bench")
+        try:
+            js = nc.jetstream(publish_async_max_pending=2000)
+            started = time.perf_counter()
+            futures = []
+            for i in range(count):
+                headers = {"Nats-Msg-Id": msg_id(i)} if msg_id is not None else None
+                futures.append(await js.publish_async(subject(i), payload(i), wait_stall=30, headers=headers))
+            acks = await asyncio.gather(*futures, return_exceptions=True)
+            elapsed = time.perf_counter() - started
+        finally:
+            await nc.close()
+        errors = sum(1 for a in acks if isinstance(a, BaseException))
+        duplicates = sum(1 for a in acks if not isinstance(a, BaseException) and a.duplicate)
+        return Published(count, errors, duplicates, elapsed)
+
+    return asyncio.run(go())
+
+
+def consumer_backlog(url: str, stream: str, durable: str) -> tuple[int, int]:
+    """(messages not yet delivered, messages delivered but not yet acked) of a durable consumer."""
+
+    async def go() -> tuple[int, int]:
+        nc = await nats.connect(url, name="hookgate-bench")
+        try:
+            info = await nc.jetstream().consumer_info(stream, durable)
+        finally:
+            await nc.close()
+        return info.num_pending or 0, info.num_ack_pending or 0
+
+    return asyncio.run(go())
+
+
+def wait_consumer(
+    url: str, stream: str, durable: str, until: Callable[[int, int], bool], timeout: float
+) -> tuple[int, int]:
+    """Poll a consumer until `until(pending, ack_pending)`; its last state, or TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = consumer_backlog(url, stream, durable)
+            if until(*state):
+                return state
+        except NotFoundError:
+            state = (-1, -1)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"consumer {stream}/{durable} still at {state} after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def settled_rss(pid: int, seconds: float = 3.0, interval: float = 0.25) -> int:
+    """RSS after letting the server settle: the lowest of several samples over `seconds`."""
+    samples = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        samples.append(rss_bytes(pid))
+        time.sleep(interval)
+    return min(samples) if samples else rss_bytes(pid)
+
+
+def stream_state(url: str, stream: str) -> tuple[float, int]:
+    """(duplicate window in seconds, messages stored) of a stream."""
+
+    async def go() -> tuple[float, int]:
+        nc = await nats.connect(url, name="hookgate-bench")
+        try:
+            info = await nc.jetstream().stream_info(stream)
+        finally:
+            await nc.close()
+        return float(info.config.duplicate_window or 0), info.state.messages
+
+    return asyncio.run(go())

@@ -1,0 +1,262 @@
+"""hookgate's benchmark harness: one command, four measurements, ratios against bare baselines.
+
+    python bench/run.py [--quick] [--json PATH] [--only ingress,delivery,e2e,dedup] [--profile]
+
+Everything runs on this machine over 127.0.0.1: hookgate as a subprocess (`python -m hookgate.cli
+run`) with its embedded NATS in a temp dir, a trio+h11 receiver, a bare hypercorn-trio app, and a
+trio+h11 load generator. Absolute numbers on a shared machine are noisy; quote the ratios.
+See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import phases
+import report
+from procs import BENCH, Processes
+
+PHASES: dict[str, Callable[[phases.Context], dict[str, Any]]] = {
+    "ingress": phases.ingress,
+    "delivery": phases.delivery,
+    "e2e": phases.end_to_end,
+    "dedup": phases.dedup_memory,
+}
+
+
+def options(args: argparse.Namespace) -> phases.Options:
+    if args.quick:
+        return phases.Options(
+            quick=True,
+            connections=args.connections,
+            ingress_seconds=4,
+            rounds=2,
+            warmup=1,
+            backlog=5_000,
+            concurrency=args.concurrency,
+            e2e_rate=100,
+            e2e_seconds=5,
+            dedup_ids=50_000,
+            log_level=args.log_level,
+            profile=args.profile,
+        )
+    return phases.Options(
+        quick=False,
+        connections=args.connections,
+        ingress_seconds=10,
+        rounds=2,
+        warmup=2,
+        backlog=20_000,
+        concurrency=args.concurrency,
+        e2e_rate=200,
+        e2e_seconds=10,
+        dedup_ids=100_000,
+        log_level=args.log_level,
+        profile=args.profile,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run with smaller counts")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--only", default=",".join(PHASES), help="comma-separated subset of: " + ", ".join(PHASES)
+    )
+    parser.add_argument("--connections", type=int, default=32, help="ingress load connections (default 32)")
+    parser.add_argument("--concurrency", type=int, default=20, help="endpoint concurrency (default 20)")
+    parser.add_argument("--log-level", default="INFO", help="hookgate's --log-level (default INFO)")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the gateway during ingress and delivery"
+    )
+    args = parser.parse_args()
+    selected = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = [p for p in selected if p not in PHASES]
+    if unknown:
+        parser.error(f"unknown phase(s): {', '.join(unknown)}")
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = BENCH / "results" / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"meta": _meta(args, out_dir)}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="hookgate-bench-") as tmp, Processes(out_dir) as procs:
+        ctx = phases.Context(options(args), procs, Path(tmp), out_dir)
+        for name in selected:
+            print(f"[{time.monotonic() - started:5.0f}s] {name} ...", file=sys.stderr, flush=True)
+            try:
+                results[name] = PHASES[name](ctx)
+            except Exception as exc:  # keep going: one failed phase should not hide the others
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"  {name} failed: {exc} (logs in {out_dir})", file=sys.stderr)
+            finally:
+                procs.close()
+    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    results["meta"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+
+    print(render(results))
+    text = json.dumps(results, indent=2, default=str)
+    (out_dir / "results.json").write_text(text)
+    if args.json:
+        args.json.write_text(text)
+    print("\nJSON:", json.dumps(_without_profiles(results), default=str))
+    return 1 if any("error" in v for k, v in results.items() if k != "meta") else 0
+
+
+def _meta(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    return {
+        "when": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "load_generator": (
+            "python trio+h11 client (bench/loadgen.py), 1 process; "
+            + (
+                "wrk is installed but not used: it cannot HMAC-sign each request with a fresh id"
+                if shutil.which("wrk")
+                else "wrk not installed"
+            )
+        ),
+        "receiver": "trio+h11 server (bench/receiver.py), 1 process",
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "logs": str(out_dir),
+    }
+
+
+def _without_profiles(results: dict[str, Any]) -> dict[str, Any]:
+    return {k: {kk: vv for kk, vv in v.items() if kk != "profile"} for k, v in results.items()}
+
+
+def render(r: dict[str, Any]) -> str:
+    out: list[str] = [f"\nhookgate benchmark ({r['meta']['machine']}; {r['meta']['load_generator']})"]
+    if "ingress" in r:
+        out += _section("1. ingress: HMAC-verified webhooks accepted per second", r["ingress"], _ingress_rows)
+    if "delivery" in r:
+        out += _section("2. delivery: draining a backlog to a fast receiver", r["delivery"], _delivery_rows)
+    if "e2e" in r:
+        out += _section("3. end-to-end latency: ingress request -> receiver", r["e2e"], _e2e_rows)
+    if "dedup" in r:
+        out += _section("4. dedup memory: nats-server RSS per stored event id", r["dedup"], _dedup_rows)
+    out.append("\nRATIOS (quote these; absolute numbers on a shared machine are noisy)")
+    if "ratio" in r.get("ingress", {}):
+        out.append(
+            f"  ingress  hookgate / bare hypercorn-trio : {report.verdict(r['ingress']['ratio'], 0.8)}"
+        )
+    if "ratio" in r.get("delivery", {}):
+        out.append(
+            f"  delivery hookgate / bare trio+h11 client: {report.verdict(r['delivery']['ratio'], 0.5)}"
+        )
+    if "bytes_per_id" in r.get("dedup", {}):
+        d = r["dedup"]
+        out.append(
+            f"  dedup    {d['bytes_per_id']:.0f} B per id -> {d['extrapolated_bytes'] / 2**30:.2f} GiB "
+            f"for {d['extrapolated_ids']:,} ids ({d['extrapolated_note']})"
+        )
+    return "\n".join(out)
+
+
+def _section(title: str, data: dict[str, Any], rows: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    lines = ["", title]
+    if "error" in data:
+        return [*lines, f"  FAILED: {data['error']}"]
+    lines.append(f"  ({data['setup']})")
+    lines += ["  " + line for line in rows(data)]
+    profile = data.get("profile")
+    if profile and profile.get("self"):
+        threads = ", ".join(f"{name} {share:.0f}%" for name, share in profile["threads"])
+        lines.append(f"  py-spy (samples holding the GIL; {threads}); top functions by own time:")
+        lines += [f"    {share:5.1f}%  {frame}" for frame, share in profile["self"][:12]]
+    return lines
+
+
+def _ingress_rows(d: dict[str, Any]) -> list[str]:
+    rows: list[list[object]] = []
+    for label, s in (("hookgate", d["hookgate"]), ("bare hypercorn-trio", d["bare_hypercorn"])):
+        rows.append([label, s["req_per_s"], s["p50_ms"], s["p99_ms"], s["errors"], _cpu(s)])
+    rounds = ", ".join(f"{r:.2f}" for r in d["round_ratios"])
+    rows.append(["ratio", d["ratio"], None, None, None, f"per round: {rounds}"])
+    headers = ["", "req/s", "p50 ms", "p99 ms", "errors", "CPU (cores)"]
+    return report.table(rows, headers).splitlines()
+
+
+def _delivery_rows(d: dict[str, Any]) -> list[str]:
+    h, b, c = d["hookgate"], d["bare_client"], d["receiver_ceiling"]
+    rows: list[list[object]] = [
+        ["hookgate (drain)", h["deliveries_per_s"], h["delivered"], h["seconds"], _cpu(h)]
+    ]
+    for when in ("before", "after"):
+        r = b[when]
+        rows.append([f"bare trio+h11 client, {when}", r["req_per_s"], r["ok"], r["seconds"], _cpu(r)])
+    rows += [
+        ["bare client, mean", b["req_per_s"], None, None, ""],
+        [f"receiver ceiling ({c['connections']} conns)", c["req_per_s"], None, None, ""],
+        ["ratio", d["ratio"], None, None, ""],
+    ]
+    lines = report.table(rows, ["", "req/s", "requests", "seconds", "CPU (cores)"]).splitlines()
+    lines.append(
+        f"backlog built with nats-py at {h['backlog_publish_per_s']:,.0f} publishes/s, routed at "
+        f"{h['backlog_routed_per_s']:,.0f} events/s"
+    )
+    return lines
+
+
+def _cpu(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in stats.get("cpu_cores", {}).items() if v >= 0.005)
+
+
+def _e2e_rows(d: dict[str, Any]) -> list[str]:
+    i = d["ingress_response"]
+    rows = [
+        ["ingress -> receiver", d["p50_ms"], d["p90_ms"], d["p99_ms"], d["max_ms"]],
+        ["ingress response", i["p50_ms"], i["p90_ms"], i["p99_ms"], i["max_ms"]],
+    ]
+    lines = report.table(rows, ["ms", "p50", "p90", "p99", "max"]).splitlines()
+    lines.append(f"CPU (cores): {_cpu(d)}")
+    lines.append(
+        f"sent {d['sent']:,}, accepted {d['accepted']:,}, delivered {d['delivered']:,}, "
+        f"missing {d['missing']:,}"
+    )
+    return lines
+
+
+def _dedup_rows(d: dict[str, Any]) -> list[str]:
+    w, c = d["with_ids"], d["control_without_ids"]
+    mib = 2**20
+    rows = [
+        [
+            "with distinct Nats-Msg-Id",
+            w["rss_before"] / mib,
+            w["rss_after"] / mib,
+            w["rss_growth"] / mib,
+            w["stored"],
+        ],
+        [
+            "control, no Nats-Msg-Id",
+            c["rss_before"] / mib,
+            c["rss_after"] / mib,
+            c["rss_growth"] / mib,
+            c["stored"],
+        ],
+    ]
+    lines = report.table(rows, ["", "RSS before MiB", "after MiB", "growth MiB", "stored"]).splitlines()
+    lines.append(
+        f"{d['bytes_per_id']:.0f} B per id net of the control ({d['bytes_per_id_raw']:.0f} B raw); "
+        f"{d['extrapolated_ids']:,} ids -> {d['extrapolated_bytes'] / 2**30:.2f} GiB "
+        f"({d['extrapolated_note']}); with the deliveries stream's ids for one endpoint: "
+        f"{d['extrapolated_bytes_with_one_endpoint'] / 2**30:.2f} GiB"
+    )
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
