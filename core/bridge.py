@@ -9,7 +9,9 @@ takes or returns many messages per crossing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
 import ssl
 import threading
@@ -17,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -71,6 +74,7 @@ class ConsumerSpec:
     filter_subject: str | None
     ack_wait: float
     max_ack_pending: int
+    buffer: int = 64  # messages pulled ahead of the caller
 
 
 @dataclass(frozen=True)
@@ -110,12 +114,119 @@ class StoredMsg:
     seq: int
 
 
-class PullConsumer:
-    """A bound pull subscription; only `NatsBridge` looks inside."""
+@dataclass
+class Commit:
+    """Messages to publish and a message to settle once they are stored.
 
-    def __init__(self, sub: JetStreamContext.PullSubscription, spec: ConsumerSpec):
-        self.sub = sub
+    `ack` is acked when the first `required` publishes succeeded; otherwise it is nak'ed after
+    `nak_delay` seconds (0: at once), or left for redelivery after ack_wait when that is None.
+    """
+
+    publishes: list[OutMsg] = field(default_factory=list)
+    ack: InMsg | None = None
+    required: int = 0
+    nak_delay: float | None = None
+    nak: InMsg | None = None  # nak'ed unconditionally (redeliver at once)
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_puback = msgspec.json.Decoder(_PubAck)
+
+
+def _pub_result(msg: Msg) -> PubResult:
+    if not msg.data:
+        status = (msg.headers or {}).get("Status")
+        if status == "503":
+            return PubResult(error="no JetStream stream captures this subject")
+        return PubResult(error=f"JetStream answered status {status}")
+    try:
+        ack = _puback.decode(msg.data)
+    except msgspec.DecodeError:
+        return PubResult(error="unreadable PubAck")
+    if ack.error is not None:
+        return PubResult(error=f"JetStream error: {ack.error.get('description', ack.error)}")
+    return PubResult(seq=ack.seq, duplicate=ack.duplicate)
+
+
+class PullConsumer:
+    """A continuous pull from a durable consumer, kept topped up on the nats loop.
+
+    nats-py's fetch() waits for its whole batch once it long-polls, so a lone message could sit
+    for the full wait, and it costs a task per message. Instead this keeps pull requests
+    outstanding for up to `buffer` messages (each expiring after PULL_EXPIRES), queues what
+    arrives, and hands queued messages to trio as soon as there are any.
+    """
+
+    PULL_EXPIRES = 30.0
+
+    def __init__(self, nc: Client, spec: ConsumerSpec, buffer: int):
+        self.nc = nc
         self.spec = spec
+        self.buffer = buffer
+        self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
+        self.inbox = f"_INBOX.hgpull{nc._nuid.next().decode()}"
+        self.queue: collections.deque[Msg] = collections.deque()
+        # Outstanding pull requests, oldest first: [messages still owed, expiry (loop time)].
+        self.requests: collections.deque[list[float]] = collections.deque()
+        self.arrived = asyncio.Event()
+
+    @property
+    def owed(self) -> int:
+        return int(sum(r[0] for r in self.requests))
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.inbox, cb=self._on_message, pending_msgs_limit=1_000_000)
+
+    async def _on_message(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get("Status") if not msg.data else None
+        if status is None:
+            self.queue.append(msg)
+            self._settle_owed(1)
+            self.arrived.set()
+        elif status in ("404", "408", "409"):
+            # No messages / request expired / request ended: it owes what it did not deliver.
+            pending = (msg.headers or {}).get("Nats-Pending-Messages")
+            if self.requests:
+                if pending is not None and pending.isdigit():
+                    self.requests[0][0] -= min(int(pending), self.requests[0][0])
+                else:
+                    self.requests[0][0] = 0
+                self._drop_settled()
+        # 100 (idle heartbeat) needs nothing.
+
+    def _settle_owed(self, count: int) -> None:
+        while count and self.requests:
+            take = min(count, int(self.requests[0][0]))
+            self.requests[0][0] -= take
+            count -= take
+            self._drop_settled()
+            if take == 0:
+                break
+
+    def _drop_settled(self) -> None:
+        while self.requests and self.requests[0][0] <= 0:
+            self.requests.popleft()
+
+    async def top_up(self) -> None:
+        now = asyncio.get_running_loop().time()
+        # A request lost in a reconnect never reports back; forget it after its expiry.
+        while self.requests and self.requests[0][1] < now:
+            self.requests.popleft()
+        want = self.buffer - len(self.queue) - self.owed
+        if want <= 0 or not self.nc.is_connected:
+            return
+        request = json.dumps({"batch": want, "expires": int(self.PULL_EXPIRES * 1e9)}).encode()
+        self.requests.append([want, now + self.PULL_EXPIRES + 2.0])
+        await self.nc.publish(self.api_subject, request, reply=self.inbox)
+
+    def forget_requests(self) -> None:
+        self.requests.clear()
 
 
 class NatsBridge:
@@ -126,6 +237,10 @@ class NatsBridge:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._trio_token = trio.lowlevel.current_trio_token()
+        self._ack_prefix: str | None = None
+        self._ack_waiters: dict[str, asyncio.Future[PubResult]] = {}
+        self._ack_counter = 0
+        self._consumers: list[PullConsumer] = []
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -177,6 +292,8 @@ class NatsBridge:
             log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
+            for consumer in self._consumers:
+                consumer.forget_requests()  # the server dropped them with the old connection
             url = self._nc.connected_url if self._nc else None
             log.info("reconnected to NATS at %s", url.netloc if url else "?")
 
@@ -268,8 +385,11 @@ class NatsBridge:
             )
             # The server treats a create of an existing durable as an update of its settings.
             await jsm.add_consumer(spec.stream, config)
-            sub = await self.js.pull_subscribe_bind(spec.durable, stream=spec.stream)
-            out.append(PullConsumer(sub, spec))
+            assert self._nc is not None
+            consumer = PullConsumer(self._nc, spec, buffer=spec.buffer)
+            await consumer.start()
+            self._consumers.append(consumer)
+            out.append(consumer)
         return out
 
     async def streams_present(self, names: list[str]) -> bool:
@@ -283,43 +403,71 @@ class NatsBridge:
         except Exception:
             return False
 
-    # --- publishing ------------------------------------------------------------------------
+    # --- publishing and settling ------------------------------------------------------------
 
-    async def publish(self, msgs: list[OutMsg], timeout: float) -> list[PubResult]:
-        """JetStream-publish many messages and wait for all their PubAcks, in one crossing."""
-        return await self.run(self._publish, msgs, timeout)
+    async def commit(self, commits: list[Commit], timeout: float) -> list[list[PubResult]]:
+        """Publish every commit's messages, wait for their PubAcks, then settle, in one crossing."""
+        return await self.run(self._commit, commits, timeout)
 
-    async def _publish(self, msgs: list[OutMsg], timeout: float) -> list[PubResult]:
-        if self._nc is None or not self._nc.is_connected:
-            return [PubResult(error="not connected to NATS")] * len(msgs)
-        js = self.js
-        futures: list[asyncio.Future[Any] | None] = []
-        results: list[PubResult | None] = []
-        for m in msgs:
-            try:
-                futures.append(
-                    await js.publish_async(m.subject, m.data, wait_stall=timeout, headers=m.headers)
-                )
-                results.append(None)
-            except Exception as exc:
-                futures.append(None)
-                results.append(PubResult(error=_describe(exc)))
-        pending = [f for f in futures if f is not None]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+    async def _ensure_ack_inbox(self, nc: Client) -> str:
+        # One wildcard subscription receives every PubAck; a future per publish is resolved by
+        # token. Cheaper than nats-py's publish_async, which wraps each publish in more tasks.
+        if self._ack_prefix is None:
+            prefix = f"_INBOX.hgack{nc._nuid.next().decode()}."
+
+            async def on_ack(msg: Msg) -> None:
+                future = self._ack_waiters.pop(msg.subject[len(prefix) :], None)
+                if future is not None and not future.done():
+                    future.set_result(_pub_result(msg))
+
+            await nc.subscribe(prefix + "*", cb=on_ack, pending_msgs_limit=1_000_000)
+            self._ack_prefix = prefix
+        return self._ack_prefix
+
+    async def _commit(self, commits: list[Commit], timeout: float) -> list[list[PubResult]]:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return [[PubResult(error="not connected to NATS")] * len(c.publishes) for c in commits]
+        prefix = await self._ensure_ack_inbox(nc)
+        loop = asyncio.get_running_loop()
+        futures: list[list[asyncio.Future[PubResult]]] = []
+        for commit in commits:
+            mine = []
+            for m in commit.publishes:
+                self._ack_counter += 1
+                token = f"{self._ack_counter:x}"
+                future: asyncio.Future[PubResult] = loop.create_future()
+                self._ack_waiters[token] = future
+                try:
+                    await nc.publish(m.subject, m.data, reply=prefix + token, headers=m.headers)
+                except Exception as exc:
+                    self._ack_waiters.pop(token, None)
+                    future.set_result(PubResult(error=_describe(exc)))
+                mine.append(future)
+            futures.append(mine)
+        waiting = [f for mine in futures for f in mine if not f.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
         out = []
-        for future, result in zip(futures, results, strict=True):
-            if result is not None:
-                out.append(result)
-            elif future is None or not future.done():
-                if future is not None:
+        for commit, mine in zip(commits, futures, strict=True):
+            results = []
+            for future in mine:
+                if future.done():
+                    results.append(future.result())
+                else:
                     future.cancel()
-                out.append(PubResult(error="timed out waiting for JetStream"))
-            elif future.exception() is not None:
-                out.append(PubResult(error=_describe(future.exception())))
-            else:
-                ack = future.result()
-                out.append(PubResult(seq=ack.seq, duplicate=bool(ack.duplicate)))
+                    results.append(PubResult(error="timed out waiting for JetStream"))
+            out.append(results)
+            with contextlib.suppress(nats.errors.MsgAlreadyAckdError, nats.errors.Error):
+                if commit.ack is not None:
+                    if all(r.ok for r in results[: commit.required]):
+                        await commit.ack.raw.ack()
+                    elif commit.nak_delay is not None:
+                        await commit.ack.raw.nak(delay=commit.nak_delay or None)
+                if commit.nak is not None:
+                    await commit.nak.raw.nak()
+        for token in [t for t, f in self._ack_waiters.items() if f.done()]:
+            del self._ack_waiters[token]  # timed out and cancelled above
         return out
 
     async def publish_core(self, msgs: list[OutMsg]) -> None:
@@ -341,12 +489,14 @@ class NatsBridge:
         return await self.run(self._fetch, consumer, batch, timeout)
 
     async def _fetch(self, consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
-        try:
-            msgs = await consumer.sub.fetch(batch, timeout=timeout)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return []
-        out = []
-        for m in msgs:
+        await consumer.top_up()
+        out: list[InMsg] = []
+        if not consumer.queue:
+            consumer.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(consumer.arrived.wait(), timeout)
+        while consumer.queue and len(out) < batch:
+            m = consumer.queue.popleft()
             meta = m.metadata
             out.append(
                 InMsg(
@@ -359,21 +509,8 @@ class NatsBridge:
                     raw=m,
                 )
             )
+        await consumer.top_up()
         return out
-
-    async def settle(self, acks: list[InMsg], naks: list[InMsg] | None = None) -> None:
-        """Ack and nak (redeliver now) many messages, then flush so the server has them."""
-        await self.run(self._settle, acks, naks or [])
-
-    async def _settle(self, acks: list[InMsg], naks: list[InMsg]) -> None:
-        for m in acks:
-            with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
-                await m.raw.ack()
-        for m in naks:
-            with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
-                await m.raw.nak()
-        if self._nc is not None and self._nc.is_connected:
-            await self._nc.flush(timeout=5)
 
     # --- reading streams (tests, inspection) -----------------------------------------------
 

@@ -12,12 +12,12 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 import trio
 
 from hookgate.bridge import (
     BrokerUnavailable,
+    Commit,
     ConnectOptions,
     ConsumerSpec,
     InMsg,
@@ -34,6 +34,7 @@ from hookgate.units import seconds
 __all__ = [
     "Broker",
     "BrokerUnavailable",
+    "Commit",
     "InMsg",
     "OutMsg",
     "PubResult",
@@ -44,8 +45,7 @@ __all__ = [
 
 log = logging.getLogger("hookgate.broker")
 
-T = TypeVar("T")
-R = TypeVar("R")
+DELIVERY_DEDUP_WINDOW = 2 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,9 @@ class Topology:
                 self.deliveries_stream,
                 [f"{p}.deliveries.>", f"{p}.schedules.>"],
                 retention,
-                dedup,
+                # Only a router that redelivers its batch republishes a delivery, within minutes;
+                # a shorter window than the events stream's halves the dedup memory.
+                min(dedup, DELIVERY_DEDUP_WINDOW),
                 replicas,
                 allow_msg_schedules=True,
             ),
@@ -126,48 +128,33 @@ class Topology:
 
 
 @dataclass
-class _Pending(Generic[T, R]):
-    item: T
-    done: trio.Event = field(default_factory=trio.Event)
-    result: R | None = None
-
-
-class _Coalescer(Generic[T, R]):
-    """Collects items from concurrent callers and hands them to `flush` in batches."""
-
-    def __init__(self, name: str, max_batch: int):
-        self.name = name
-        self.max_batch = max_batch
-        self._queue: list[_Pending[T, R]] = []
-        self._wakeup = trio.Event()
-
-    async def submit(self, item: T) -> R | None:
-        pending: _Pending[T, R] = _Pending(item)
-        self._queue.append(pending)
-        self._wakeup.set()
-        await pending.done.wait()
-        return pending.result
-
-    def take(self) -> list[_Pending[T, R]]:
-        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-        if not self._queue:
-            self._wakeup = trio.Event()
-        return batch
-
-    async def wait(self) -> None:
-        await self._wakeup.wait()
+class _Pending:
+    commit: Commit
+    done: trio.Event | None  # None: the caller does not wait
+    results: list[PubResult] = field(default_factory=list)
 
 
 class Broker:
-    """A connected broker: topology plus batched operations, used by ingress, router, dispatcher."""
+    """A connected broker: topology plus batched operations, used by ingress, router, dispatcher.
+
+    `commit()` calls from concurrent tasks are queued and sent together: a flusher takes whatever
+    is queued and crosses into nats-py once for all of it. Two flushers run, so one batch can be
+    on its way while the next one gathers.
+    """
+
+    FLUSHERS = 2
+    MAX_BATCH = 1024
 
     def __init__(self, bridge: NatsBridge, config: BrokerConfig, publish_timeout: float):
         self.bridge = bridge
         self.config = config
         self.topology = Topology(config.prefix)
         self.publish_timeout = publish_timeout
-        self._publishes: _Coalescer[OutMsg, PubResult] = _Coalescer("publish", 512)
-        self._acks: _Coalescer[tuple[InMsg, bool], None] = _Coalescer("settle", 1024)
+        self._queue: list[_Pending] = []
+        self._wakeup = trio.Event()
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -179,11 +166,13 @@ class Broker:
             broker = cls(bridge, config, publish_timeout)
             await bridge.ensure_streams(broker.topology.streams(config))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(broker._flush_publishes)
-                nursery.start_soon(broker._flush_settles)
+                for _ in range(cls.FLUSHERS):
+                    nursery.start_soon(broker._flush)
                 try:
                     yield broker
                 finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(publish_timeout + 1):
+                        await broker.drain()
                     nursery.cancel_scope.cancel()
 
     @property
@@ -194,31 +183,62 @@ class Broker:
         names = [s.name for s in self.topology.streams(self.config)]
         return self.connected and await self.bridge.streams_present(names)
 
-    # --- publishing ------------------------------------------------------------------------
+    # --- publishing and settling ------------------------------------------------------------
+
+    async def commit(self, commit: Commit) -> list[PubResult]:
+        """Publish and settle as `commit` says, batched with concurrent callers; never raises."""
+        pending = _Pending(commit, trio.Event())
+        self._enqueue(pending)
+        assert pending.done is not None
+        await pending.done.wait()
+        return pending.results
+
+    def commit_later(self, commit: Commit) -> None:
+        """Like commit(), without waiting for the outcome (acks after a delivery, attempt records)."""
+        self._enqueue(_Pending(commit, None))
 
     async def publish(self, msg: OutMsg) -> PubResult:
-        """JetStream-publish one message, coalesced with concurrent publishes; never raises."""
-        result = await self._publishes.submit(msg)
-        return result if result is not None else PubResult(error="publish was not attempted")
+        return (await self.commit(Commit([msg])))[0]
 
-    async def publish_many(self, msgs: list[OutMsg]) -> list[PubResult]:
-        if not msgs:
-            return []
+    async def commit_many(self, commits: list[Commit]) -> list[list[PubResult]]:
+        """Send many commits in one crossing now (the router's batches)."""
         try:
-            return await self.bridge.publish(msgs, self.publish_timeout)
+            return await self.bridge.commit(commits, self.publish_timeout)
         except Exception as exc:
-            return [PubResult(error=f"{type(exc).__name__}: {exc}")] * len(msgs)
+            return [[PubResult(error=f"{type(exc).__name__}: {exc}")] * len(c.publishes) for c in commits]
 
-    async def _flush_publishes(self) -> None:
+    async def drain(self) -> None:
+        """Wait until everything queued has been sent (before disconnecting)."""
+        while self._queue or self._in_flight:
+            await self._idle.wait()
+
+    def _enqueue(self, pending: _Pending) -> None:
+        self._queue.append(pending)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wakeup.set()
+
+    async def _flush(self) -> None:
         while True:
-            await self._publishes.wait()
-            batch = self._publishes.take()
+            await self._wakeup.wait()
+            batch, self._queue = self._queue[: self.MAX_BATCH], self._queue[self.MAX_BATCH :]
+            if not self._queue:
+                self._wakeup = trio.Event()
             if not batch:
                 continue
-            results = await self.publish_many([p.item for p in batch])
-            for pending, result in zip(batch, results, strict=True):
-                pending.result = result
-                pending.done.set()
+            self._in_flight += 1
+            try:
+                results = await self.commit_many([p.commit for p in batch])
+                for pending, result in zip(batch, results, strict=True):
+                    pending.results = result
+                    if pending.done is not None:
+                        pending.done.set()
+                    elif not all(r.ok for r in result):
+                        errors = {r.error for r in result if r.error}
+                        log.warning("could not store %d messages: %s", len(errors), "; ".join(sorted(errors)))
+            finally:
+                self._in_flight -= 1
+                if not self._queue and not self._in_flight:
+                    self._idle.set()
 
     async def publish_core(self, msgs: list[OutMsg]) -> None:
         await self.bridge.publish_core(msgs)
@@ -230,32 +250,6 @@ class Broker:
 
     async def fetch(self, consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
         return await self.bridge.fetch(consumer, batch, timeout)
-
-    async def ack(self, msg: InMsg) -> None:
-        await self._acks.submit((msg, True))
-
-    async def nak(self, msg: InMsg) -> None:
-        """Ask for redelivery now (used on shutdown for deliveries that did not finish)."""
-        await self._acks.submit((msg, False))
-
-    async def settle_many(self, acks: list[InMsg], naks: list[InMsg] | None = None) -> None:
-        await self.bridge.settle(acks, naks)
-
-    async def _flush_settles(self) -> None:
-        while True:
-            await self._acks.wait()
-            batch = self._acks.take()
-            if not batch:
-                continue
-            acks = [p.item[0] for p in batch if p.item[1]]
-            naks = [p.item[0] for p in batch if not p.item[1]]
-            try:
-                await self.bridge.settle(acks, naks)
-            except Exception as exc:
-                # An ack that did not reach the server means a redelivery later, never a loss.
-                log.warning("could not ack %d messages: %s", len(batch), exc)
-            for pending in batch:
-                pending.done.set()
 
     async def read_stream(self, stream: str, subject: str | None = None) -> list[StoredMsg]:
         return await self.bridge.read_stream(stream, subject)

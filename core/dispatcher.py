@@ -20,7 +20,7 @@ import msgspec
 import trio
 
 from hookgate.bridge import ConsumerSpec
-from hookgate.broker import Broker, InMsg, OutMsg, PullConsumer
+from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
 from hookgate.config import EndpointConfig
 from hookgate.hooks import Hooks
 from hookgate.transport import PooledTransport
@@ -155,13 +155,18 @@ class Dispatcher:
             t.deliveries_stream,
             t.endpoint_consumer(endpoint.name),
             t.delivery_subject(endpoint.name),
-            # A delivery in flight never outlives its timeout; past this the server redelivers.
-            ack_wait=endpoint.timeout + 30.0,
+            # A delivery waits at most one timeout behind the pulled-ahead buffer, then takes at
+            # most one timeout; past this the server redelivers it.
+            ack_wait=2 * endpoint.timeout + 30.0,
             max_ack_pending=max(64, endpoint.config.concurrency * 4),
+            buffer=endpoint.config.concurrency,
         )
 
-    async def run(self, stopping: trio.Event) -> None:
+    async def run(
+        self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         consumers = await self.broker.consumers([self.consumer_spec(e) for e in self.endpoints.values()])
+        task_status.started()
         try:
             async with trio.open_nursery() as nursery:
                 for endpoint, consumer in zip(self.endpoints.values(), consumers, strict=True):
@@ -175,7 +180,11 @@ class Dispatcher:
 
 
 class EndpointWorker:
-    """Fetches deliveries for one endpoint and runs up to `concurrency` of them at once."""
+    """Pulls deliveries for one endpoint and runs `concurrency` of them at once.
+
+    A delivery holds its worker only for the HTTP attempt: acks, retry schedules and attempt
+    records are handed to the broker's batching without waiting, so the next delivery starts.
+    """
 
     def __init__(self, dispatcher: Dispatcher, endpoint: Endpoint, consumer: PullConsumer):
         self.d = dispatcher
@@ -183,55 +192,61 @@ class EndpointWorker:
         self.hooks = dispatcher.hooks
         self.endpoint = endpoint
         self.consumer = consumer
-        self.slots = trio.Semaphore(endpoint.config.concurrency)
+        self.concurrency = endpoint.config.concurrency
+        self.stopping = False
 
     async def run(self, stopping: trio.Event) -> None:
-        async with trio.open_nursery() as deliveries:
+        send, receive = trio.open_memory_channel[InMsg](0)
+        async with trio.open_nursery() as workers:
+            for _ in range(self.concurrency):
+                workers.start_soon(self._work, receive.clone())
+            receive.close()
             with trio.CancelScope() as fetching:
-                deliveries.start_soon(_cancel_when_set, stopping, fetching)
-                await self._fetch_loop(deliveries)
+                workers.start_soon(_cancel_when_set, stopping, fetching)
+                async with send:
+                    await self._fetch_loop(send)
             # Stopping: no new fetches; in-flight deliveries get the grace period, then are nak'ed.
-            deliveries.cancel_scope.deadline = trio.current_time() + self.d.grace
+            self.stopping = True
+            workers.cancel_scope.deadline = trio.current_time() + self.d.grace
 
-    async def _fetch_loop(self, deliveries: trio.Nursery) -> None:
+    async def _fetch_loop(self, send: trio.MemorySendChannel[InMsg]) -> None:
         backoff = 0.5
         while True:
-            # Fetch only as many as there are free slots, so nothing waits unacked in our memory.
-            await self.slots.acquire()
             try:
-                msgs = await self.broker.fetch(self.consumer, self.slots.value + 1, FETCH_WAIT)
+                msgs = await self.broker.fetch(self.consumer, self.concurrency, FETCH_WAIT)
                 backoff = 0.5
             except Exception as exc:
-                self.slots.release()
                 log.warning(
                     "endpoint %s: fetch failed: %s; retrying in %.1fs", self.endpoint.name, exc, backoff
                 )
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if not msgs:
-                self.slots.release()
-                continue
             for i, msg in enumerate(msgs):
-                if i:
-                    await self.slots.acquire()
-                deliveries.start_soon(self._deliver_and_release, msg)
+                try:
+                    await send.send(msg)  # waits until a worker is free
+                except trio.Cancelled:
+                    for unsent in msgs[i:]:
+                        self.broker.commit_later(Commit(nak=unsent))
+                    raise
 
-    async def _deliver_and_release(self, msg: InMsg) -> None:
-        try:
-            await self.deliver(msg)
-        except trio.Cancelled:
-            with trio.CancelScope(shield=True):
-                await self.broker.nak(msg)  # shut down mid-attempt: redeliver at once elsewhere
-            raise
-        except Exception:
-            log.exception(
-                "endpoint %s: delivery failed unexpectedly; it will be redelivered", self.endpoint.name
-            )
-            with trio.CancelScope(shield=True):
-                await self.broker.nak(msg)
-        finally:
-            self.slots.release()
+    async def _work(self, receive: trio.MemoryReceiveChannel[InMsg]) -> None:
+        async with receive:
+            async for msg in receive:
+                if self.stopping:
+                    self.broker.commit_later(Commit(nak=msg))  # not started: redeliver at once
+                    continue
+                try:
+                    await self.deliver(msg)
+                except trio.Cancelled:
+                    self.broker.commit_later(Commit(nak=msg))  # shut down mid-attempt
+                    raise
+                except Exception:
+                    log.exception(
+                        "endpoint %s: delivery failed unexpectedly; it will be redelivered",
+                        self.endpoint.name,
+                    )
+                    self.broker.commit_later(Commit(nak=msg))
 
     async def deliver(self, msg: InMsg) -> None:
         endpoint = self.endpoint
@@ -241,11 +256,11 @@ class EndpointWorker:
             log.error(
                 "endpoint %s: dropping unreadable delivery seq %d: %s", endpoint.name, msg.stream_seq, exc
             )
-            await self.broker.ack(msg)
+            self.broker.commit_later(Commit(ack=msg))
             return
         defer = await self.hooks.call_first("hookgate_rate_limit", delivery=delivery, endpoint=endpoint.view)
         if defer:
-            await self._schedule(msg, delivery, time.time() + float(defer), counted=False)
+            self.broker.commit_later(self._schedule(msg, delivery, time.time() + float(defer), counted=False))
             return
         event = await self.hooks.chain("hookgate_transform", "event", delivery.event, endpoint=endpoint.view)
         started = time.time()
@@ -265,8 +280,9 @@ class EndpointWorker:
             response_headers=result.headers,
             response_body=result.body[:RESPONSE_EXCERPT],
         )
+        record = OutMsg(self.broker.topology.attempt_subject(endpoint.name), _encode_json(attempt))
         if result.ok:
-            await self.broker.ack(msg)
+            self.broker.commit_later(Commit([record], ack=msg))
         elif delivery.attempt < endpoint.max_attempts:
             attempt.outcome = "retrying"
             attempt.next_attempt_at = time.time() + endpoint.retry_delay(delivery.attempt)
@@ -278,7 +294,9 @@ class EndpointWorker:
                 result.error or result.status,
                 rfc3339(attempt.next_attempt_at),
             )
-            await self._schedule(msg, delivery, attempt.next_attempt_at, counted=True)
+            commit = self._schedule(msg, delivery, attempt.next_attempt_at, counted=True)
+            commit.publishes.append(OutMsg(record.subject, _encode_json(attempt)))
+            self.broker.commit_later(commit)
         else:
             attempt.outcome = "dead"
             log.warning(
@@ -288,10 +306,7 @@ class EndpointWorker:
                 delivery.attempt,
                 result.error or result.status,
             )
-            await self._dead_letter(msg, delivery, attempt)
-        await self.broker.publish(
-            OutMsg(self.broker.topology.attempt_subject(endpoint.name), _encode_json(attempt))
-        )
+            self.broker.commit_later(self._dead_letter(msg, delivery, attempt))
         try:
             await self.hooks.call("hookgate_delivery_outcome", attempt=attempt)
         except Exception:
@@ -352,8 +367,8 @@ class EndpointWorker:
             return Result(status=200)
         return Result(error_kind="destination", error=published.error)
 
-    async def _schedule(self, msg: InMsg, delivery: Delivery, at: float, *, counted: bool) -> None:
-        """Put the delivery back on the endpoint's subject at `at`, then ack the current message."""
+    def _schedule(self, msg: InMsg, delivery: Delivery, at: float, *, counted: bool) -> Commit:
+        """Put the delivery back on the endpoint's subject at `at`; ack the current one once stored."""
         topology = self.broker.topology
         next_delivery = msgspec.structs.replace(delivery, attempt=delivery.attempt + (1 if counted else 0))
         scheduled = OutMsg(
@@ -364,26 +379,20 @@ class EndpointWorker:
                 "Nats-Schedule-Target": topology.delivery_subject(self.endpoint.name),
             },
         )
-        result = await self.broker.publish(scheduled)
-        if result.ok:
-            await self.broker.ack(msg)
-        else:
-            # Could not schedule: leave the message to be redelivered after ack_wait.
-            log.warning("could not schedule retry of %s: %s", delivery.id, result.error)
+        # If the schedule cannot be stored, the message is left for redelivery after ack_wait.
+        return Commit([scheduled], ack=msg, required=1)
 
-    async def _dead_letter(self, msg: InMsg, delivery: Delivery, attempt: Attempt) -> None:
+    def _dead_letter(self, msg: InMsg, delivery: Delivery, attempt: Attempt) -> Commit:
         record = DeadLetter(delivery=delivery, last_attempt=attempt)
-        result = await self.broker.publish(
-            OutMsg(
-                self.broker.topology.dead_subject(self.endpoint.name),
-                _encode(record),
-                {"Nats-Msg-Id": f"dead:{delivery.id}:{delivery.attempt}"},
-            )
+        dead = OutMsg(
+            self.broker.topology.dead_subject(self.endpoint.name),
+            _encode(record),
+            {"Nats-Msg-Id": f"dead:{delivery.id}:{delivery.attempt}"},
         )
-        if result.ok:
-            await self.broker.ack(msg)
-        else:
-            log.warning("could not dead-letter %s: %s", delivery.id, result.error)
+        attempt_record = OutMsg(
+            self.broker.topology.attempt_subject(self.endpoint.name), _encode_json(attempt)
+        )
+        return Commit([dead, attempt_record], ack=msg, required=1)
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):

@@ -85,8 +85,9 @@ async def run(
 
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(_serve_http, app, loaded, stopping)
-            nursery.start_soon(router.run, stopping)
-            nursery.start_soon(dispatcher.run, stopping)
+            # Consumers exist (created or updated) before the gateway reports itself started.
+            await nursery.start(router.run, stopping)
+            await nursery.start(dispatcher.run, stopping)
             http_url = binds[0]
             log.info("hookgate %s listening on %s (broker %s)", __version__, http_url, url)
             await hooks.call("hookgate_startup", info={"listen": http_url, "version": __version__})

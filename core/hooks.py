@@ -15,6 +15,9 @@ from hookgate.types import ComponentRegistry, Rejection
 
 log = logging.getLogger("hookgate.plugins")
 
+# Hooks that only observe: one plugin's failure must not keep the others from seeing the event.
+OBSERVERS = frozenset({"hookgate_delivery_outcome"})
+
 
 @dataclass(frozen=True)
 class PluginInfo:
@@ -36,7 +39,14 @@ class Hooks:
         self.registry = ComponentRegistry()
         for impl in self.pm.hook.hookgate_register_components.get_hookimpls():
             before = set(self.registry.types)
-            impl.function(registry=self.registry)
+            result = impl.function(registry=self.registry)
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()  # never awaited: say why instead of warning about it
+                raise TypeError(
+                    f"plugin {impl.plugin_name!r}: hookgate_register_components must be a plain def, "
+                    "not async: it runs when the plugins load, before there is an event loop"
+                )
             for key in set(self.registry.types) - before:
                 ctype = self.registry.types[key]
                 self.registry.types[key] = type(ctype)(
@@ -51,9 +61,27 @@ class Hooks:
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
 
     async def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
-        """Call every implementation and await the ones that are coroutines."""
-        results = getattr(self.pm.hook, hook_name)(**kwargs)
-        return [await r if inspect.isawaitable(r) else r for r in results]
+        """Call every implementation in pluggy's order and return the non-None results.
+
+        Each one runs to completion (awaited, if it is a coroutine) before the next starts, so sync
+        and async implementations keep their order. For observer hooks, a failing implementation
+        is logged and the others still run; for the rest the exception propagates.
+        """
+        isolated = hook_name in OBSERVERS
+        results: list[Any] = []
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            try:
+                result = impl.function(**{k: kwargs[k] for k in impl.argnames})
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception:
+                if not isolated:
+                    raise
+                log.exception("plugin %r failed in %s", impl.plugin_name, hook_name)
+                continue
+            if result is not None:
+                results.append(result)
+        return results
 
     async def call_first(self, hook_name: str, **kwargs: Any) -> Any:
         """Call implementations in order until one gives a non-None result (awaiting as needed)."""

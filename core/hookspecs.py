@@ -1,6 +1,7 @@
 """The hook points plugins implement. Plugins import this module and `hookgate.types` only.
 
-Any hookimpl may be `async def`; the core awaits awaitable results under trio. Hooks that return a
+Any hookimpl may be `async def` (except `hookgate_register_components`, which runs before there is
+an event loop); the core awaits awaitable results under trio. Hooks that return a
 `Rejection` veto the request; `None` means "no opinion". Every hookspec is documented in
 CONTRIBUTING.md and exercised by a test.
 """
@@ -35,7 +36,8 @@ def hookgate_register_components(registry: ComponentRegistry) -> None:
     """Register named components (verifiers, signers, ...) that the YAML picks with `type:`.
 
     Each component declares its options as a msgspec Struct; a bad option gets the same
-    file:line:path error as the core config.
+    file:line:path error as the core config. This hook is called once, when the plugins load, and
+    must be a plain `def`.
     """
 
 
@@ -77,7 +79,8 @@ def hookgate_route(event: Event, endpoints: list[str]) -> list[str] | None:
 def hookgate_transform(event: Event, endpoint: EndpointView) -> Event | None:
     """Return a changed copy of the event for this endpoint, or None to leave it.
 
-    Implementations run in registration order, each seeing the previous one's result.
+    Implementations run in pluggy's call order, each seeing the previous one's result: the plugin
+    registered last runs first, and `@hookimpl(tryfirst=True)` / `trylast=True` move one.
     """
 
 

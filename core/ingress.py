@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -53,6 +54,8 @@ class Source:
     view: SourceView
     event_type: str | None
     event_id: str | None
+    strict_type: bool = False
+    strict_id: bool = False
 
     @classmethod
     def build(
@@ -71,24 +74,64 @@ class Source:
             view=SourceView(name=name, verifier=verifier, access_rules=access_rules, handshake=handshake),
             event_type=config.event_type or default_type,
             event_id=config.event_id or default_id,
+            strict_type=config.event_type is not None,
+            strict_id=config.event_id is not None,
         )
+
+    # A selector the user configured must find a readable body (else 400); a verifier's default
+    # selector may meet a body it cannot read (a provider's form post) and then yields nothing.
+    def select_type(self, request: IngressRequest, body: _Body) -> str | None:
+        return _select_or_none(self.event_type, self.strict_type, request, body)
+
+    def select_id(self, request: IngressRequest, body: _Body) -> str | None:
+        return _select_or_none(self.event_id, self.strict_id, request, body)
+
+
+def _select_or_none(spec: str | None, strict: bool, request: IngressRequest, body: _Body) -> str | None:
+    if spec is None:
+        return None
+    try:
+        return select(spec, request, body)
+    except MalformedBody:
+        if strict:
+            raise
+        return None
 
 
 class _Body:
-    """The request body parsed as JSON at most once, and only if a `body.` selector needs it."""
+    """The request body parsed at most once, and only if a `body.` selector needs it.
 
-    def __init__(self, raw: bytes):
+    JSON bodies are read as JSON; form-encoded bodies (Slack commands and interactivity, Twilio)
+    as their fields, where a field holding JSON (Slack's `payload`) can be reached into.
+    """
+
+    def __init__(self, raw: bytes, content_type: str | None):
         self.raw = raw
+        self.form = (content_type or "").split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
         self._parsed: Any = _MISSING
+
+    def _parse(self) -> Any:
+        if self.form:
+            try:
+                fields = urllib.parse.parse_qs(self.raw.decode("utf-8"), keep_blank_values=True)
+            except UnicodeDecodeError:
+                raise MalformedBody("the form body is not valid UTF-8") from None
+            return {k: v[0] for k, v in fields.items()}
+        try:
+            return msgspec.json.decode(self.raw)
+        except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8 inside a JSON string
+            raise MalformedBody("the body is not valid JSON") from None
 
     def get(self, path: str) -> Any:
         if self._parsed is _MISSING:
-            try:
-                self._parsed = msgspec.json.decode(self.raw)
-            except msgspec.DecodeError:
-                raise MalformedBody("the body is not valid JSON") from None
+            self._parsed = self._parse()
         value = self._parsed
         for part in path.split("."):
+            if isinstance(value, str) and value[:1] in ("{", "["):
+                try:
+                    value = msgspec.json.decode(value)
+                except (msgspec.DecodeError, ValueError):
+                    return None
             if isinstance(value, dict):
                 value = value.get(part)
             elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
@@ -150,10 +193,10 @@ class Ingress:
             await _send_handshake(send, handshake)
             return
 
-        parsed = _Body(body)
+        parsed = _Body(body, request.header("content-type"))
         try:
-            event_type = select(source.event_type, request, parsed) if source.event_type else None
-            external_id = select(source.event_id, request, parsed) if source.event_id else None
+            event_type = source.select_type(request, parsed)
+            external_id = source.select_id(request, parsed)
         except MalformedBody as exc:
             await send_error(send, 400, "malformed_body", str(exc))
             return

@@ -17,7 +17,7 @@ import msgspec
 import trio
 
 from hookgate.bridge import ConsumerSpec
-from hookgate.broker import Broker, InMsg, OutMsg
+from hookgate.broker import Broker, Commit, InMsg, OutMsg
 from hookgate.config import RouteConfig
 from hookgate.hooks import Hooks
 from hookgate.ids import delivery_id
@@ -28,6 +28,7 @@ log = logging.getLogger("hookgate.router")
 
 FETCH_BATCH = 256
 FETCH_WAIT = 1.0
+ROUTE_RETRY_DELAY = 0.5
 
 
 class RoutingRecord(msgspec.Struct, kw_only=True):
@@ -80,8 +81,11 @@ class Router:
         t = self.broker.topology
         return ConsumerSpec(t.events_stream, t.router_consumer(), None, ack_wait=30.0, max_ack_pending=4096)
 
-    async def run(self, stopping: trio.Event) -> None:
+    async def run(
+        self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         (consumer,) = await self.broker.consumers([self.consumer_spec()])
+        task_status.started()
         backoff = 0.5
         while not stopping.is_set():
             try:
@@ -127,31 +131,32 @@ class Router:
         return matched_routes, targets
 
     async def route_batch(self, msgs: list[InMsg]) -> None:
+        """Fan out a batch; each event is acked only once all its deliveries are stored."""
+        commits = [self._route_one(msg, await self._event_or_error(msg)) for msg in msgs]
+        results = await self.broker.commit_many(commits)
+        failed = sum(1 for r in results if not all(p.ok for p in r))
+        if failed:
+            log.warning("router: %d of %d events not routed yet; they will be retried", failed, len(msgs))
+
+    async def _event_or_error(self, msg: InMsg) -> tuple[Event | None, list[str], list[str], str | None]:
+        try:
+            event = self.to_event(msg)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("router: unreadable message %s seq %d: %s", msg.subject, msg.stream_seq, exc)
+            return None, [], [], f"unreadable event: {exc}"
+        routes, targets = await self.endpoints_for(event)
+        if not targets:
+            log.debug("event %s (%s from %s) matched no route", event.id, event.type, event.source)
+        return event, routes, targets, None
+
+    def _route_one(
+        self, msg: InMsg, decided: tuple[Event | None, list[str], list[str], str | None]
+    ) -> Commit:
+        event, routes, targets, error = decided
         topology = self.broker.topology
         out: list[OutMsg] = []
-        owners: list[int] = []  # index into msgs for each outgoing message
-        for index, msg in enumerate(msgs):
-            try:
-                event = self.to_event(msg)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.error(
-                    "router: dropping unreadable message %s seq %d: %s", msg.subject, msg.stream_seq, exc
-                )
-                source = msg.subject.rsplit(".", 1)[-1]
-                record = RoutingRecord(
-                    event_id=msg.headers.get("Nats-Msg-Id") or f"evt_s{msg.stream_seq}",
-                    source=source,
-                    type="",
-                    received_at=msg.timestamp,
-                    routes=[],
-                    endpoints=[],
-                    error=f"unreadable event: {exc}",
-                )
-                out.append(OutMsg(topology.routed_subject(INTERNAL_SOURCE), self._encode_json(record)))
-                owners.append(index)
-                continue
-            routes, targets = await self.endpoints_for(event)
-            now = time.time()
+        now = time.time()
+        if event is not None:
             for endpoint in targets:
                 delivery = Delivery(
                     id=delivery_id(event.id, endpoint),
@@ -168,31 +173,23 @@ class Router:
                         {"Nats-Msg-Id": f"{event.id}:{endpoint}"},
                     )
                 )
-                owners.append(index)
-            if not targets:
-                log.info("event %s (%s from %s) matched no route", event.id, event.type, event.source)
-            record = RoutingRecord(
-                event_id=event.id,
-                source=event.source,
-                type=event.type,
-                received_at=event.received_at,
-                routes=routes,
-                endpoints=targets,
+        event_id = event.id if event else msg.headers.get("Nats-Msg-Id") or f"evt_s{msg.stream_seq}"
+        source = event.source if event else INTERNAL_SOURCE
+        record = RoutingRecord(
+            event_id=event_id,
+            source=source,
+            type=event.type if event else "",
+            received_at=event.received_at if event else msg.timestamp,
+            routes=routes,
+            endpoints=targets,
+            error=error,
+        )
+        out.append(
+            OutMsg(
+                topology.routed_subject(source),
+                self._encode_json(record),
+                {"Nats-Msg-Id": f"routed:{event_id}"},
             )
-            out.append(
-                OutMsg(
-                    topology.routed_subject(event.source),
-                    self._encode_json(record),
-                    {"Nats-Msg-Id": f"routed:{event.id}"},
-                )
-            )
-            owners.append(index)
-        results = await self.broker.publish_many(out)
-        failed = {owners[i] for i, r in enumerate(results) if not r.ok}
-        if failed:
-            log.warning(
-                "router: %d of %d events not routed yet; they will be retried", len(failed), len(msgs)
-            )
-        acks = [m for i, m in enumerate(msgs) if i not in failed]
-        naks = [m for i, m in enumerate(msgs) if i in failed]
-        await self.broker.settle_many(acks, naks)
+        )
+        # An unreadable event is recorded and acked: redelivering it would not make it readable.
+        return Commit(out, ack=msg, required=len(out), nak_delay=ROUTE_RETRY_DELAY)

@@ -27,6 +27,16 @@ class HmacConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     encoding: Literal["hex", "base64"] = "hex"
     prefix: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.header:
+            raise ValueError("header must not be empty")
+        secrets = [self.secret] if isinstance(self.secret, str) else self.secret
+        if not secrets:
+            raise ValueError("secret: give at least one secret")
+        if not all(secrets):
+            # An empty key (say, from an unset `${VAR:-}`) would let anyone compute a valid signature.
+            raise ValueError("secret must not be empty")
+
 
 class HmacVerifier:
     default_event_type: str | None = None

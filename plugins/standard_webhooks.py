@@ -24,18 +24,25 @@ class StandardWebhooksConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only
     secret: str | list[str]
 
     def __post_init__(self) -> None:
-        for secret in [self.secret] if isinstance(self.secret, str) else self.secret:
-            decode_secret(secret)
+        if isinstance(self.secret, str):
+            decode_secret(self.secret)
+            return
+        if not self.secret:
+            raise ValueError("secret: give at least one secret")
+        for i, secret in enumerate(self.secret):
+            decode_secret(secret, f"secret[{i}]")
 
 
-def decode_secret(secret: str) -> bytes:
+def decode_secret(secret: str, name: str = "secret") -> bytes:
     encoded = secret.removeprefix(SECRET_PREFIX)
+    # Unpadded base64 is accepted, as the Standard Webhooks and Svix libraries accept it.
+    encoded += "=" * (-len(encoded) % 4)
     try:
         key = base64.b64decode(encoded, validate=True)
     except (ValueError, binascii.Error):
-        raise ValueError("secret must be 'whsec_' followed by base64") from None
+        raise ValueError(f"{name} must be 'whsec_' followed by base64") from None
     if len(key) < 16:
-        raise ValueError("secret is too short: use at least 16 random bytes (24 or more recommended)")
+        raise ValueError(f"{name} is too short: use at least 16 random bytes (24 or more recommended)")
     return key
 
 
