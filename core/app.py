@@ -6,9 +6,10 @@ import contextlib
 import logging
 
 from hookgate.api import Api
-from hookgate.asgi import Receive, Scope, Send, send_error, send_json
+from hookgate.asgi import Receive, Scope, Send, send_bytes, send_error, send_json
 from hookgate.broker import Broker
 from hookgate.ingress import Ingress
+from hookgate.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("hookgate.http")
 
@@ -16,10 +17,11 @@ WEBHOOKS = "/webhooks/"
 
 
 class App:
-    def __init__(self, ingress: Ingress, api: Api, broker: Broker):
+    def __init__(self, ingress: Ingress, api: Api, broker: Broker, metrics: Metrics):
         self.ingress = ingress
         self.api = api
         self.broker = broker
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -35,6 +37,8 @@ class App:
                 await self.api.handle(scope, receive, send, path.rstrip("/"))
             elif path == "/healthz":
                 await send_json(send, 200, {"status": "ok"})
+            elif path == "/metrics":
+                await send_bytes(send, 200, self.metrics.render(), CONTENT_TYPE)
             elif path == "/readyz":
                 ready = await self.broker.ready()
                 await send_json(

@@ -23,6 +23,7 @@ from hookgate.bridge import ConsumerSpec
 from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
 from hookgate.config import EndpointConfig
 from hookgate.hooks import Hooks
+from hookgate.metrics import Metrics
 from hookgate.transport import PooledTransport
 from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
 from hookgate.units import seconds
@@ -143,11 +144,14 @@ def request_headers(
 
 
 class Dispatcher:
-    def __init__(self, broker: Broker, hooks: Hooks, endpoints: dict[str, Endpoint], grace: float):
+    def __init__(
+        self, broker: Broker, hooks: Hooks, endpoints: dict[str, Endpoint], grace: float, metrics: Metrics
+    ):
         self.broker = broker
         self.hooks = hooks
         self.endpoints = endpoints
         self.grace = grace
+        self.metrics = metrics
 
     def consumer_spec(self, endpoint: Endpoint) -> ConsumerSpec:
         t = self.broker.topology
@@ -307,6 +311,8 @@ class EndpointWorker:
                 result.error or result.status,
             )
             self.broker.commit_later(self._dead_letter(msg, delivery, attempt))
+        self.d.metrics.attempts.labels(endpoint.name, attempt.outcome).inc()
+        self.d.metrics.attempt_latency.labels(endpoint.name).observe(latency)
         try:
             await self.hooks.call("hookgate_delivery_outcome", attempt=attempt)
         except Exception:

@@ -27,6 +27,7 @@ from hookgate.dispatcher import Dispatcher, Endpoint
 from hookgate.embedded import embedded_nats
 from hookgate.hooks import Hooks
 from hookgate.ingress import Ingress, Source
+from hookgate.metrics import Metrics
 from hookgate.router import Router
 from hookgate.units import seconds, size_bytes
 
@@ -75,13 +76,15 @@ async def run(
             name: Endpoint.build(name, endpoint, _instantiate(hooks, loaded.signers.get(name)))
             for name, endpoint in config.endpoints.items()
         }
+        metrics = Metrics()
         app = App(
-            Ingress(sources, hooks, broker, max_body),
+            Ingress(sources, hooks, broker, max_body, metrics),
             Api(broker, config.server.api_tokens, set(endpoints), max_body),
             broker,
+            metrics,
         )
         router = Router(broker, hooks, config.routes, set(endpoints))
-        dispatcher = Dispatcher(broker, hooks, endpoints, seconds(config.server.shutdown_grace))
+        dispatcher = Dispatcher(broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics)
 
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(_serve_http, app, loaded, stopping)

@@ -20,6 +20,7 @@ import msgspec
 from hookgate.asgi import (
     BodyTooLarge,
     ClientGone,
+    Message,
     Receive,
     Scope,
     Send,
@@ -33,6 +34,7 @@ from hookgate.config import SourceConfig
 from hookgate.hooks import Hooks
 from hookgate.ids import event_id_for, new_event_id
 from hookgate.intake import store_event
+from hookgate.metrics import Metrics
 from hookgate.types import Event, HandshakeResponse, IngressRequest, Rejection, SourceView, find_header
 
 log = logging.getLogger("hookgate.ingress")
@@ -154,13 +156,32 @@ def select(spec: str, request: IngressRequest, body: _Body) -> str | None:
 
 
 class Ingress:
-    def __init__(self, sources: dict[str, Source], hooks: Hooks, broker: Broker, max_body: int):
+    def __init__(
+        self, sources: dict[str, Source], hooks: Hooks, broker: Broker, max_body: int, metrics: Metrics
+    ):
         self.sources = sources
         self.hooks = hooks
         self.broker = broker
         self.max_body = max_body
+        self.metrics = metrics
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, source_name: str) -> None:
+        status = 0
+
+        async def counted_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, counted_send, source_name)
+        finally:
+            # Unknown source names are folded into one label so callers cannot grow the metric.
+            label = source_name if source_name in self.sources else "(unknown)"
+            self.metrics.ingress_requests.labels(label, str(status)).inc()
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, source_name: str) -> None:
         source = self.sources.get(source_name)
         if source is None:
             await send_error(send, 404, "unknown_source", f"no source named {source_name!r}")
@@ -186,6 +207,8 @@ class Ingress:
             log.warning(
                 "rejected webhook for source %s: %s (%s)", source_name, rejection.code, rejection.message
             )
+            self.metrics.ingress_rejections.labels(source_name, rejection.code).inc()
+
             await send_error(send, rejection.status, rejection.code, rejection.message)
             return
         handshake = await self.hooks.call_first("hookgate_handshake", request=request, source=source.view)
@@ -218,6 +241,9 @@ class Ingress:
             log.error("could not store webhook for source %s: %s", source_name, result.error)
             await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")
             return
+        (self.metrics.events_duplicate if result.duplicate else self.metrics.events_stored).labels(
+            source_name
+        ).inc()
         if result.duplicate:
             log.info(
                 "duplicate webhook for source %s, event id %s: not stored again", source_name, external_id

@@ -1,0 +1,57 @@
+"""Prometheus metrics for one gateway process, served at `GET /metrics`.
+
+Each gateway owns its own registry (no process-global state), so tests and embedded uses can run
+several gateways side by side.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ingress_requests = Counter(
+            "hookgate_ingress_requests",
+            "Webhook requests received, by source and the status answered",
+            ["source", "status"],
+            registry=self.registry,
+        )
+        self.ingress_rejections = Counter(
+            "hookgate_ingress_rejections",
+            "Webhooks refused by access rules or signature verification, by source and reason",
+            ["source", "reason"],
+            registry=self.registry,
+        )
+        self.events_stored = Counter(
+            "hookgate_events_stored",
+            "Events stored in JetStream (duplicates not counted), by source",
+            ["source"],
+            registry=self.registry,
+        )
+        self.events_duplicate = Counter(
+            "hookgate_events_duplicate",
+            "Events answered 2xx but not stored again because their id was seen, by source",
+            ["source"],
+            registry=self.registry,
+        )
+        self.attempts = Counter(
+            "hookgate_delivery_attempts",
+            "Delivery attempts, by endpoint and outcome (succeeded, retrying, dead)",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.attempt_latency = Histogram(
+            "hookgate_delivery_attempt_seconds",
+            "Time from sending an attempt to its response or error, by endpoint",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
