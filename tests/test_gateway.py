@@ -116,3 +116,95 @@ async def test_external_nats_with_credentials_and_a_list_of_servers(tmp_path: Pa
             response = await gw.publish("auth.ok", {})
             await rx.wait_for(1)
     assert response.status_code == 202
+
+
+def _start_nats(tmp_path: Path, conf_body: str) -> tuple[subprocess.Popen[bytes], str]:
+    import json
+    import time
+
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f'listen: "127.0.0.1:-1"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        f'ports_file_dir: "{tmp_path}"\n{conf_body}\n'
+    )
+    process = subprocess.Popen([find_server_binary(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+    ports = tmp_path / f"nats-server_{process.pid}.ports"
+    deadline = time.monotonic() + 10
+    while not (ports.exists() and ports.read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+        time.sleep(0.02)
+    return process, json.loads(ports.read_text())["nats"][0]
+
+
+def _external_config(tmp_path: Path, receiver_url: str, broker: str) -> str:
+    return base_config(
+        None,
+        f"""
+        endpoints:
+          svc: {{url: "{receiver_url}/in"}}
+        routes:
+          - {{from: [internal], to: [svc]}}
+        """,
+        data_dir=tmp_path / "unused",
+    ).replace(f"data_dir: {tmp_path / 'unused'}", broker)
+
+
+async def test_external_nats_with_a_token(tmp_path: Path) -> None:
+    process, url = _start_nats(tmp_path, 'authorization { token: "t0ken-value" }')
+    try:
+        async with receiver() as rx:
+            text = _external_config(tmp_path, rx.url, f'url: {url}\n  token: "t0ken-value"')
+            async with run_gateway(tmp_path, text) as gw:
+                assert (await gw.publish("token.ok", {})).status_code == 202
+                await rx.wait_for(1)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def test_external_nats_over_tls(tmp_path: Path) -> None:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hookgate test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    process, url = _start_nats(tmp_path, f'tls {{ cert_file: "{cert_file}", key_file: "{key_file}" }}')
+    port = url.rsplit(":", 1)[1]
+    try:
+        async with receiver() as rx:
+            text = _external_config(
+                tmp_path, rx.url, f'url: "tls://127.0.0.1:{port}"\n  tls: {{ca_file: "{cert_file}"}}'
+            )
+            async with run_gateway(tmp_path, text) as gw:
+                assert (await gw.publish("tls.ok", {})).status_code == 202
+                await rx.wait_for(1)
+    finally:
+        process.terminate()
+        process.wait(10)
