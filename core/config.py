@@ -28,6 +28,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import msgspec
 import yaml
 
+from hookgate.filters import FilterError, compile_filter
+from hookgate.ssrf import EgressGuard
 from hookgate.types import INTERNAL_SOURCE, ComponentKind, ComponentRegistry
 from hookgate.units import Duration, Size, format_duration, seconds, size_bytes
 
@@ -161,6 +163,20 @@ class RouteConfig(_Base):
         Annotated[list[str], msgspec.Meta(min_length=1)] | None,
         msgspec.Meta(description="event type globs; omitted: every type"),
     ] = None
+    filter: Annotated[
+        dict[str, Any] | None,
+        msgspec.Meta(description='Mongo-style conditions on body paths and "headers.<name>"'),
+    ] = None
+
+
+class EgressConfig(_Base):
+    """Outbound deliveries: the SSRF guard."""
+
+    allow_networks: Annotated[
+        list[str],
+        msgspec.Meta(description="CIDRs that deliveries may reach although loopback, private or link-local"),
+    ] = []
+    https_only: bool = False
 
 
 class Config(_Base):
@@ -168,6 +184,7 @@ class Config(_Base):
 
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
     sources: dict[Name, SourceConfig] = {}
     endpoints: dict[Name, EndpointConfig] = {}
     routes: list[RouteConfig] = []
@@ -198,14 +215,13 @@ class LoadedConfig:
 # value rather than ignored, so a config never silently loses a safety setting (an SSRF guard, an
 # auth rule) that its author believes is in force.
 UNSUPPORTED: dict[str, str] = {
-    "$.egress": "egress settings (SSRF allowlist, proxy)",
+    "$.egress.proxy": "an egress forward proxy",
     "$.endpoints.*.auth": "endpoint authentication",
     "$.endpoints.*.rate_limit": "per-endpoint rate limits",
     "$.endpoints.*.circuit_breaker": "circuit breakers",
     "$.endpoints.*.ordered": "ordered delivery",
     "$.endpoints.*.disable_after": "auto-disabling endpoints",
     "$.endpoints.*.retry.exponential": "exponential retry policies",
-    "$.routes[*].filter": "route filters",
     "$.routes[*].transform": "route transforms",
     "$.broker.nkey_seed": "NKey authentication",
     "$.log": "log settings",
@@ -735,7 +751,7 @@ def _convert_sections(conv: _Converter, raw: dict[str, Any]) -> tuple[Config, se
     conv.unknown_keys(raw, Config, "$")
     # Each section on its own, so that the rules can tell which ones are known to be valid.
     valid = set()
-    for key, section_type in (("server", ServerConfig), ("broker", BrokerConfig)):
+    for key, section_type in (("server", ServerConfig), ("broker", BrokerConfig), ("egress", EgressConfig)):
         if (section := conv.convert(raw.get(key, {}), section_type, f"$.{key}")) is not None:
             setattr(config, key, section)
             valid.add(key)
@@ -821,7 +837,19 @@ def _check_rules(
     for name, endpoint in config.endpoints.items():
         _check_endpoint(problem, _child("$.endpoints", name), endpoint, broker)
     route_names: dict[str, int] = {}
+    if "egress" in valid:
+        for i, cidr in enumerate(config.egress.allow_networks):
+            try:
+                EgressGuard([cidr])
+            except ValueError as exc:
+                problem(f"$.egress.allow_networks[{i}]", str(exc).removeprefix("egress.allow_networks: "))
     for i, route in zip(route_indexes, config.routes, strict=True):
+        if route.filter is not None:
+            try:
+                compile_filter(route.filter, f"$.routes[{i}].filter")
+            except FilterError as exc:
+                for error in exc.errors:
+                    problem(error.path, error.message)
         if route.name is not None:
             if route.name in route_names:
                 problem(

@@ -24,6 +24,7 @@ from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
 from hookgate.config import EndpointConfig
 from hookgate.hooks import Hooks
 from hookgate.metrics import Metrics
+from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.transport import PooledTransport
 from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
 from hookgate.units import seconds
@@ -71,10 +72,18 @@ class Endpoint:
     schedule: list[float]
     jitter: float
     transport: PooledTransport | None = field(default=None, repr=False)
+    guard: EgressGuard = field(default_factory=EgressGuard, repr=False)
 
     @classmethod
-    def build(cls, name: str, config: EndpointConfig, signer: object | None) -> Endpoint:
-        transport = PooledTransport(max_connections=config.concurrency) if config.url else None
+    def build(
+        cls, name: str, config: EndpointConfig, signer: object | None, guard: EgressGuard | None = None
+    ) -> Endpoint:
+        guard = guard or EgressGuard()
+        # The guard resolves the host and vets every address; the transport connects to exactly
+        # those addresses, so a DNS answer cannot change between the check and the connection.
+        transport = (
+            PooledTransport(max_connections=config.concurrency, resolve=guard.resolve) if config.url else None
+        )
         return cls(
             name=name,
             config=config,
@@ -83,6 +92,7 @@ class Endpoint:
             schedule=[seconds(d) for d in config.retry.schedule],
             jitter=config.retry.jitter,
             transport=transport,
+            guard=guard,
         )
 
     @property
@@ -287,7 +297,7 @@ class EndpointWorker:
         record = OutMsg(self.broker.topology.attempt_subject(endpoint.name), _encode_json(attempt))
         if result.ok:
             self.broker.commit_later(Commit([record], ack=msg))
-        elif delivery.attempt < endpoint.max_attempts:
+        elif delivery.attempt < endpoint.max_attempts and result.error_kind != "ssrf_refused":
             attempt.outcome = "retrying"
             attempt.next_attempt_at = time.time() + endpoint.retry_delay(delivery.attempt)
             log.info(
@@ -347,8 +357,12 @@ class EndpointWorker:
             extensions={"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
         )
         try:
+            self.endpoint.guard.check_url(request.url)
             with trio.fail_after(timeout):
                 response = await transport.handle_async_request(http_request)
+        except SsrfRefused as exc:
+            # Final: retrying cannot make a refused address acceptable.
+            return Result(error_kind="ssrf_refused", error=str(exc))
         except (trio.TooSlowError, httpx.TimeoutException):
             return Result(error_kind="timeout", error=f"no response within {timeout:g}s")
         except httpx.ConnectError as exc:

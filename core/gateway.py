@@ -29,6 +29,7 @@ from hookgate.hooks import Hooks
 from hookgate.ingress import Ingress, Source
 from hookgate.metrics import Metrics
 from hookgate.router import Router
+from hookgate.ssrf import EgressGuard
 from hookgate.units import seconds, size_bytes
 
 log = logging.getLogger("hookgate")
@@ -72,8 +73,9 @@ async def run(
             )
             for name, source in config.sources.items()
         }
+        guard = EgressGuard(config.egress.allow_networks, https_only=config.egress.https_only)
         endpoints = {
-            name: Endpoint.build(name, endpoint, _instantiate(hooks, loaded.signers.get(name)))
+            name: Endpoint.build(name, endpoint, _instantiate(hooks, loaded.signers.get(name)), guard)
             for name, endpoint in config.endpoints.items()
         }
         metrics = Metrics()

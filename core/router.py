@@ -19,6 +19,7 @@ import trio
 from hookgate.bridge import ConsumerSpec
 from hookgate.broker import Broker, Commit, InMsg, OutMsg
 from hookgate.config import RouteConfig
+from hookgate.filters import Filter, ParsedBody, compile_filter
 from hookgate.hooks import Hooks
 from hookgate.ids import delivery_id
 from hookgate.intake import decode_event
@@ -49,6 +50,7 @@ class CompiledRoute:
     sources: frozenset[str] | None
     types: re.Pattern[str] | None
     to: tuple[str, ...]
+    filter: Filter | None = None
 
     @classmethod
     def compile(cls, index: int, route: RouteConfig) -> CompiledRoute:
@@ -60,12 +62,15 @@ class CompiledRoute:
             sources=frozenset(route.from_) if route.from_ else None,
             types=types,
             to=tuple(route.to),
+            filter=compile_filter(route.filter, f"$.routes[{index}].filter") if route.filter else None,
         )
 
-    def matches(self, event: Event) -> bool:
+    def matches(self, event: Event, body: ParsedBody | None = None) -> bool:
         if self.sources is not None and event.source not in self.sources:
             return False
-        return self.types is None or self.types.match(event.type) is not None
+        if self.types is not None and self.types.match(event.type) is None:
+            return False
+        return self.filter is None or self.filter.matches(event, body)
 
 
 class Router:
@@ -118,8 +123,9 @@ class Router:
             return ["explicit"], [e for e in event.to if e in self.endpoints]
         matched_routes: list[str] = []
         targets: list[str] = []
+        body = ParsedBody.of(event)  # parsed at most once, and only if a filter reads it
         for route in self.routes:
-            if route.matches(event):
+            if route.matches(event, body):
                 matched_routes.append(route.name)
                 targets.extend(t for t in route.to if t not in targets)
         for extra in await self.hooks.call("hookgate_route", event=event, endpoints=list(targets)):

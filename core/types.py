@@ -93,7 +93,7 @@ class Delivery(msgspec.Struct, kw_only=True):
     routes: list[str] = []
 
 
-ErrorKind = Literal["timeout", "connect", "tls", "http_status", "protocol", "destination"]
+ErrorKind = Literal["timeout", "connect", "tls", "http_status", "protocol", "destination", "ssrf_refused"]
 Outcome = Literal["succeeded", "retrying", "dead", "deferred"]
 
 

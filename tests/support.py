@@ -259,6 +259,8 @@ def base_config(nats_url: str | None, extra: str = "", data_dir: Path | None = N
               shutdown_grace: 2s
             broker:
               {broker}
+            egress:
+              allow_networks: ["127.0.0.0/8", "::1/128"]   # receivers run on loopback
             """
     ) + textwrap.dedent(extra)
 

@@ -631,6 +631,7 @@ def test_the_design_examples_unsupported_keys(registry: ComponentRegistry) -> No
         """
         egress:
           allow_networks: []
+          proxy: http://proxy.test:3128
         endpoints:
           billing:
             url: http://billing.test
@@ -638,14 +639,41 @@ def test_the_design_examples_unsupported_keys(registry: ComponentRegistry) -> No
             ordered: false
         routes:
           - to: [billing]
-            filter: {"data.object.amount": {$gte: 1000}}
+            transform: {set: {a: 1}}
         """,
     ) == [
-        "hookgate.yaml:1: $.egress: not supported yet (egress settings (SSRF allowlist, proxy)); remove it",
-        "hookgate.yaml:6: $.endpoints.billing.rate_limit: "
+        "hookgate.yaml:3: $.egress.proxy: not supported yet (an egress forward proxy); remove it",
+        "hookgate.yaml:7: $.endpoints.billing.rate_limit: "
         "not supported yet (per-endpoint rate limits); remove it",
-        "hookgate.yaml:7: $.endpoints.billing.ordered: not supported yet (ordered delivery); remove it",
-        "hookgate.yaml:10: $.routes[0].filter: not supported yet (route filters); remove it",
+        "hookgate.yaml:8: $.endpoints.billing.ordered: not supported yet (ordered delivery); remove it",
+        "hookgate.yaml:11: $.routes[0].transform: not supported yet (route transforms); remove it",
+    ]
+
+
+def test_route_filters_and_egress_networks_are_validated_with_their_paths(
+    registry: ComponentRegistry,
+) -> None:
+    assert problems(
+        registry,
+        """
+        egress:
+          allow_networks: [10.0.0.0/8, 10.0.0.1/8]
+        endpoints:
+          billing: {url: http://billing.test}
+        routes:
+          - to: [billing]
+            filter:
+              amount: {$gte: 1000}
+              kind: {$regex: "(unclosed"}
+              other: {$foo: 1}
+        """,
+    ) == [
+        "hookgate.yaml:2: $.egress.allow_networks[1]: '10.0.0.1/8' is not a valid CIDR network "
+        "(10.0.0.1/8 has host bits set); did you mean 10.0.0.0/8?",
+        'hookgate.yaml:9: $.routes[0].filter.kind["$regex"]: '
+        "invalid regular expression: missing ), unterminated subpattern at position 0",
+        'hookgate.yaml:10: $.routes[0].filter.other["$foo"]: unknown operator "$foo"; '
+        "expected one of $eq, $ne, $gt, $gte, $lt, $lte, $in, $nin, $exists, $regex, $not",
     ]
 
 
@@ -706,8 +734,9 @@ def test_unknown_component_types_list_the_installed_ones(registry: ComponentRegi
         """,
     ) == [
         'hookgate.yaml:3: $.sources.a.verify.type: unknown verifier "stripe" '
-        "(installed verifiers: hmac, probe)",
-        'hookgate.yaml:5: $.sources.b.verify: missing required key "type" (installed verifiers: hmac, probe)',
+        "(installed verifiers: hmac, probe, standard-webhooks, svix)",
+        'hookgate.yaml:5: $.sources.b.verify: missing required key "type" '
+        "(installed verifiers: hmac, probe, standard-webhooks, svix)",
         'hookgate.yaml:9: $.endpoints.c.signing.scheme: unknown signer "hmac" '
         "(installed signers: probe-signer, standard-webhooks)",
         'hookgate.yaml:12: $.endpoints.d.signing: missing required key "scheme" '
@@ -907,7 +936,7 @@ def test_the_json_schema_offers_each_components_options(registry: ComponentRegis
     defs = schema["$defs"]
     verify = defs["SourceConfig"]["properties"]["verify"]["anyOf"]
     refs = sorted(v["$ref"].split("/")[-1] for v in verify if "$ref" in v)
-    assert refs == ["HmacConfig", "ProbeOptions"]
+    assert refs == ["HmacConfig", "ProbeOptions", "StandardWebhooksVerifyConfig", "SvixVerifyConfig"]
     assert defs["HmacConfig"]["properties"]["type"] == {"const": "hmac"}
     assert "type" in defs["HmacConfig"]["required"]
     signing = defs["EndpointConfig"]["properties"]["signing"]["anyOf"]

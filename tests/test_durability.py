@@ -37,6 +37,8 @@ def _write_config(tmp_path: Path, port: int, receiver_url: str) -> Path:
               shutdown_grace: 2s
             broker:
               data_dir: {tmp_path / "data"}
+            egress:
+              allow_networks: [127.0.0.0/8]
             sources:
               prov:
                 verify: {{type: hmac, header: X-Sig, secret: {SECRET}}}

@@ -1,0 +1,108 @@
+"""The SSRF guard in the delivery path, and route filters in the router, through the real gateway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import trio
+
+from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+
+LOOPBACK_ALLOWED = '  allow_networks: ["127.0.0.0/8", "::1/128"]   # receivers run on loopback\n'
+
+
+async def _attempts(nats_url: str, count: int) -> list[dict]:
+    with trio.fail_after(10):
+        while True:
+            msgs = await stream_messages(nats_url, "HOOKGATE_LOG", "hookgate.log.attempts.>")
+            if len(msgs) >= count:
+                return [msgspec.json.decode(m.data) for m in msgs]
+            await trio.sleep(0.05)
+
+
+async def test_private_targets_are_refused_by_default_and_not_retried(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with receiver() as rx:
+        port = rx.port
+        targets = {
+            "loopback": f"http://127.0.0.1:{port}/in",
+            "named": f"http://localhost:{port}/in",
+            "private": "http://10.0.0.1/in",
+            "metadata": "http://169.254.169.254/latest/meta-data/",
+        }
+        endpoints = "".join(
+            f"  {name}: {{url: {url}, retry: {{schedule: [100ms, 100ms]}}}}\n"
+            for name, url in targets.items()
+        )
+        text = base_config(
+            nats_server.url,
+            f"endpoints:\n{endpoints}routes:\n  - {{from: [internal], to: [{', '.join(targets)}]}}\n",
+        ).replace(LOOPBACK_ALLOWED, "  allow_networks: []\n")
+        async with run_gateway(tmp_path, text) as gw:
+            await gw.publish("x", {})
+            attempts = await _attempts(nats_server.url, 4)
+            dead = await stream_messages(nats_server.url, "HOOKGATE_DEAD")
+    assert rx.requests == []
+    assert {a["endpoint"] for a in attempts} == set(targets)
+    for attempt in attempts:
+        assert attempt["error_kind"] == "ssrf_refused", attempt
+        assert attempt["outcome"] == "dead" and attempt["attempt"] == 1
+        assert "egress.allow_networks" in attempt["error"]
+    assert len(dead) == 4
+
+
+async def test_allowlisted_loopback_targets_are_delivered(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with receiver() as rx:
+        text = base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              loopback: {{url: "http://127.0.0.1:{rx.port}/in"}}
+              named: {{url: "http://localhost:{rx.port}/in"}}
+            routes:
+              - {{from: [internal], to: [loopback, named]}}
+            """,
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            await gw.publish("x", {})
+            got = await rx.wait_for(2)
+    assert sorted(r.headers["host"] for r in got) == sorted([f"127.0.0.1:{rx.port}", f"localhost:{rx.port}"])
+
+
+async def test_route_filters_select_events_by_body_and_headers(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with receiver() as big, receiver() as eu:
+        text = base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              big: {{url: "{big.url}/in"}}
+              eu: {{url: "{eu.url}/in"}}
+            routes:
+              - name: big-invoices
+                from: [internal]
+                filter: {{"amount": {{$gte: 1000}}, "lines.sku": {{$in: [A, B]}}}}
+                to: [big]
+              - name: eu
+                from: [internal]
+                filter:
+                  $or:
+                    - {{"customer.country": {{$in: [DE, FR]}}}}
+                    - {{"customer.vat": {{$exists: true}}}}
+                to: [eu]
+            """,
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            await gw.publish("invoice", {"n": 1, "amount": 5000, "lines": [{"sku": "Z"}, {"sku": "B"}]})
+            await gw.publish("invoice", {"n": 2, "amount": 5000, "lines": [{"sku": "Z"}]})
+            await gw.publish("invoice", {"n": 3, "amount": 10, "customer": {"country": "FR"}})
+            await gw.publish("invoice", {"n": 4, "amount": "5000", "customer": {"vat": "x"}})
+            await big.wait_for(1)
+            await eu.wait_for(2)
+            with trio.move_on_after(0.5):
+                await big.wait_for(2)
+    assert [r.json()["data"]["n"] for r in big.requests] == [1]
+    assert sorted(r.json()["data"]["n"] for r in eu.requests) == [3, 4]
