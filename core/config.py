@@ -146,6 +146,10 @@ class EndpointConfig(_Base):
     signing: Annotated[
         dict[str, Any] | None, msgspec.Meta(description="an outgoing signer: {scheme: <name>, ...options}")
     ] = None
+    auth: Annotated[
+        dict[str, Any] | None,
+        msgspec.Meta(description="how hookgate authenticates to the endpoint: {type: <name>, ...options}"),
+    ] = None
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = 10
 
@@ -209,6 +213,7 @@ class LoadedConfig:
     signers: dict[str, Component] = field(default_factory=dict)  # by endpoint name
     access_rules: dict[str, list[Component]] = field(default_factory=dict)  # by source name
     handshakes: dict[str, Component] = field(default_factory=dict)  # by source name
+    endpoint_auth: dict[str, Component] = field(default_factory=dict)  # by endpoint name
 
 
 # Keys of the contract that this version does not implement yet. They are refused whatever their
@@ -216,7 +221,6 @@ class LoadedConfig:
 # auth rule) that its author believes is in force.
 UNSUPPORTED: dict[str, str] = {
     "$.egress.proxy": "an egress forward proxy",
-    "$.endpoints.*.auth": "endpoint authentication",
     "$.endpoints.*.rate_limit": "per-endpoint rate limits",
     "$.endpoints.*.circuit_breaker": "circuit breakers",
     "$.endpoints.*.ordered": "ordered delivery",
@@ -973,6 +977,11 @@ def _resolve_components(conv: _Converter, loaded: LoadedConfig, registry: Compon
             signer = _resolve(conv, registry, ComponentKind.SIGNER, path, endpoint.signing)
             if signer is not None:
                 loaded.signers[name] = signer
+        if endpoint.auth is not None:
+            path = f"{_child('$.endpoints', name)}.auth"
+            auth = _resolve(conv, registry, ComponentKind.ENDPOINT_AUTH, path, endpoint.auth)
+            if auth is not None:
+                loaded.endpoint_auth[name] = auth
 
 
 def _resolve(
@@ -1014,6 +1023,7 @@ COMPONENT_KEYS = {
     ComponentKind.SIGNER: "scheme",
     ComponentKind.ACCESS_RULE: "type",
     ComponentKind.HANDSHAKE: "type",
+    ComponentKind.ENDPOINT_AUTH: "type",
 }
 
 
@@ -1026,6 +1036,7 @@ def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
         (ComponentKind.ACCESS_RULE, "auth", "SourceConfig"),
         (ComponentKind.HANDSHAKE, "handshake", "SourceConfig"),
         (ComponentKind.SIGNER, "signing", "EndpointConfig"),
+        (ComponentKind.ENDPOINT_AUTH, "auth", "EndpointConfig"),
     ):
         key_name = COMPONENT_KEYS[kind]
         variants = []

@@ -8,12 +8,14 @@ events. Instead the next attempt is published as a JetStream scheduled message (
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import msgspec
@@ -76,18 +78,28 @@ class Endpoint:
 
     @classmethod
     def build(
-        cls, name: str, config: EndpointConfig, signer: object | None, guard: EgressGuard | None = None
+        cls,
+        name: str,
+        config: EndpointConfig,
+        signer: Any = None,
+        guard: EgressGuard | None = None,
+        auth: Any = None,
     ) -> Endpoint:
         guard = guard or EgressGuard()
+        ssl_context = auth.ssl_context() if auth is not None else None
         # The guard resolves the host and vets every address; the transport connects to exactly
         # those addresses, so a DNS answer cannot change between the check and the connection.
         transport = (
-            PooledTransport(max_connections=config.concurrency, resolve=guard.resolve) if config.url else None
+            PooledTransport(
+                max_connections=config.concurrency, resolve=guard.resolve, ssl_context=ssl_context
+            )
+            if config.url
+            else None
         )
         return cls(
             name=name,
             config=config,
-            view=EndpointView(name=name, url=config.url, subject=config.subject, signer=signer),  # type: ignore[arg-type]
+            view=EndpointView(name=name, url=config.url, subject=config.subject, signer=signer, auth=auth),
             timeout=seconds(config.timeout),
             schedule=[seconds(d) for d in config.retry.schedule],
             jitter=config.retry.jitter,
@@ -342,10 +354,19 @@ class EndpointWorker:
             attempt=delivery.attempt,
             timestamp=ts,
         )
+        auth = endpoint.view.auth
+        if auth is not None:
+            await _maybe_await(auth.apply(request))
         await self.hooks.call("hookgate_sign", request=request, endpoint=endpoint.view)
         if endpoint.transport is None:
             return await self._publish_to_subject(request)
-        return await self._post(endpoint.transport, request)
+        result = await self._post(endpoint.transport, request)
+        if result.status == 401 and auth is not None and await _maybe_await(auth.unauthorized()):
+            # Credentials went stale (an expired OAuth2 token): refresh once and resend now.
+            await _maybe_await(auth.apply(request))
+            await self.hooks.call("hookgate_sign", request=request, endpoint=endpoint.view)
+            result = await self._post(endpoint.transport, request)
+        return result
 
     async def _post(self, transport: PooledTransport, request: OutgoingRequest) -> Result:
         timeout = self.endpoint.timeout
@@ -420,6 +441,10 @@ class DeadLetter(msgspec.Struct, kw_only=True):
 
     delivery: Delivery
     last_attempt: Attempt
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -75,7 +75,13 @@ async def run(
         }
         guard = EgressGuard(config.egress.allow_networks, https_only=config.egress.https_only)
         endpoints = {
-            name: Endpoint.build(name, endpoint, _instantiate(hooks, loaded.signers.get(name)), guard)
+            name: Endpoint.build(
+                name,
+                endpoint,
+                signer=_instantiate(hooks, loaded.signers.get(name)),
+                guard=guard,
+                auth=_instantiate(hooks, loaded.endpoint_auth.get(name)),
+            )
             for name, endpoint in config.endpoints.items()
         }
         metrics = Metrics()

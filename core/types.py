@@ -6,7 +6,8 @@ small protocol, so values cross layers typed and encode cheaply.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
@@ -151,6 +152,7 @@ class EndpointView:
     url: str | None
     subject: str | None
     signer: Signer | None = None
+    auth: EndpointAuth | None = None
 
 
 # --- Named components: what the YAML picks with `type:` ---------------------------------------
@@ -161,6 +163,7 @@ class ComponentKind(StrEnum):
     SIGNER = "signer"
     ACCESS_RULE = "access rule"
     HANDSHAKE = "handshake"
+    ENDPOINT_AUTH = "endpoint auth"
 
 
 class Verifier(Protocol):
@@ -187,6 +190,22 @@ class Handshake(Protocol):
     """Answers a provider's handshake (`handshake:` on a source), or None if it is not one."""
 
     def answer(self, request: IngressRequest) -> HandshakeResponse | None: ...
+
+
+class EndpointAuth(Protocol):
+    """Authenticates hookgate to an endpoint (`auth:` on an endpoint): basic, bearer, OAuth2, mTLS.
+
+    `apply` adds credentials to each request (it may be async, e.g. to fetch a token).
+    `unauthorized` is called when the endpoint answers 401; return True to have the attempt
+    repeated once at once (after refreshing a token), False to let the 401 count as a failure.
+    `ssl_context` may return a client-certificate context (mTLS), used for the endpoint's pool.
+    """
+
+    def apply(self, request: OutgoingRequest) -> Awaitable[None] | None: ...
+
+    def unauthorized(self) -> Awaitable[bool] | bool: ...
+
+    def ssl_context(self) -> ssl.SSLContext | None: ...
 
 
 class Signer(Protocol):
@@ -242,6 +261,11 @@ class ComponentRegistry:
         self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Handshake]
     ) -> None:
         self.add(ComponentKind.HANDSHAKE, name, config_type, factory)
+
+    def add_endpoint_auth(
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], EndpointAuth]
+    ) -> None:
+        self.add(ComponentKind.ENDPOINT_AUTH, name, config_type, factory)
 
     def get(self, kind: ComponentKind, name: str) -> ComponentType | None:
         return self.types.get((kind, name))

@@ -269,7 +269,7 @@ def test_an_unknown_key_names_its_path_and_suggests(registry: ComponentRegistry)
         'hookgate.yaml:2: $.server.lisen: unknown key; did you mean "listen"?',
         'hookgate.yaml:3: $.brokers: unknown key; did you mean "broker"?',
         "hookgate.yaml:7: $.endpoints.a.xyzzy: unknown key; expected one of: "
-        "url, subject, timeout, headers, signing, retry, concurrency",
+        "url, subject, timeout, headers, signing, auth, retry, concurrency",
     ]
 
 
