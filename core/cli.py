@@ -110,7 +110,7 @@ def _check(path: str) -> int:
     print(f"  endpoints: {len(c.endpoints)}")
     for name, endpoint in c.endpoints.items():
         target = endpoint.url or f"subject {endpoint.subject}"
-        attempts = len(endpoint.retry.schedule) + 1
+        attempts = len(endpoint.retry.delays()) + 1
         signer = loaded.signers.get(name)
         print(
             f"    {name:<20} {target}  timeout {format_duration(seconds(endpoint.timeout))}, "

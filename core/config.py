@@ -130,10 +130,29 @@ class SourceConfig(_Base):
     ] = None
 
 
+class ExponentialRetry(_Base):
+    """Delays of base, base*factor, base*factor^2, ... capped at max; `attempts` in all."""
+
+    base: Duration = "5s"
+    factor: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    max: Duration = "10h"
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
+
+
 class RetryConfig(_Base):
     # The delays before each retry: attempts = len(schedule) + 1.
     schedule: list[Duration] = msgspec.field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE))
+    exponential: ExponentialRetry | None = None
     jitter: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.2
+    # Statuses that end a delivery at once (dead-lettered, not retried), e.g. [400, 404, 422].
+    final_statuses: list[Annotated[int, msgspec.Meta(ge=300, le=599)]] = []
+
+    def delays(self) -> list[float]:
+        """Seconds before each retry, without jitter."""
+        if self.exponential is not None:
+            e = self.exponential
+            return [min(seconds(e.base) * e.factor**i, seconds(e.max)) for i in range(e.attempts - 1)]
+        return [seconds(d) for d in self.schedule]
 
 
 class EndpointConfig(_Base):
@@ -225,7 +244,6 @@ UNSUPPORTED: dict[str, str] = {
     "$.endpoints.*.circuit_breaker": "circuit breakers",
     "$.endpoints.*.ordered": "ordered delivery",
     "$.endpoints.*.disable_after": "auto-disabling endpoints",
-    "$.endpoints.*.retry.exponential": "exponential retry policies",
     "$.routes[*].transform": "route transforms",
     "$.broker.nkey_seed": "NKey authentication",
     "$.log": "log settings",
@@ -734,6 +752,11 @@ def loads(
             loader.problem(found, f"not supported yet ({feature}); remove it")
             del mapping[key]  # so it is not reported a second time as an unknown key
 
+    for mapping, key, retry_path in _unsupported(raw, "$.endpoints.*.retry"):
+        retry = mapping[key]
+        if isinstance(retry, dict) and "schedule" in retry and "exponential" in retry:
+            loader.problem(f"{retry_path}.exponential", "set either schedule or exponential, not both")
+
     conv = _Converter(loader)
     _drop_nulls(raw, Config)
     config, valid, route_indexes = _convert_sections(conv, raw)
@@ -940,7 +963,15 @@ def _check_endpoint(
     # A retry is a scheduled message in a stream whose max age is the retention: a longer delay
     # would expire before it fires, and the delivery would silently stop.
     retention = seconds(broker.retention) if broker is not None else 0
-    if retention and endpoint.retry.schedule:
+    if retention and endpoint.retry.exponential is not None:
+        longest_delay = max(endpoint.retry.delays(), default=0) * (1 + endpoint.retry.jitter)
+        if longest_delay >= retention:
+            problem(
+                f"{path}.retry.exponential.max",
+                f"retries up to {format_duration(round(longest_delay))} apart (with jitter) must be shorter "
+                f"than broker.retention ({broker.retention if broker else ''}), or they expire before due",
+            )
+    elif retention and endpoint.retry.schedule:
         delays = [seconds(d) * (1 + endpoint.retry.jitter) for d in endpoint.retry.schedule]
         longest = max(range(len(delays)), key=delays.__getitem__)
         if delays[longest] >= retention:

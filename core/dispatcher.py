@@ -8,6 +8,7 @@ events. Instead the next attempt is published as a JetStream scheduled message (
 
 from __future__ import annotations
 
+import email.utils
 import inspect
 import logging
 import math
@@ -73,6 +74,7 @@ class Endpoint:
     timeout: float
     schedule: list[float]
     jitter: float
+    final_statuses: frozenset[int] = frozenset()
     transport: PooledTransport | None = field(default=None, repr=False)
     guard: EgressGuard = field(default_factory=EgressGuard, repr=False)
 
@@ -101,7 +103,8 @@ class Endpoint:
             config=config,
             view=EndpointView(name=name, url=config.url, subject=config.subject, signer=signer, auth=auth),
             timeout=seconds(config.timeout),
-            schedule=[seconds(d) for d in config.retry.schedule],
+            schedule=config.retry.delays(),
+            final_statuses=frozenset(config.retry.final_statuses),
             jitter=config.retry.jitter,
             transport=transport,
             guard=guard,
@@ -111,10 +114,20 @@ class Endpoint:
     def max_attempts(self) -> int:
         return len(self.schedule) + 1
 
-    def retry_delay(self, attempt: int) -> float:
-        """The delay before attempt `attempt + 1`, with jitter (so retries of a burst spread out)."""
+    def retry_delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """The delay before attempt `attempt + 1`, with jitter (so retries of a burst spread out).
+
+        A `Retry-After` from the endpoint lengthens it, but never past the policy's longest delay.
+        """
         base = self.schedule[attempt - 1]
-        return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+        delay = max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+        if retry_after is not None:
+            delay = min(max(delay, retry_after), max(self.schedule))
+        return delay
+
+    def is_final(self, result: Result) -> bool:
+        """Failures that retrying cannot fix: refused by the SSRF guard, or a configured status."""
+        return result.error_kind == "ssrf_refused" or result.status in self.final_statuses
 
 
 @dataclass
@@ -128,6 +141,23 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
+
+
+def parse_retry_after(result: Result) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date), if there is one."""
+    value = next((v for k, v in result.headers if k.lower() == "retry-after"), None)
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def rfc3339(ts: float) -> str:
@@ -309,9 +339,10 @@ class EndpointWorker:
         record = OutMsg(self.broker.topology.attempt_subject(endpoint.name), _encode_json(attempt))
         if result.ok:
             self.broker.commit_later(Commit([record], ack=msg))
-        elif delivery.attempt < endpoint.max_attempts and result.error_kind != "ssrf_refused":
+        elif delivery.attempt < endpoint.max_attempts and not endpoint.is_final(result):
             attempt.outcome = "retrying"
-            attempt.next_attempt_at = time.time() + endpoint.retry_delay(delivery.attempt)
+            retry_after = parse_retry_after(result) if result.status in (429, 503) else None
+            attempt.next_attempt_at = time.time() + endpoint.retry_delay(delivery.attempt, retry_after)
             log.info(
                 "delivery %s to %s failed (attempt %d: %s); next attempt at %s",
                 delivery.id,

@@ -101,7 +101,7 @@ class Received:
         return json.loads(self.body)
 
 
-Behaviour = Callable[["Received", int], "int | float | None"]
+Behaviour = Callable[["Received", int], "int | float | tuple[int, dict[str, str]] | None"]
 
 
 @dataclass
@@ -109,7 +109,8 @@ class Receiver:
     """A loopback HTTP server that records requests and answers as `respond` says.
 
     `respond(request, n)` gets the request and how many requests came before it, and returns
-    the status to answer, or a float meaning "hang this many seconds, then answer 200".
+    the status to answer, a (status, headers) pair, or a float meaning "hang this many seconds,
+    then answer 200".
     """
 
     respond: Behaviour = field(default=lambda request, n: 200)
@@ -168,7 +169,11 @@ class Receiver:
                 self._changed = trio.Event()
                 answer = self.respond(received, n)
                 status = 200
-                if isinstance(answer, float):
+                extra: list[tuple[str, str]] = []
+                if isinstance(answer, tuple):  # (status, {header: value})
+                    status, headers = answer
+                    extra = list(headers.items())
+                elif isinstance(answer, float):
                     await trio.sleep(answer)
                 elif isinstance(answer, int):
                     status = answer
@@ -180,6 +185,7 @@ class Receiver:
                             headers=[
                                 ("content-type", "application/json"),
                                 ("content-length", str(len(payload))),
+                                *extra,
                             ],
                         )
                     )

@@ -193,3 +193,55 @@ async def _attempt_records(nats_url: str, count: int) -> list[dict]:
             if len(msgs) >= count:
                 return [msgspec.json.decode(m.data) for m in msgs]
             await trio.sleep(0.05)
+
+
+def test_exponential_policy_and_retry_after_bounds() -> None:
+    from hookgate.config import EndpointConfig, ExponentialRetry, RetryConfig
+    from hookgate.dispatcher import Endpoint, Result, parse_retry_after
+
+    retry = RetryConfig(exponential=ExponentialRetry(base="1s", factor=3, max="20s", attempts=5), jitter=0)
+    endpoint = Endpoint.build("x", EndpointConfig(url="http://x.test/", retry=retry))
+    assert endpoint.schedule == [1, 3, 9, 20]
+    assert endpoint.max_attempts == 5
+    # Retry-After lengthens a delay but never past the policy's longest delay.
+    assert endpoint.retry_delay(1, retry_after=5) == 5
+    assert endpoint.retry_delay(3, retry_after=2) == 9
+    assert endpoint.retry_delay(1, retry_after=3600) == 20
+    assert parse_retry_after(Result(status=429, headers=[("Retry-After", "7")])) == 7
+    assert (
+        parse_retry_after(Result(status=503, headers=[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")])) == 0
+    )
+    assert parse_retry_after(Result(status=503, headers=[("retry-after", "soon")])) is None
+    assert endpoint.is_final(Result(error_kind="ssrf_refused"))
+
+
+async def test_retry_after_is_honoured_and_final_statuses_are_not_retried(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    def slow_down(request: Received, n: int) -> int | tuple[int, dict[str, str]]:
+        return (429, {"Retry-After": "1"}) if n == 0 else 200
+
+    async with receiver(slow_down) as limited, receiver(lambda request, n: 422) as strict:
+        text = endpoint_config(
+            nats_server.url,
+            f"""
+  limited:
+    url: {limited.url}/in
+    retry: {{schedule: [100ms, 5s], jitter: 0}}
+  strict:
+    url: {strict.url}/in
+    retry: {{schedule: [100ms, 100ms], jitter: 0, final_statuses: [422]}}
+""",
+            "  - {from: [internal], to: [limited, strict]}",
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            await gw.publish("x", {})
+            first, second = await limited.wait_for(2)
+            dead = await _wait_for_stream(nats_server.url, "HOOKGATE_DEAD", 1)
+            with trio.move_on_after(0.5):
+                await strict.wait_for(2)
+    assert second.at - first.at >= 0.9  # waited for Retry-After, not the 100ms schedule
+    assert second.headers["hookgate-attempt"] == "2"
+    assert len(strict.requests) == 1
+    letter = msgspec.msgpack.decode(dead[0].data, type=DeadLetter)
+    assert letter.delivery.endpoint == "strict" and letter.last_attempt.status == 422
