@@ -9,6 +9,7 @@ events. Instead the next attempt is published as a JetStream scheduled message (
 from __future__ import annotations
 
 import email.utils
+import functools
 import inspect
 import logging
 import math
@@ -28,7 +29,7 @@ from hookgate.config import EndpointConfig
 from hookgate.hooks import Hooks
 from hookgate.metrics import Metrics
 from hookgate.ssrf import EgressGuard, SsrfRefused
-from hookgate.transport import PooledTransport
+from hookgate.transport import PooledTransport, Target, parse_url
 from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
 from hookgate.units import seconds
 
@@ -160,6 +161,7 @@ def parse_retry_after(result: Result) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+@functools.lru_cache(maxsize=4096)  # an event's timestamp is rendered once, not once per attempt
 def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -250,6 +252,7 @@ class EndpointWorker:
         self.consumer = consumer
         self.concurrency = endpoint.config.concurrency
         self.stopping = False
+        self._parsed: tuple[str, Target] | None = None  # see _target
 
     async def run(self, stopping: trio.Event) -> None:
         send, receive = trio.open_memory_channel[InMsg](0)
@@ -399,23 +402,26 @@ class EndpointWorker:
             result = await self._post(endpoint.transport, request)
         return result
 
+    def _target(self, url: str) -> Target:
+        """`url` parsed and SSRF-checked once; a signing plugin may rewrite it, hence the key."""
+        cached = self._parsed
+        if cached is None or cached[0] != url:
+            self.endpoint.guard.check_url(url)
+            cached = self._parsed = (url, parse_url(url))
+        return cached[1]
+
     async def _post(self, transport: PooledTransport, request: OutgoingRequest) -> Result:
         timeout = self.endpoint.timeout
-        http_request = httpx.Request(
-            request.method,
-            request.url,
-            headers=request.headers,
-            content=request.body,
-            extensions={"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
-        )
         try:
-            self.endpoint.guard.check_url(request.url)
-            with trio.fail_after(timeout):
-                response = await transport.handle_async_request(http_request)
+            target = self._target(request.url)
+            # One timeout covers all of it: waiting for a connection, connecting, sending, reading.
+            response = await transport.send(
+                target, request.headers, request.body, timeout, method=request.method
+            )
         except SsrfRefused as exc:
             # Final: retrying cannot make a refused address acceptable.
             return Result(error_kind="ssrf_refused", error=str(exc))
-        except (trio.TooSlowError, httpx.TimeoutException):
+        except httpx.TimeoutException:
             return Result(error_kind="timeout", error=f"no response within {timeout:g}s")
         except httpx.ConnectError as exc:
             kind: ErrorKind = "tls" if "TLS" in str(exc) or "SSL" in str(exc) else "connect"
@@ -424,7 +430,7 @@ class EndpointWorker:
             return Result(error_kind="protocol", error=str(exc) or type(exc).__name__)
         result = Result(
             status=response.status_code,
-            headers=list(response.headers.items()),
+            headers=response.headers,
             body=response.content[:RESPONSE_EXCERPT],
         )
         if not result.ok:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
@@ -14,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from hookgate.transport import PooledTransport
+from hookgate.transport import PooledTransport, RawResponse, parse_url
 
 LIMIT = 5  # seconds; every test runs under trio.fail_after(LIMIT)
 
@@ -362,3 +363,398 @@ async def test_works_as_async_client_transport() -> None:
             response = await client.get(server.url(), timeout=httpx.Timeout(LIMIT, read=2))
             assert response.content == b""
             assert server.accepted == 1
+
+
+# --- the fast path: PooledTransport.send --------------------------------------------------------
+
+
+class RawConn:
+    """The server side of one connection, for tests that need exact bytes in or out."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def read_request(self) -> bytes | None:
+        """One request, head and Content-Length body, as received; None at EOF."""
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length: *(\d+)\r?$", head)
+        size = int(length.group(1)) if length else 0
+        while len(rest) < size:
+            rest += await self.stream.receive_some(65536)
+        self.buffer = rest[size:]
+        return head + b"\r\n\r\n" + rest[:size]
+
+
+@asynccontextmanager
+async def raw_serve(handler: Callable[[RawConn], Awaitable[None]]) -> AsyncIterator[int]:
+    """A server running `handler` on each connection; yields its port."""
+
+    async def serve_connection(stream: trio.SocketStream) -> None:
+        async with stream:
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await handler(RawConn(stream))
+
+    async with trio.open_nursery() as nursery:
+        serve_tcp = partial(trio.serve_tcp, serve_connection, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve_tcp)
+        try:
+            yield listeners[0].socket.getsockname()[1]
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def ok_response(body: bytes = b"ok", *headers: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body) + b"".join(h + b"\r\n" for h in headers)
+    return head + b"\r\n" + body
+
+
+def has_no_request(exc: httpx.RequestError) -> bool:
+    try:
+        exc.request  # noqa: B018
+    except RuntimeError:
+        return True
+    return False
+
+
+def test_parse_url() -> None:
+    target = parse_url("http://127.0.0.1:8080/hooks/in?x=1&y=%20#frag")
+    assert (target.scheme, target.host, target.port) == ("http", "127.0.0.1", 8080)
+    assert (target.host_header, target.path) == (b"127.0.0.1:8080", b"/hooks/in?x=1&y=%20")
+    target = parse_url("https://user:pw@Example.COM")
+    assert (target.host, target.port, target.host_header, target.path) == (
+        "example.com",
+        443,
+        b"example.com",
+        b"/",
+    )
+    assert parse_url("http://example.com:80/a b").path == b"/a%20b"
+    assert parse_url("http://example.com:80/").host_header == b"example.com"  # the default port
+    ipv6 = parse_url("http://[::1]:9000/")
+    assert (ipv6.host, ipv6.port, ipv6.host_header) == ("::1", 9000, b"[::1]:9000")
+    assert parse_url("http://bücher.example/").host == "xn--bcher-kva.example"
+    assert parse_url("http://a.example/x") == parse_url("http://a.example/x")
+    with pytest.raises(httpx.UnsupportedProtocol):
+        parse_url("ftp://example.com/")
+    with pytest.raises(httpx.InvalidURL):
+        parse_url("http:///no-host")
+
+
+async def test_send_round_trip() -> None:
+    async def echo(r: Received) -> Reply:
+        headers = [
+            (b"X-Method", r.method),
+            (b"X-Custom-Seen", r.headers.get(b"x-custom", b"")),
+            (b"Set-Cookie", b"a=1"),
+            (b"Set-Cookie", b"b=2"),
+        ]
+        return Reply(201, headers, b"%s %s %s" % (r.method, r.target, r.body))
+
+    with trio.fail_after(LIMIT):
+        async with serve(echo) as server, PooledTransport() as transport:
+            target = parse_url(server.url("/hook?b=1"))
+            response = await transport.send(target, [("X-Custom", "yes")], b'{"x": 1}', 5)
+            assert isinstance(response, RawResponse)
+            assert response.status_code == 201
+            assert response.content == b'POST /hook?b=1 {"x": 1}'
+            assert not response.truncated
+            assert response.headers == [
+                ("content-length", "23"),
+                ("x-method", "POST"),
+                ("x-custom-seen", "yes"),
+                ("set-cookie", "a=1"),  # repeated headers stay separate
+                ("set-cookie", "b=2"),
+            ]
+            seen = server.requests[0].headers
+            assert seen[b"host"] == f"127.0.0.1:{server.port}".encode()
+            assert seen[b"content-length"] == b"8"
+            assert seen[b"x-custom"] == b"yes"
+
+            response = await transport.send(target, [], method="GET")
+            assert response.content == b"GET /hook?b=1 "
+            assert b"content-length" not in server.requests[1].headers  # no body, no framing
+
+
+async def test_send_writes_exactly_the_request_given() -> None:
+    requests: list[bytes] = []
+
+    async def record(conn: RawConn) -> None:
+        while (request := await conn.read_request()) is not None:
+            requests.append(request)
+            await conn.stream.send_all(ok_response())
+
+    headers = [
+        ("Content-Type", "application/json"),
+        ("content-length", "999"),  # the transport frames the body itself
+        ("Transfer-Encoding", "chunked"),
+        ("X-Latin", "caf\xe9"),  # ISO-8859-1 goes out as is
+        ("X-Tab", "a\tb"),
+        ("X-Empty", ""),
+    ]
+    with trio.fail_after(LIMIT):
+        async with raw_serve(record) as port, PooledTransport() as transport:
+            target = parse_url(f"http://127.0.0.1:{port}/in?x=1")
+            await transport.send(target, headers, b"abc", 5)
+            await transport.send(target, [("Host", "virtual.example"), ("X-A", "1")], b"", 5)
+    assert requests == [
+        b"POST /in?x=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+        b"X-Latin: caf\xe9\r\nX-Tab: a\tb\r\nX-Empty: \r\nContent-Length: 3\r\n\r\nabc" % port,
+        b"POST /in?x=1 HTTP/1.1\r\nHost: virtual.example\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("headers", "method"),
+    [
+        ([("X-Evil", "a\r\nInjected: 1")], "POST"),
+        ([("X-Evil", "a\nb")], "POST"),
+        ([("X-Evil", "nul\x00")], "POST"),
+        ([("X-Evil", "snow\u2603")], "POST"),  # not ISO-8859-1
+        ([("Bad Name", "x")], "POST"),
+        ([("Bad:Name", "x")], "POST"),
+        ([("Host", "a\r\nb")], "POST"),
+        ([("Connection", "close\r\nX: y")], "POST"),
+        ([], "PO ST"),
+    ],
+)
+async def test_send_refuses_illegal_headers_before_connecting(
+    headers: list[tuple[str, str]], method: str
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with serve(ok) as server, PooledTransport() as transport:
+            with pytest.raises(httpx.LocalProtocolError) as info:
+                await transport.send(parse_url(server.url()), headers, b"x", 5, method=method)
+            assert has_no_request(info.value)
+            assert server.accepted == 0
+
+
+async def test_send_keepalive_reuses_one_connection() -> None:
+    with trio.fail_after(LIMIT):
+        async with serve(ok) as server, PooledTransport() as transport:
+            target = parse_url(server.url())
+            for i in range(5):
+                response = await transport.send(target, [("X-N", str(i))], b"x", 5)
+                assert (response.status_code, response.content) == (200, b"ok")
+            assert server.accepted == 1
+            assert [r.index for r in server.requests] == [0, 1, 2, 3, 4]
+            # Both entry points share the pool.
+            await transport.handle_async_request(httpx.Request("GET", server.url()))
+            assert server.accepted == 1
+
+
+async def test_send_connection_close_header_is_honoured() -> None:
+    with trio.fail_after(LIMIT):
+        async with serve(ok) as server, PooledTransport() as transport:
+            target = parse_url(server.url())
+            for _ in range(2):
+                response = await transport.send(target, [("Connection", "close")], b"x", 5)
+                assert response.content == b"ok"
+            assert server.accepted == 2  # h11 was told, so neither side kept the connection
+
+
+async def test_send_head_response_has_no_body() -> None:
+    async def head(conn: RawConn) -> None:
+        while await conn.read_request() is not None:
+            # A HEAD response announces the length of the body it does not send.
+            await conn.stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+
+    with trio.fail_after(LIMIT):
+        async with raw_serve(head) as port, PooledTransport() as transport:
+            target = parse_url(f"http://127.0.0.1:{port}/")
+            for _ in range(2):  # and the connection is still usable afterwards
+                response = await transport.send(target, [], timeout=5, method="HEAD")
+                assert (response.status_code, response.content) == (200, b"")
+
+
+async def test_send_one_timeout_covers_the_whole_exchange() -> None:
+    async def trickle(conn: RawConn) -> None:
+        await conn.read_request()
+        # Each byte comes quickly, so no per-read timeout would fire, but the response never ends.
+        for byte in ok_response(b"x" * 100):
+            await conn.stream.send_all(bytes([byte]))
+            await trio.sleep(0.05)
+
+    with trio.fail_after(LIMIT):
+        async with raw_serve(trickle) as port, PooledTransport() as transport:
+            started = trio.current_time()
+            with pytest.raises(httpx.ReadTimeout) as info:
+                await transport.send(parse_url(f"http://127.0.0.1:{port}/"), [], b"x", 0.5)
+            assert 0.5 <= trio.current_time() - started < 1.5
+            assert isinstance(info.value, httpx.TimeoutException)
+            assert has_no_request(info.value)
+
+
+async def test_send_read_timeout_when_server_hangs() -> None:
+    async def hang(r: Received) -> str:
+        return HANG
+
+    with trio.fail_after(LIMIT):
+        async with serve(hang) as server, PooledTransport() as transport:
+            started = trio.current_time()
+            with pytest.raises(httpx.ReadTimeout):
+                await transport.send(parse_url(server.url()), [], b"x", 0.3)
+            assert 0.3 <= trio.current_time() - started < 1.3
+            await server.wait_for(lambda: server.disconnects == 1)  # the client hung up
+
+
+async def test_send_pool_timeout_when_all_slots_are_busy() -> None:
+    async def hang(r: Received) -> str:
+        return HANG
+
+    with trio.fail_after(LIMIT):
+        async with serve(hang) as server, PooledTransport(max_connections=1) as transport:
+            target = parse_url(server.url())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(transport.send, target, [], b"x", LIMIT))
+                await server.wait_for(lambda: server.in_flight == 1)
+                started = trio.current_time()
+                with pytest.raises(httpx.PoolTimeout, match=r"within 0\.2s: timed out waiting for a free"):
+                    await transport.send(target, [], b"x", 0.2)
+                assert 0.2 <= trio.current_time() - started < 1.2
+                nursery.cancel_scope.cancel()
+            assert server.accepted == 1
+
+
+async def test_send_connect_timeout() -> None:
+    async def resolve(host: str, port: int) -> list[str]:
+        await trio.sleep_forever()  # like a SYN into the void
+        raise AssertionError
+
+    with trio.fail_after(LIMIT):
+        async with PooledTransport(resolve=resolve) as transport:
+            with pytest.raises(httpx.ConnectTimeout):
+                await transport.send(parse_url("http://example.invalid/"), [], b"x", 0.2)
+
+
+async def test_send_write_timeout_when_server_does_not_read() -> None:
+    async def deaf(conn: RawConn) -> None:
+        await trio.sleep_forever()
+
+    with trio.fail_after(LIMIT):
+        async with raw_serve(deaf) as port, PooledTransport() as transport:
+            body = b"x" * (64 * 1024 * 1024)  # more than the socket buffers on both sides hold
+            with pytest.raises(httpx.WriteTimeout):
+                await transport.send(parse_url(f"http://127.0.0.1:{port}/"), [], body, 0.5)
+
+
+async def test_send_connect_error_on_closed_port() -> None:
+    with socket.socket() as s:  # grab a free port, then close it so nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with trio.fail_after(LIMIT):
+        async with PooledTransport() as transport:
+            with pytest.raises(httpx.ConnectError) as info:
+                await transport.send(parse_url(f"http://127.0.0.1:{port}/"), [], b"x", 5)
+            assert "TLS" not in str(info.value)
+            assert has_no_request(info.value)
+
+
+async def test_send_tls_failure_is_connect_error() -> None:
+    with trio.fail_after(LIMIT):
+        async with serve(ok) as server, PooledTransport() as transport:
+            target = parse_url(server.url().replace("http://", "https://"))
+            with pytest.raises(httpx.ConnectError, match="TLS"):
+                await transport.send(target, [], b"x", 5)
+
+
+async def test_send_fresh_connection_closed_without_response_is_protocol_error() -> None:
+    async def close(r: Received) -> str:
+        return CLOSE
+
+    with trio.fail_after(LIMIT):
+        async with serve(close) as server, PooledTransport() as transport:
+            with pytest.raises(httpx.RemoteProtocolError) as info:
+                await transport.send(parse_url(server.url()), [], b"x", 5)
+            assert has_no_request(info.value)
+            assert server.accepted == 1  # no retry on a fresh connection
+
+
+async def test_send_stale_connection_is_retried_on_a_fresh_one() -> None:
+    async def one_per_connection(r: Received) -> Reply | str:
+        return CLOSE if r.index > 0 else Reply(body=b"ok")
+
+    with trio.fail_after(LIMIT):
+        async with serve(one_per_connection) as server, PooledTransport() as transport:
+            target = parse_url(server.url())
+            for _ in range(2):
+                assert (await transport.send(target, [], b"x", 5)).content == b"ok"
+            assert server.accepted == 2
+            assert [(r.conn_id, r.index) for r in server.requests] == [(1, 0), (1, 1), (2, 0)]
+
+
+async def test_send_does_not_reuse_a_connection_with_bytes_after_the_response() -> None:
+    async def double(conn: RawConn) -> None:
+        while await conn.read_request() is not None:
+            # A broken server answering twice: the second answer must not be taken for the
+            # response to the next request.
+            await conn.stream.send_all(ok_response(b"one") + ok_response(b"two"))
+
+    with trio.fail_after(LIMIT):
+        async with raw_serve(double) as port, PooledTransport() as transport:
+            target = parse_url(f"http://127.0.0.1:{port}/")
+            assert [(await transport.send(target, [], b"x", 5)).content for _ in range(3)] == [b"one"] * 3
+
+
+async def test_protocol_switch_is_an_error_not_a_hang() -> None:
+    async def switch(conn: RawConn) -> None:
+        while await conn.read_request() is not None:
+            await conn.stream.send_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ws\r\nConnection: Upgrade\r\n\r\n"
+            )
+
+    # h11 pauses once the server agrees to switch; waiting for more HTTP from it would spin forever.
+    with trio.fail_after(LIMIT):
+        async with raw_serve(switch) as port, PooledTransport() as transport:
+            url = f"http://127.0.0.1:{port}/"
+            headers = [("Connection", "Upgrade"), ("Upgrade", "ws")]
+            with pytest.raises(httpx.RemoteProtocolError, match="unexpected"):
+                await transport.send(parse_url(url), headers, b"", 5)
+            with pytest.raises(httpx.RemoteProtocolError, match="unexpected"):
+                await transport.handle_async_request(httpx.Request("GET", url, headers=headers))
+
+
+async def test_send_truncates_an_oversize_body() -> None:
+    big = bytes(range(256)) * 40  # 10,240 bytes
+
+    async def large(r: Received) -> Reply:
+        return Reply(body=big)
+
+    with trio.fail_after(LIMIT):
+        async with serve(large) as server, PooledTransport(max_response_body=1000) as transport:
+            target = parse_url(server.url())
+            for _ in range(2):
+                response = await transport.send(target, [], b"x", 5)
+                assert (response.content, response.truncated) == (big[:1000], True)
+            assert server.accepted == 2  # a truncated connection is closed, not pooled
+
+
+async def test_send_uses_the_resolve_hook() -> None:
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["127.0.0.2", "127.0.0.1"]  # nothing listens on 127.0.0.2
+
+    with trio.fail_after(LIMIT):
+        async with serve(ok) as server, PooledTransport(resolve=resolve) as transport:
+            target = parse_url(server.url("/via", host="example.invalid"))
+            assert (await transport.send(target, [], b"x", 5)).content == b"ok"
+            assert server.requests[0].headers[b"host"] == f"example.invalid:{server.port}".encode()
+
+
+async def test_send_cancellation_releases_the_slot() -> None:
+    async def hang_or_ok(r: Received) -> Reply | str:
+        return HANG if r.target == b"/hang" else Reply(body=b"ok")
+
+    with trio.fail_after(LIMIT):
+        async with serve(hang_or_ok) as server, PooledTransport(max_connections=1) as transport:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(transport.send, parse_url(server.url("/hang")), [], b"x", LIMIT))
+                await server.wait_for(lambda: server.in_flight == 1)
+                nursery.cancel_scope.cancel()
+            await server.wait_for(lambda: server.disconnects == 1)  # that connection was closed
+            response = await transport.send(parse_url(server.url("/next")), [], b"x", 1)
+            assert response.content == b"ok"
+            assert server.accepted == 2
