@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and summarise it")
     with_config(check)
     commands.add_parser("plugins", help="list loaded plugins, their hooks and components")
+    key = commands.add_parser(
+        "endpoint-key", help="print the public key(s) receivers verify an endpoint's signatures with"
+    )
+    with_config(key)
+    key.add_argument("endpoint")
     schema = commands.add_parser("schema", help="print the JSON Schema of the config")
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
     schema.add_argument(
@@ -56,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.log_level)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "endpoint-key":
+        return _endpoint_key(args.config, args.endpoint)
     if args.command == "plugins":
         return _plugins()
     if args.command == "schema":
@@ -121,6 +128,34 @@ def _check(path: str) -> int:
         origin = ", ".join(route.from_) if route.from_ else "any source"
         types = ", ".join(route.types) if route.types else "all types"
         print(f"    {route.name or f'route-{i}':<20} {origin} [{types}] -> {', '.join(route.to)}")
+    return 0
+
+
+def _endpoint_key(path: str, endpoint: str) -> int:
+    hooks = Hooks()
+    loaded = _load(path, hooks)
+    if loaded is None:
+        return 1
+    if endpoint not in loaded.config.endpoints:
+        known = ", ".join(sorted(loaded.config.endpoints)) or "none"
+        print(f"{path}: no endpoint named {endpoint!r} (endpoints: {known})", file=sys.stderr)
+        return 1
+    component = loaded.signers.get(endpoint)
+    ctype = hooks.registry.get(ComponentKind.SIGNER, component.type) if component else None
+    if component is None or ctype is None:
+        print(f"{path}: endpoint {endpoint!r} has no signing", file=sys.stderr)
+        return 1
+    signer = ctype.factory(component.config)
+    keys = list(getattr(signer, "public_keys", list)())
+    if not keys:
+        print(
+            f"{path}: endpoint {endpoint!r} signs with scheme {component.type!r}, which has no public key "
+            "(a shared secret: give the receiver the secret itself)",
+            file=sys.stderr,
+        )
+        return 1
+    for public_key in keys:
+        print(public_key)  # one per line; two while an ed25519 key is being rotated
     return 0
 
 

@@ -29,6 +29,7 @@ import msgspec
 import yaml
 
 from hookgate.filters import FilterError, compile_filter
+from hookgate.flow import CircuitBreakerConfig, RateLimitConfig
 from hookgate.ssrf import EgressGuard
 from hookgate.types import INTERNAL_SOURCE, ComponentKind, ComponentRegistry
 from hookgate.units import Duration, Size, format_duration, seconds, size_bytes
@@ -171,6 +172,8 @@ class EndpointConfig(_Base):
     ] = None
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = 10
+    rate_limit: RateLimitConfig | None = None
+    circuit_breaker: CircuitBreakerConfig | None = None
 
 
 class RouteConfig(_Base):
@@ -240,8 +243,6 @@ class LoadedConfig:
 # auth rule) that its author believes is in force.
 UNSUPPORTED: dict[str, str] = {
     "$.egress.proxy": "an egress forward proxy",
-    "$.endpoints.*.rate_limit": "per-endpoint rate limits",
-    "$.endpoints.*.circuit_breaker": "circuit breakers",
     "$.endpoints.*.ordered": "ordered delivery",
     "$.endpoints.*.disable_after": "auto-disabling endpoints",
     "$.routes[*].transform": "route transforms",

@@ -26,6 +26,7 @@ import trio
 from hookgate.bridge import ConsumerSpec
 from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
 from hookgate.config import EndpointConfig
+from hookgate.flow import CircuitState, FlowControl
 from hookgate.hooks import Hooks
 from hookgate.metrics import Metrics
 from hookgate.ssrf import EgressGuard, SsrfRefused
@@ -36,6 +37,8 @@ from hookgate.units import seconds
 log = logging.getLogger("hookgate.dispatcher")
 
 FETCH_WAIT = 1.0
+# Longest a worker waits in place for the rate limiter or a closing circuit before deferring.
+FLOW_MAX_WAIT = 5.0
 RESPONSE_EXCERPT = 4096
 
 # Not forwarded from the provider's request: they describe the hop, not the event.
@@ -213,9 +216,9 @@ class Dispatcher:
             t.deliveries_stream,
             t.endpoint_consumer(endpoint.name),
             t.delivery_subject(endpoint.name),
-            # A delivery waits at most one timeout behind the pulled-ahead buffer, then takes at
-            # most one timeout; past this the server redelivers it.
-            ack_wait=2 * endpoint.timeout + 30.0,
+            # A pulled-ahead delivery waits behind one worker's flow wait and attempt, then has
+            # its own; past this the server redelivers it.
+            ack_wait=2 * endpoint.timeout + 2 * FLOW_MAX_WAIT + 30.0,
             max_ack_pending=max(64, endpoint.config.concurrency * 4),
             buffer=endpoint.config.concurrency,
         )
@@ -253,6 +256,13 @@ class EndpointWorker:
         self.concurrency = endpoint.config.concurrency
         self.stopping = False
         self._parsed: tuple[str, Target] | None = None  # see _target
+        config = endpoint.config
+        self.flow = FlowControl(
+            config.rate_limit,
+            config.circuit_breaker,
+            on_change=lambda old, new: log.warning("endpoint %s: circuit %s -> %s", endpoint.name, old, new),
+            probe_timeout=2 * endpoint.timeout + 5,  # a probe may be sent twice (401 token refresh)
+        )
 
     async def run(self, stopping: trio.Event) -> None:
         send, receive = trio.open_memory_channel[InMsg](0)
@@ -270,7 +280,11 @@ class EndpointWorker:
 
     async def _fetch_loop(self, send: trio.MemorySendChannel[InMsg]) -> None:
         backoff = 0.5
+        breaker = self.flow.breaker
         while True:
+            if breaker is not None and breaker.state is CircuitState.OPEN:
+                # Leave the backlog in JetStream while the circuit is open: one sleep, no churn.
+                await trio.sleep(breaker.retry_in())
             try:
                 msgs = await self.broker.fetch(self.consumer, self.concurrency, FETCH_WAIT)
                 backoff = 0.5
@@ -321,9 +335,26 @@ class EndpointWorker:
         if defer:
             self.broker.commit_later(self._schedule(msg, delivery, time.time() + float(defer), counted=False))
             return
-        event = await self.hooks.chain("hookgate_transform", "event", delivery.event, endpoint=endpoint.view)
-        started = time.time()
-        result = await self._attempt(delivery, event, int(started))
+        # Waiting for the limiter or the circuit holds a worker only briefly; a longer wait
+        # reschedules the delivery (not counted as an attempt) so nothing outlives ack_wait.
+        deferral = await self.flow.admit(max_wait=FLOW_MAX_WAIT)
+        if deferral is not None:
+            spread = random.uniform(0, 1.0) if deferral.reason == "circuit_open" else 0.0
+            self.d.metrics.deferrals.labels(endpoint.name, deferral.reason).inc()
+            self.broker.commit_later(
+                self._schedule(msg, delivery, time.time() + deferral.delay + spread, counted=False)
+            )
+            return
+        try:
+            event = await self.hooks.chain(
+                "hookgate_transform", "event", delivery.event, endpoint=endpoint.view
+            )
+            started = time.time()
+            result = await self._attempt(delivery, event, int(started))
+        except BaseException:
+            self.flow.release()  # cancelled or crashed: do not hold the probe slot
+            raise
+        self.flow.record(result.status, result.error_kind)
         latency = time.time() - started
         attempt = Attempt(
             delivery_id=delivery.id,

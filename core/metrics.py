@@ -53,5 +53,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.deferrals = Counter(
+            "hookgate_delivery_deferrals",
+            "Deliveries put off by a rate limit or an open circuit (not counted as attempts)",
+            ["endpoint", "reason"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,9 +1,28 @@
 """Standard Webhooks: the outgoing signer, and the ingress verifiers `standard-webhooks` and `svix`.
 
-Outgoing, `signing: {scheme: standard-webhooks, secret: whsec_...}` signs with v1 (HMAC-SHA256).
-The signed content is `{webhook-id}.{webhook-timestamp}.{body}`; secrets are `whsec_` followed by
-base64 key bytes (as Svix issues them). With several secrets (rotation), `webhook-signature` holds
-one space-separated signature per secret.
+Outgoing, `signing: {scheme: standard-webhooks, ...}` puts one `<version>,<base64>` entry per key
+into `webhook-signature`, space-separated. The signed content is `{webhook-id}.{webhook-timestamp}.
+{body}`.
+
+- `secret: whsec_...` signs with v1, HMAC-SHA256; the secret is `whsec_` followed by base64 key
+  bytes, as Svix issues them (the prefix and base64 padding may be left out, as the SDKs allow).
+- `private_key: whsk_...` signs with v1a, ed25519. The key is `whsk_` followed by base64 of the
+  32-byte seed and the 32-byte public key, as Svix issues them, or of the 32-byte seed alone.
+  Receivers verify with the public key, `whpk_` followed by base64 of its 32 bytes; print it with
+  `public_key_of(private_key)` (the signer's `public_keys()` gives those of an endpoint).
+- `secret` and `private_key` may each be a list, and both may be given: every key signs.
+- Rotation with an end: `secrets` is a list of keys, each `{secret: whsec_...}` or
+  `{private_key: whsk_...}`, with an optional `expires` (an RFC3339 time with its offset, such as
+  "2026-12-31T00:00:00Z"). Each key signs until its `expires`, and from then on no longer does. At
+  least one key must have no `expires` (the current one), so there is always a signature:
+
+      signing:
+        scheme: standard-webhooks
+        secrets:
+          - {secret: "${BILLING_WHSEC_NEW}"}
+          - {secret: "${BILLING_WHSEC_OLD}", expires: "2026-12-31T00:00:00Z"}
+
+  `secrets` replaces `secret` and `private_key`; the two forms do not mix.
 
 Ingress, for any Standard Webhooks sender, and for Svix (which signs the same way under its own
 header names):
@@ -51,11 +70,12 @@ import hmac
 import re
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from hookgate.hookspecs import hookimpl
 from hookgate.types import ComponentRegistry, IngressRequest, OutgoingRequest, Rejection
@@ -63,6 +83,7 @@ from hookgate.units import Duration, seconds
 
 SECRET_PREFIX = "whsec_"
 PUBLIC_KEY_PREFIX = "whpk_"
+PRIVATE_KEY_PREFIX = "whsk_"
 # A real signature header holds one or a few signatures (more while rotating): anything much longer
 # is not worth parsing, and each v1a entry costs an ed25519 verification over the whole body.
 MAX_HEADER_LENGTH = 4096
@@ -76,17 +97,79 @@ _V1A = re.compile(r"[A-Za-z0-9+/]{86}==")  # base64 of a 64-byte ed25519 signatu
 # --- outgoing: the signer ---------------------------------------------------------------------------
 
 
-class StandardWebhooksConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    secret: str | list[str]
+Secret = Annotated[str, msgspec.Meta(min_length=1, description="a signing secret, whsec_<base64>")]
+PrivateKey = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        description="an ed25519 private key, whsk_<base64 of the 32-byte seed [+ the 32-byte public key]>",
+    ),
+]
+Expires = Annotated[
+    datetime,
+    msgspec.Meta(tz=True, description='when this key stops signing: an RFC3339 time, "2026-12-31T00:00:00Z"'),
+]
+
+
+class StandardWebhooksKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One entry of `secrets`: a v1 `secret` or a v1a `private_key`, signing until `expires`."""
+
+    secret: Secret | None = None
+    private_key: PrivateKey | None = None
+    # After this time the key no longer signs; without it, the key signs for good.
+    expires: Expires | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.secret, str):
-            decode_secret(self.secret)
+        if (self.secret is None) == (self.private_key is None):
+            raise ValueError(
+                "give one of secret (whsec_..., a v1 signature) or private_key (whsk_..., a v1a signature)"
+            )
+        if self.secret is not None:
+            _check_secret(self.secret, "secret")
+        if self.private_key is not None:
+            decode_private_key(self.private_key)
+
+
+class StandardWebhooksConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # v1 (HMAC-SHA256): whsec_<base64>; a list signs with each.
+    secret: str | list[str] | None = None
+    # v1a (ed25519): whsk_<base64>; a list signs with each.
+    private_key: str | list[str] | None = None
+    # Rotation with an end: keys that each sign until their own `expires`.
+    secrets: list[StandardWebhooksKey] | None = None
+
+    def __post_init__(self) -> None:
+        if self.secrets is not None:
+            if self.secret is not None or self.private_key is not None:
+                raise ValueError("give secrets (the list with expiry times) or secret/private_key, not both")
+            if not self.secrets:
+                raise ValueError("secrets: give at least one key")
+            if all(key.expires is not None for key in self.secrets):
+                raise ValueError(
+                    "secrets: every key has expires, so signing would stop; leave expires off the current key"
+                )
             return
-        if not self.secret:
+        if self.secret is None and self.private_key is None:
+            raise ValueError(
+                "missing secret: give secret (whsec_..., v1 signatures), private_key (whsk_..., v1a "
+                "signatures), or secrets (a list of either with expiry times, for rotation)"
+            )
+        if isinstance(self.secret, list) and not self.secret:
             raise ValueError("secret: give at least one secret")
-        for i, secret in enumerate(self.secret):
-            decode_secret(secret, f"secret[{i}]")
+        if isinstance(self.private_key, list) and not self.private_key:
+            raise ValueError("private_key: give at least one key")
+        for name, secret in _named(self.secret, "secret"):
+            _check_secret(secret, name)
+        for name, key in _named(self.private_key, "private_key"):
+            decode_private_key(key, name)
+
+    def signing_keys(self) -> list[StandardWebhooksKey]:
+        """Every configured key, in the order their signatures are sent."""
+        if self.secrets is not None:
+            return list(self.secrets)
+        return [StandardWebhooksKey(secret=s) for _, s in _named(self.secret, "secret")] + [
+            StandardWebhooksKey(private_key=k) for _, k in _named(self.private_key, "private_key")
+        ]
 
 
 def decode_secret(secret: str, name: str = "secret") -> bytes:
@@ -102,17 +185,85 @@ def decode_secret(secret: str, name: str = "secret") -> bytes:
     return key
 
 
+def _check_secret(secret: str, name: str) -> None:
+    if secret.startswith(PRIVATE_KEY_PREFIX):
+        raise ValueError(f"{name} holds an ed25519 private key (whsk_...): give it as private_key")
+    if secret.startswith(PUBLIC_KEY_PREFIX):
+        raise ValueError(f"{name} holds a public key (whpk_...): a signer needs a secret (whsec_...)")
+    decode_secret(secret, name)
+
+
+def decode_private_key(key: str, name: str = "private_key") -> Ed25519PrivateKey:
+    """An ed25519 private key from `whsk_` + base64 of the seed, or of the seed and the public key."""
+    if key.startswith(SECRET_PREFIX):
+        raise ValueError(f"{name} holds an HMAC secret (whsec_...): give it as secret")
+    if key.startswith(PUBLIC_KEY_PREFIX):
+        raise ValueError(
+            f"{name} holds a public key (whpk_...): signing needs the private key (whsk_...); the "
+            "public key is for receivers"
+        )
+    if not key.startswith(PRIVATE_KEY_PREFIX):
+        raise ValueError(f"{name} must be 'whsk_' followed by base64")
+    encoded = key.removeprefix(PRIVATE_KEY_PREFIX)
+    encoded += "=" * (-len(encoded) % 4)
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (ValueError, binascii.Error):
+        raise ValueError(f"{name} must be 'whsk_' followed by base64") from None
+    if len(raw) not in (32, 64):
+        raise ValueError(
+            f"{name} must hold a 32-byte ed25519 seed, or 64 bytes (the seed, then the public key), "
+            f"not {len(raw)} bytes"
+        )
+    private = Ed25519PrivateKey.from_private_bytes(raw[:32])
+    if len(raw) == 64 and private.public_key().public_bytes_raw() != raw[32:]:
+        raise ValueError(f"{name}: its last 32 bytes are not the public key of its seed (the first 32)")
+    return private
+
+
+def public_key_of(private_key: str) -> str:
+    """The `whpk_` public key that receivers verify v1a signatures with, from a `whsk_` private key.
+
+    Raises ValueError if `private_key` is not a valid `whsk_` key.
+    """
+    public = decode_private_key(private_key).public_key().public_bytes_raw()
+    return PUBLIC_KEY_PREFIX + base64.b64encode(public).decode()
+
+
 class StandardWebhooksSigner:
-    def __init__(self, config: StandardWebhooksConfig):
-        secrets = [config.secret] if isinstance(config.secret, str) else config.secret
-        self._keys = [decode_secret(s) for s in secrets]
+    """Signs with every key of its config that has not expired by `now()` (unix seconds)."""
+
+    def __init__(self, config: StandardWebhooksConfig, *, now: Callable[[], float] = time.time):
+        self.now = now
+        self._keys: list[tuple[bytes | Ed25519PrivateKey, float | None]] = []
+        self._public_keys: list[tuple[str, float | None]] = []
+        for key in config.signing_keys():
+            expires = key.expires.timestamp() if key.expires is not None else None
+            if key.secret is not None:
+                self._keys.append((decode_secret(key.secret), expires))
+            elif key.private_key is not None:
+                self._keys.append((decode_private_key(key.private_key), expires))
+                self._public_keys.append((public_key_of(key.private_key), expires))
+
+    def public_keys(self) -> list[str]:
+        """The `whpk_` keys receivers need now: those of the private keys that have not expired."""
+        now = self.now()
+        return [key for key, expires in self._public_keys if expires is None or now < expires]
 
     def signature(self, msg_id: str, timestamp: int, body: bytes) -> str:
         content = f"{msg_id}.{timestamp}.".encode() + body
-        return " ".join(
-            "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
-            for key in self._keys
-        )
+        now = self.now()
+        entries = []
+        for key, expires in self._keys:
+            if expires is not None and now >= expires:
+                continue
+            if isinstance(key, bytes):
+                entries.append(
+                    "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
+                )
+            else:
+                entries.append("v1a," + base64.b64encode(key.sign(content)).decode())
+        return " ".join(entries)
 
     def sign(self, request: OutgoingRequest) -> None:
         request.set_header(
@@ -122,7 +273,6 @@ class StandardWebhooksSigner:
 
 # --- ingress: the verifiers -------------------------------------------------------------------------
 
-Secret = Annotated[str, msgspec.Meta(min_length=1, description="a signing secret, whsec_<base64>")]
 PublicKey = Annotated[
     str, msgspec.Meta(min_length=1, description="an ed25519 public key, whpk_<base64 of 32 bytes>")
 ]

@@ -269,7 +269,8 @@ def test_an_unknown_key_names_its_path_and_suggests(registry: ComponentRegistry)
         'hookgate.yaml:2: $.server.lisen: unknown key; did you mean "listen"?',
         'hookgate.yaml:3: $.brokers: unknown key; did you mean "broker"?',
         "hookgate.yaml:7: $.endpoints.a.xyzzy: unknown key; expected one of: "
-        "url, subject, timeout, headers, signing, auth, retry, concurrency",
+        "url, subject, timeout, headers, signing, auth, retry, concurrency, rate_limit, "
+        "circuit_breaker",
     ]
 
 
@@ -643,8 +644,6 @@ def test_the_design_examples_unsupported_keys(registry: ComponentRegistry) -> No
         """,
     ) == [
         "hookgate.yaml:3: $.egress.proxy: not supported yet (an egress forward proxy); remove it",
-        "hookgate.yaml:7: $.endpoints.billing.rate_limit: "
-        "not supported yet (per-endpoint rate limits); remove it",
         "hookgate.yaml:8: $.endpoints.billing.ordered: not supported yet (ordered delivery); remove it",
         "hookgate.yaml:11: $.routes[0].transform: not supported yet (route transforms); remove it",
     ]
