@@ -127,6 +127,10 @@ class Commit:
     required: int = 0
     nak_delay: float | None = None
     nak: InMsg | None = None  # nak'ed unconditionally (redeliver at once)
+    # Still being worked on: restart their ack_wait timers (with every message still queued in
+    # `keep_queued`'s pull buffer), so a crash is noticed after ack_wait, not after the longest job.
+    in_progress: list[InMsg] = field(default_factory=list)
+    keep_queued: PullConsumer | None = None
 
 
 class _PubAck(msgspec.Struct):
@@ -466,6 +470,13 @@ class NatsBridge:
                         await commit.ack.raw.nak(delay=commit.nak_delay or None)
                 if commit.nak is not None:
                     await commit.nak.raw.nak()
+            for held in commit.in_progress:
+                with contextlib.suppress(nats.errors.MsgAlreadyAckdError, nats.errors.Error):
+                    await held.raw.in_progress()
+            if commit.keep_queued is not None:
+                for queued in list(commit.keep_queued.queue):
+                    with contextlib.suppress(nats.errors.MsgAlreadyAckdError, nats.errors.Error):
+                        await queued.in_progress()
         for token in [t for t, f in self._ack_waiters.items() if f.done()]:
             del self._ack_waiters[token]  # timed out and cancelled above
         return out

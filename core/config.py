@@ -193,6 +193,10 @@ class RouteConfig(_Base):
         dict[str, Any] | None,
         msgspec.Meta(description='Mongo-style conditions on body paths and "headers.<name>"'),
     ] = None
+    transform: Annotated[
+        dict[str, Any] | None,
+        msgspec.Meta(description="reshape events for this route's endpoints: {type: <name>, ...options}"),
+    ] = None
 
 
 class EgressConfig(_Base):
@@ -236,6 +240,8 @@ class LoadedConfig:
     access_rules: dict[str, list[Component]] = field(default_factory=dict)  # by source name
     handshakes: dict[str, Component] = field(default_factory=dict)  # by source name
     endpoint_auth: dict[str, Component] = field(default_factory=dict)  # by endpoint name
+    transforms: dict[int, Component] = field(default_factory=dict)  # by index into config.routes
+    route_positions: list[int] = field(default_factory=list)  # each route's index in the file
 
 
 # Keys of the contract that this version does not implement yet. They are refused whatever their
@@ -245,7 +251,6 @@ UNSUPPORTED: dict[str, str] = {
     "$.egress.proxy": "an egress forward proxy",
     "$.endpoints.*.ordered": "ordered delivery",
     "$.endpoints.*.disable_after": "auto-disabling endpoints",
-    "$.routes[*].transform": "route transforms",
     "$.broker.nkey_seed": "NKey authentication",
     "$.log": "log settings",
 }
@@ -764,7 +769,7 @@ def loads(
     declared = {
         key: set(raw[key]) if isinstance(raw.get(key), dict) else set() for key in ("sources", "endpoints")
     }
-    loaded = LoadedConfig(config=config, path=Path(file))
+    loaded = LoadedConfig(config=config, path=Path(file), route_positions=route_indexes)
     _check_rules(loader, config, valid, declared["sources"], declared["endpoints"], route_indexes)
     _resolve_components(conv, loaded, registry)
     if loader.problems:
@@ -1014,6 +1019,15 @@ def _resolve_components(conv: _Converter, loaded: LoadedConfig, registry: Compon
             auth = _resolve(conv, registry, ComponentKind.ENDPOINT_AUTH, path, endpoint.auth)
             if auth is not None:
                 loaded.endpoint_auth[name] = auth
+    for index, route in enumerate(config.routes):
+        if route.transform is not None:
+            # Routes that failed to convert are not in config.routes; report at the position the
+            # route has in the file.
+            position = loaded.route_positions[index] if index < len(loaded.route_positions) else index
+            path = f"$.routes[{position}].transform"
+            transform = _resolve(conv, registry, ComponentKind.TRANSFORM, path, route.transform)
+            if transform is not None:
+                loaded.transforms[index] = transform
 
 
 def _resolve(
@@ -1056,6 +1070,7 @@ COMPONENT_KEYS = {
     ComponentKind.ACCESS_RULE: "type",
     ComponentKind.HANDSHAKE: "type",
     ComponentKind.ENDPOINT_AUTH: "type",
+    ComponentKind.TRANSFORM: "type",
 }
 
 
@@ -1069,6 +1084,7 @@ def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
         (ComponentKind.HANDSHAKE, "handshake", "SourceConfig"),
         (ComponentKind.SIGNER, "signing", "EndpointConfig"),
         (ComponentKind.ENDPOINT_AUTH, "auth", "EndpointConfig"),
+        (ComponentKind.TRANSFORM, "transform", "RouteConfig"),
     ):
         key_name = COMPONENT_KEYS[kind]
         variants = []

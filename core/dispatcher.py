@@ -39,6 +39,8 @@ log = logging.getLogger("hookgate.dispatcher")
 FETCH_WAIT = 1.0
 # Longest a worker waits in place for the rate limiter or a closing circuit before deferring.
 FLOW_MAX_WAIT = 5.0
+ACK_WAIT = 30.0
+KEEPALIVE = 10.0
 RESPONSE_EXCERPT = 4096
 
 # Not forwarded from the provider's request: they describe the hop, not the event.
@@ -216,9 +218,9 @@ class Dispatcher:
             t.deliveries_stream,
             t.endpoint_consumer(endpoint.name),
             t.delivery_subject(endpoint.name),
-            # A pulled-ahead delivery waits behind one worker's flow wait and attempt, then has
-            # its own; past this the server redelivers it.
-            ack_wait=2 * endpoint.timeout + 2 * FLOW_MAX_WAIT + 30.0,
+            # Messages held here are kept alive every KEEPALIVE seconds however long they wait or
+            # take; after a crash the server redelivers them once this passes.
+            ack_wait=ACK_WAIT,
             max_ack_pending=max(64, endpoint.config.concurrency * 4),
             buffer=endpoint.config.concurrency,
         )
@@ -256,6 +258,7 @@ class EndpointWorker:
         self.concurrency = endpoint.config.concurrency
         self.stopping = False
         self._parsed: tuple[str, Target] | None = None  # see _target
+        self.held: dict[int, InMsg] = {}  # fetched and not yet settled, by stream sequence
         config = endpoint.config
         self.flow = FlowControl(
             config.rate_limit,
@@ -272,6 +275,7 @@ class EndpointWorker:
             receive.close()
             with trio.CancelScope() as fetching:
                 workers.start_soon(_cancel_when_set, stopping, fetching)
+                workers.start_soon(self._keep_alive)
                 async with send:
                     await self._fetch_loop(send)
             # Stopping: no new fetches; in-flight deliveries get the grace period, then are nak'ed.
@@ -295,6 +299,8 @@ class EndpointWorker:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            for msg in msgs:
+                self.held[msg.stream_seq] = msg
             for i, msg in enumerate(msgs):
                 try:
                     await send.send(msg)  # waits until a worker is free
@@ -303,23 +309,35 @@ class EndpointWorker:
                         self.broker.commit_later(Commit(nak=unsent))
                     raise
 
+    async def _keep_alive(self) -> None:
+        """Tell the server every held message is still being worked on, so only a crash lets
+        ack_wait run out (and redelivery then comes within ACK_WAIT, not after a long attempt)."""
+        while True:
+            await trio.sleep(KEEPALIVE)
+            self.broker.commit_later(Commit(in_progress=list(self.held.values()), keep_queued=self.consumer))
+
     async def _work(self, receive: trio.MemoryReceiveChannel[InMsg]) -> None:
         async with receive:
             async for msg in receive:
-                if self.stopping:
-                    self.broker.commit_later(Commit(nak=msg))  # not started: redeliver at once
-                    continue
                 try:
-                    await self.deliver(msg)
-                except trio.Cancelled:
-                    self.broker.commit_later(Commit(nak=msg))  # shut down mid-attempt
-                    raise
-                except Exception:
-                    log.exception(
-                        "endpoint %s: delivery failed unexpectedly; it will be redelivered",
-                        self.endpoint.name,
-                    )
-                    self.broker.commit_later(Commit(nak=msg))
+                    await self._work_on(msg)
+                finally:
+                    self.held.pop(msg.stream_seq, None)
+
+    async def _work_on(self, msg: InMsg) -> None:
+        if self.stopping:
+            self.broker.commit_later(Commit(nak=msg))  # not started: redeliver at once
+            return
+        try:
+            await self.deliver(msg)
+        except trio.Cancelled:
+            self.broker.commit_later(Commit(nak=msg))  # shut down mid-attempt
+            raise
+        except Exception:
+            log.exception(
+                "endpoint %s: delivery failed unexpectedly; it will be redelivered", self.endpoint.name
+            )
+            self.broker.commit_later(Commit(nak=msg))
 
     async def deliver(self, msg: InMsg) -> None:
         endpoint = self.endpoint

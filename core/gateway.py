@@ -91,7 +91,8 @@ async def run(
             broker,
             metrics,
         )
-        router = Router(broker, hooks, config.routes, set(endpoints))
+        transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
+        router = Router(broker, hooks, config.routes, set(endpoints), transforms)
         dispatcher = Dispatcher(broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics)
 
         async with trio.open_nursery() as nursery:

@@ -23,13 +23,22 @@ from hookgate.filters import Filter, ParsedBody, compile_filter
 from hookgate.hooks import Hooks
 from hookgate.ids import delivery_id
 from hookgate.intake import decode_event
-from hookgate.types import INTERNAL_SOURCE, Delivery, Event
+from hookgate.types import INTERNAL_SOURCE, Delivery, Event, Transform
 
 log = logging.getLogger("hookgate.router")
 
 FETCH_BATCH = 256
 FETCH_WAIT = 1.0
 ROUTE_RETRY_DELAY = 0.5
+
+
+@dataclass(frozen=True)
+class _Decision:
+    event: Event | None
+    routes: list[str]
+    targets: list[str]
+    variants: dict[str, Event]
+    error: str | None
 
 
 class RoutingRecord(msgspec.Struct, kw_only=True):
@@ -51,9 +60,10 @@ class CompiledRoute:
     types: re.Pattern[str] | None
     to: tuple[str, ...]
     filter: Filter | None = None
+    transform: Transform | None = None
 
     @classmethod
-    def compile(cls, index: int, route: RouteConfig) -> CompiledRoute:
+    def compile(cls, index: int, route: RouteConfig, transform: Transform | None = None) -> CompiledRoute:
         types = None
         if route.types:
             types = re.compile("|".join(f"(?:{fnmatch.translate(t)})" for t in route.types))
@@ -63,6 +73,7 @@ class CompiledRoute:
             types=types,
             to=tuple(route.to),
             filter=compile_filter(route.filter, f"$.routes[{index}].filter") if route.filter else None,
+            transform=transform,
         )
 
     def matches(self, event: Event, body: ParsedBody | None = None) -> bool:
@@ -74,10 +85,18 @@ class CompiledRoute:
 
 
 class Router:
-    def __init__(self, broker: Broker, hooks: Hooks, routes: list[RouteConfig], endpoints: set[str]):
+    def __init__(
+        self,
+        broker: Broker,
+        hooks: Hooks,
+        routes: list[RouteConfig],
+        endpoints: set[str],
+        transforms: dict[int, Transform] | None = None,
+    ):
         self.broker = broker
         self.hooks = hooks
-        self.routes = [CompiledRoute.compile(i, r) for i, r in enumerate(routes)]
+        transforms = transforms or {}
+        self.routes = [CompiledRoute.compile(i, r, transforms.get(i)) for i, r in enumerate(routes)]
         self.endpoints = endpoints
         self._encode = msgspec.msgpack.Encoder().encode
         self._encode_json = msgspec.json.Encoder().encode
@@ -119,22 +138,39 @@ class Router:
         return decode_event(msg.data)
 
     async def endpoints_for(self, event: Event) -> tuple[list[str], list[str]]:
+        routes, targets, _ = await self.plan(event)
+        return routes, targets
+
+    async def plan(self, event: Event) -> tuple[list[str], list[str], dict[str, Event]]:
+        """Matched route names, target endpoints, and the event each target gets if reshaped.
+
+        An endpoint reached by several routes takes the first one's transform.
+        """
         if event.to is not None:
-            return ["explicit"], [e for e in event.to if e in self.endpoints]
+            return ["explicit"], [e for e in event.to if e in self.endpoints], {}
         matched_routes: list[str] = []
         targets: list[str] = []
+        variants: dict[str, Event] = {}
         body = ParsedBody.of(event)  # parsed at most once, and only if a filter reads it
         for route in self.routes:
-            if route.matches(event, body):
-                matched_routes.append(route.name)
-                targets.extend(t for t in route.to if t not in targets)
+            if not route.matches(event, body):
+                continue
+            matched_routes.append(route.name)
+            fresh = [t for t in route.to if t not in targets]
+            if route.transform is not None and fresh:
+                shaped = route.transform.transform(event)
+                if shaped is None:
+                    continue  # the transform dropped the event for this route's endpoints
+                if shaped is not event:
+                    variants.update(dict.fromkeys(fresh, shaped))
+            targets.extend(fresh)
         for extra in await self.hooks.call("hookgate_route", event=event, endpoints=list(targets)):
             for name in extra or []:
                 if name not in self.endpoints:
                     log.warning("a routing plugin named unknown endpoint %r for event %s", name, event.id)
                 elif name not in targets:
                     targets.append(name)
-        return matched_routes, targets
+        return matched_routes, targets, variants
 
     async def route_batch(self, msgs: list[InMsg]) -> None:
         """Fan out a batch; each event is acked only once all its deliveries are stored."""
@@ -144,21 +180,30 @@ class Router:
         if failed:
             log.warning("router: %d of %d events not routed yet; they will be retried", failed, len(msgs))
 
-    async def _event_or_error(self, msg: InMsg) -> tuple[Event | None, list[str], list[str], str | None]:
+    async def _event_or_error(self, msg: InMsg) -> _Decision:
         try:
             event = self.to_event(msg)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.error("router: unreadable message %s seq %d: %s", msg.subject, msg.stream_seq, exc)
-            return None, [], [], f"unreadable event: {exc}"
-        routes, targets = await self.endpoints_for(event)
+            return _Decision(None, [], [], {}, f"unreadable event: {exc}")
+        try:
+            routes, targets, variants = await self.plan(event)
+        except Exception as exc:
+            # A failing transform or routing plugin must not wedge the router on this event.
+            log.exception("router: routing event %s failed; it is recorded and not delivered", event.id)
+            return _Decision(event, [], [], {}, f"routing failed: {type(exc).__name__}: {exc}")
         if not targets:
             log.debug("event %s (%s from %s) matched no route", event.id, event.type, event.source)
-        return event, routes, targets, None
+        return _Decision(event, routes, targets, variants, None)
 
-    def _route_one(
-        self, msg: InMsg, decided: tuple[Event | None, list[str], list[str], str | None]
-    ) -> Commit:
-        event, routes, targets, error = decided
+    def _route_one(self, msg: InMsg, decided: _Decision) -> Commit:
+        event, routes, targets, variants, error = (
+            decided.event,
+            decided.routes,
+            decided.targets,
+            decided.variants,
+            decided.error,
+        )
         topology = self.broker.topology
         out: list[OutMsg] = []
         now = time.time()
@@ -168,7 +213,7 @@ class Router:
                     id=delivery_id(event.id, endpoint),
                     endpoint=endpoint,
                     attempt=1,
-                    event=event,
+                    event=variants.get(endpoint, event),
                     created_at=now,
                     routes=routes,
                 )

@@ -164,6 +164,7 @@ class ComponentKind(StrEnum):
     ACCESS_RULE = "access rule"
     HANDSHAKE = "handshake"
     ENDPOINT_AUTH = "endpoint auth"
+    TRANSFORM = "transform"
 
 
 class Verifier(Protocol):
@@ -206,6 +207,16 @@ class EndpointAuth(Protocol):
     def unauthorized(self) -> Awaitable[bool] | bool: ...
 
     def ssl_context(self) -> ssl.SSLContext | None: ...
+
+
+class Transform(Protocol):
+    """Reshapes an event for the endpoints of one route (`transform:` on a route).
+
+    Return the changed event (a copy: `msgspec.structs.replace`), the same event to leave it, or
+    None to send it to none of that route's endpoints.
+    """
+
+    def transform(self, event: Event) -> Event | None: ...
 
 
 class Signer(Protocol):
@@ -266,6 +277,11 @@ class ComponentRegistry:
         self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], EndpointAuth]
     ) -> None:
         self.add(ComponentKind.ENDPOINT_AUTH, name, config_type, factory)
+
+    def add_transform(
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Transform]
+    ) -> None:
+        self.add(ComponentKind.TRANSFORM, name, config_type, factory)
 
     def get(self, kind: ComponentKind, name: str) -> ComponentType | None:
         return self.types.get((kind, name))

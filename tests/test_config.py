@@ -640,12 +640,10 @@ def test_the_design_examples_unsupported_keys(registry: ComponentRegistry) -> No
             ordered: false
         routes:
           - to: [billing]
-            transform: {set: {a: 1}}
         """,
     ) == [
         "hookgate.yaml:3: $.egress.proxy: not supported yet (an egress forward proxy); remove it",
         "hookgate.yaml:8: $.endpoints.billing.ordered: not supported yet (ordered delivery); remove it",
-        "hookgate.yaml:11: $.routes[0].transform: not supported yet (route transforms); remove it",
     ]
 
 
