@@ -174,6 +174,8 @@ class EndpointConfig(_Base):
     concurrency: Annotated[int, msgspec.Meta(ge=1)] = 10
     rate_limit: RateLimitConfig | None = None
     circuit_breaker: CircuitBreakerConfig | None = None
+    # One at a time, in publish order; a failing head retries in place and holds the rest.
+    ordered: bool = False
 
 
 class RouteConfig(_Base):
@@ -249,7 +251,6 @@ class LoadedConfig:
 # auth rule) that its author believes is in force.
 UNSUPPORTED: dict[str, str] = {
     "$.egress.proxy": "an egress forward proxy",
-    "$.endpoints.*.ordered": "ordered delivery",
     "$.endpoints.*.disable_after": "auto-disabling endpoints",
     "$.broker.nkey_seed": "NKey authentication",
     "$.log": "log settings",

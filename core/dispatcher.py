@@ -221,8 +221,9 @@ class Dispatcher:
             # Messages held here are kept alive every KEEPALIVE seconds however long they wait or
             # take; after a crash the server redelivers them once this passes.
             ack_wait=ACK_WAIT,
-            max_ack_pending=max(64, endpoint.config.concurrency * 4),
-            buffer=endpoint.config.concurrency,
+            # Ordered: the server hands out the next message only once the head is acked.
+            max_ack_pending=1 if endpoint.config.ordered else max(64, endpoint.config.concurrency * 4),
+            buffer=1 if endpoint.config.ordered else endpoint.config.concurrency,
         )
 
     async def run(
@@ -255,7 +256,7 @@ class EndpointWorker:
         self.hooks = dispatcher.hooks
         self.endpoint = endpoint
         self.consumer = consumer
-        self.concurrency = endpoint.config.concurrency
+        self.concurrency = 1 if endpoint.config.ordered else endpoint.config.concurrency
         self.stopping = False
         self._parsed: tuple[str, Target] | None = None  # see _target
         self.held: dict[int, InMsg] = {}  # fetched and not yet settled, by stream sequence
@@ -349,20 +350,31 @@ class EndpointWorker:
             )
             self.broker.commit_later(Commit(ack=msg))
             return
+        while True:
+            delivery = await self._attempt_once(msg, delivery)
+            if delivery is None:
+                return
+
+    async def _attempt_once(self, msg: InMsg, delivery: Delivery) -> Delivery | None:
+        """One attempt and its outcome; for an ordered endpoint, the delivery to retry in place."""
+        endpoint = self.endpoint
+        ordered = endpoint.config.ordered
         defer = await self.hooks.call_first("hookgate_rate_limit", delivery=delivery, endpoint=endpoint.view)
-        if defer:
+        if defer and ordered:
+            await trio.sleep(float(defer))  # nothing may overtake the head: wait in place
+        elif defer:
             self.broker.commit_later(self._schedule(msg, delivery, time.time() + float(defer), counted=False))
-            return
+            return None
         # Waiting for the limiter or the circuit holds a worker only briefly; a longer wait
-        # reschedules the delivery (not counted as an attempt) so nothing outlives ack_wait.
-        deferral = await self.flow.admit(max_wait=FLOW_MAX_WAIT)
+        # reschedules the delivery (not counted as an attempt). Ordered endpoints wait in place.
+        deferral = await self.flow.admit(max_wait=math.inf if ordered else FLOW_MAX_WAIT)
         if deferral is not None:
             spread = random.uniform(0, 1.0) if deferral.reason == "circuit_open" else 0.0
             self.d.metrics.deferrals.labels(endpoint.name, deferral.reason).inc()
             self.broker.commit_later(
                 self._schedule(msg, delivery, time.time() + deferral.delay + spread, counted=False)
             )
-            return
+            return None
         try:
             event = await self.hooks.chain(
                 "hookgate_transform", "event", delivery.event, endpoint=endpoint.view
@@ -389,12 +401,14 @@ class EndpointWorker:
             response_body=result.body[:RESPONSE_EXCERPT],
         )
         record = OutMsg(self.broker.topology.attempt_subject(endpoint.name), _encode_json(attempt))
+        retry_in: float | None = None
         if result.ok:
             self.broker.commit_later(Commit([record], ack=msg))
         elif delivery.attempt < endpoint.max_attempts and not endpoint.is_final(result):
             attempt.outcome = "retrying"
             retry_after = parse_retry_after(result) if result.status in (429, 503) else None
-            attempt.next_attempt_at = time.time() + endpoint.retry_delay(delivery.attempt, retry_after)
+            retry_in = endpoint.retry_delay(delivery.attempt, retry_after)
+            attempt.next_attempt_at = time.time() + retry_in
             log.info(
                 "delivery %s to %s failed (attempt %d: %s); next attempt at %s",
                 delivery.id,
@@ -403,9 +417,12 @@ class EndpointWorker:
                 result.error or result.status,
                 rfc3339(attempt.next_attempt_at),
             )
-            commit = self._schedule(msg, delivery, attempt.next_attempt_at, counted=True)
-            commit.publishes.append(OutMsg(record.subject, _encode_json(attempt)))
-            self.broker.commit_later(commit)
+            if ordered:
+                self.broker.commit_later(Commit([OutMsg(record.subject, _encode_json(attempt))]))
+            else:
+                commit = self._schedule(msg, delivery, attempt.next_attempt_at, counted=True)
+                commit.publishes.append(OutMsg(record.subject, _encode_json(attempt)))
+                self.broker.commit_later(commit)
         else:
             attempt.outcome = "dead"
             log.warning(
@@ -423,6 +440,12 @@ class EndpointWorker:
         except Exception:
             # Observers must not change what happened to the delivery, which is settled already.
             log.exception("a hookgate_delivery_outcome plugin failed for %s", delivery.id)
+        if ordered and retry_in is not None:
+            # The head of an ordered endpoint holds the line: it retries in place (kept alive by
+            # _keep_alive) and everything behind it waits.
+            await trio.sleep(retry_in)
+            return msgspec.structs.replace(delivery, attempt=delivery.attempt + 1)
+        return None
 
     async def _attempt(self, delivery: Delivery, event: Event, ts: int) -> Result:
         endpoint = self.endpoint

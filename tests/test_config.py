@@ -270,7 +270,7 @@ def test_an_unknown_key_names_its_path_and_suggests(registry: ComponentRegistry)
         'hookgate.yaml:3: $.brokers: unknown key; did you mean "broker"?',
         "hookgate.yaml:7: $.endpoints.a.xyzzy: unknown key; expected one of: "
         "url, subject, timeout, headers, signing, auth, retry, concurrency, rate_limit, "
-        "circuit_breaker",
+        "circuit_breaker, ordered",
     ]
 
 
@@ -637,13 +637,14 @@ def test_the_design_examples_unsupported_keys(registry: ComponentRegistry) -> No
           billing:
             url: http://billing.test
             rate_limit: {rate: 50, per: 1s, burst: 100}
-            ordered: false
+            disable_after: 5d
         routes:
           - to: [billing]
         """,
     ) == [
         "hookgate.yaml:3: $.egress.proxy: not supported yet (an egress forward proxy); remove it",
-        "hookgate.yaml:8: $.endpoints.billing.ordered: not supported yet (ordered delivery); remove it",
+        "hookgate.yaml:8: $.endpoints.billing.disable_after: "
+        "not supported yet (auto-disabling endpoints); remove it",
     ]
 
 

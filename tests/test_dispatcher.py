@@ -245,3 +245,36 @@ async def test_retry_after_is_honoured_and_final_statuses_are_not_retried(
     assert len(strict.requests) == 1
     letter = msgspec.msgpack.decode(dead[0].data, type=DeadLetter)
     assert letter.delivery.endpoint == "strict" and letter.last_attempt.status == 422
+
+
+async def test_ordered_endpoint_delivers_in_publish_order_even_when_one_fails_first(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    failures: dict[int, int] = {}
+
+    def respond(request: Received, n: int) -> int:
+        number = request.json()["data"]["n"]
+        if number == 100 and failures.get(number, 0) < 2:
+            failures[number] = failures.get(number, 0) + 1
+            return 500
+        return 200
+
+    async with receiver(respond) as rx:
+        text = endpoint_config(
+            nats_server.url,
+            f"""
+  ledger:
+    url: {rx.url}/in
+    ordered: true
+    retry: {{schedule: [200ms, 200ms, 200ms], jitter: 0}}
+""",
+            "  - {from: [internal], to: [ledger]}",
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            for n in range(200):
+                assert (await gw.publish("entry", {"n": n})).status_code == 202
+            await rx.wait_for(202, timeout=60)
+    numbers = [r.json()["data"]["n"] for r in rx.requests]
+    # Every request arrived in order; event 100 was tried three times before 101 was sent.
+    assert numbers == [*range(100), 100, 100, *range(100, 200)]
+    assert [r.headers["hookgate-attempt"] for r in rx.requests[100:103]] == ["1", "2", "3"]
