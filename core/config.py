@@ -31,6 +31,7 @@ import yaml
 from hookgate.filters import FilterError, compile_filter
 from hookgate.flow import CircuitBreakerConfig, RateLimitConfig
 from hookgate.ssrf import EgressGuard
+from hookgate.transport import parse_proxy
 from hookgate.types import INTERNAL_SOURCE, ComponentKind, ComponentRegistry
 from hookgate.units import Duration, Size, format_duration, seconds, size_bytes
 
@@ -176,6 +177,8 @@ class EndpointConfig(_Base):
     circuit_breaker: CircuitBreakerConfig | None = None
     # One at a time, in publish order; a failing head retries in place and holds the rest.
     ordered: bool = False
+    # A forward proxy for this endpoint; "" goes direct even when egress.proxy is set.
+    proxy: str | None = None
 
 
 class RouteConfig(_Base):
@@ -209,6 +212,10 @@ class EgressConfig(_Base):
         msgspec.Meta(description="CIDRs that deliveries may reach although loopback, private or link-local"),
     ] = []
     https_only: bool = False
+    proxy: Annotated[
+        str | None,
+        msgspec.Meta(description="an HTTP forward proxy for every delivery: http://[user:pass@]host:port"),
+    ] = None
 
 
 class Config(_Base):
@@ -250,7 +257,6 @@ class LoadedConfig:
 # value rather than ignored, so a config never silently loses a safety setting (an SSRF guard, an
 # auth rule) that its author believes is in force.
 UNSUPPORTED: dict[str, str] = {
-    "$.egress.proxy": "an egress forward proxy",
     "$.endpoints.*.disable_after": "auto-disabling endpoints",
     "$.broker.nkey_seed": "NKey authentication",
     "$.log": "log settings",
@@ -871,6 +877,16 @@ def _check_rules(
     for name, endpoint in config.endpoints.items():
         _check_endpoint(problem, _child("$.endpoints", name), endpoint, broker)
     route_names: dict[str, int] = {}
+    proxies = [("$.egress.proxy", config.egress.proxy if "egress" in valid else None)] + [
+        (f"{_child('$.endpoints', name)}.proxy", endpoint.proxy)
+        for name, endpoint in config.endpoints.items()
+    ]
+    for proxy_path, proxy in proxies:
+        if proxy:
+            try:
+                parse_proxy(proxy)
+            except ValueError as exc:
+                problem(proxy_path, str(exc))
     if "egress" in valid:
         for i, cidr in enumerate(config.egress.allow_networks):
             try:

@@ -92,6 +92,7 @@ class Endpoint:
         signer: Any = None,
         guard: EgressGuard | None = None,
         auth: Any = None,
+        proxy: str | None = None,
     ) -> Endpoint:
         guard = guard or EgressGuard()
         ssl_context = auth.ssl_context() if auth is not None else None
@@ -99,7 +100,10 @@ class Endpoint:
         # those addresses, so a DNS answer cannot change between the check and the connection.
         transport = (
             PooledTransport(
-                max_connections=config.concurrency, resolve=guard.resolve, ssl_context=ssl_context
+                max_connections=config.concurrency,
+                resolve=guard.resolve,
+                ssl_context=ssl_context,
+                proxy=proxy,
             )
             if config.url
             else None

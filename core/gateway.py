@@ -81,6 +81,7 @@ async def run(
                 signer=_instantiate(hooks, loaded.signers.get(name)),
                 guard=guard,
                 auth=_instantiate(hooks, loaded.endpoint_auth.get(name)),
+                proxy=(endpoint.proxy if endpoint.proxy is not None else config.egress.proxy) or None,
             )
             for name, endpoint in config.endpoints.items()
         }

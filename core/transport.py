@@ -10,10 +10,19 @@ sharing one pool and one request/response exchange:
   built, yet errors are the httpx exception types (with no ``.request`` attached).
 - ``handle_async_request``: it is an ``httpx.AsyncBaseTransport``, usable via
   ``httpx.AsyncClient(transport=...)``, with httpx's per-phase timeouts.
+
+With ``proxy="http://[user:pass@]host:port"`` every request goes through that forward proxy: https
+targets through a ``CONNECT`` tunnel (TLS end to end with the target, inside it), http targets as
+absolute-form requests (``POST http://host:port/path``). Connections are pooled per target either
+way: a tunnel, or a proxy connection whose requests all name the same target address. The
+``resolve`` hook (the SSRF guard) still vets every target before the proxy is contacted, and the
+proxy is handed the vetted address, never the name, so its own DNS cannot steer a delivery
+elsewhere; SNI and the Host header keep the name. The proxy's own address is not vetted.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 import ssl
@@ -21,13 +30,22 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import NamedTuple
 
 import h11
 import httpx
 import trio
 
-__all__ = ["PooledTransport", "RawResponse", "Target", "parse_url"]
+__all__ = [
+    "PooledTransport",
+    "Proxy",
+    "ProxyConnectError",
+    "RawResponse",
+    "Target",
+    "parse_proxy",
+    "parse_url",
+]
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 _Key = tuple[str, str, int]
@@ -103,12 +121,90 @@ def parse_url(url: str | httpx.URL) -> Target:
     return Target(scheme, host, parsed.port or (443 if scheme == "https" else 80), host_header, path)
 
 
-class _Conn:
-    __slots__ = ("h11", "idle_since", "sock", "stream")
+class ProxyConnectError(httpx.ConnectError, httpx.ProxyError):
+    """The forward proxy could not be reached, or would not pass a request on (a CONNECT answered
+    with a non-2xx status, or 407 to a plain-http request). A ConnectError, so callers treat it as
+    a connect failure; a ProxyError, so they can tell it came from the proxy. Messages name the
+    proxy by host:port only, never with its credentials."""
 
-    def __init__(self, sock: trio.SocketStream, stream: trio.abc.Stream) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """A forward proxy, parsed and validated by `parse_proxy`."""
+
+    host: str  # IDNA-encoded, IPv6 unbracketed
+    port: int
+    # The Proxy-Authorization value ("Basic ..."), if the URL had credentials; kept out of repr.
+    authorization: bytes | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        """host:port, for messages: never the credentials."""
+        return _authority(self.host, self.port)
+
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
+
+
+def parse_proxy(url: str) -> Proxy:
+    """Parse a forward proxy URL, ``http://[user:pass@]host[:port]`` (port 80 if omitted).
+
+    Raises ValueError, with a message that never contains the credentials, for anything else:
+    https:// proxies (TLS to the proxy itself) are not supported, nor are SOCKS proxies, nor a
+    URL with a path, query or fragment. Percent-encoded credentials are decoded, then sent as
+    ``Proxy-Authorization: Basic base64(user:pass)`` (UTF-8).
+    """
+    shown = _USERINFO.sub(r"\1***@", url)
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        why = "" if shown != url else f": {exc}"  # httpx may quote a character of a password
+        raise ValueError(f"invalid proxy URL {shown!r}{why}") from None
+    if parsed.scheme == "https":
+        raise ValueError(
+            f"proxy {shown!r}: https:// proxies (TLS to the proxy) are not supported; use an http:// "
+            "proxy URL (https deliveries through it are still encrypted end to end, via CONNECT)"
+        )
+    if parsed.scheme != "http":
+        raise ValueError(f"proxy {shown!r}: unsupported scheme; expected http://[user:pass@]host:port")
+    host = parsed.raw_host.decode("ascii")
+    if not host:
+        raise ValueError(f"proxy {shown!r}: no host; expected http://[user:pass@]host:port")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ValueError(f"proxy {shown!r}: invalid port {parsed.port}")
+    if parsed.raw_path not in (b"", b"/") or parsed.fragment:
+        raise ValueError(f"proxy {shown!r}: a proxy URL has no path; expected http://[user:pass@]host:port")
+    authorization = None
+    if parsed.userinfo:
+        credentials = f"{parsed.username}:{parsed.password}".encode()
+        authorization = b"Basic " + base64.b64encode(credentials)
+    return Proxy(host, parsed.port or 80, authorization)
+
+
+def _authority(host: str, port: int) -> str:
+    """host:port as in a URL or CONNECT request: IPv6 bracketed, an address's zone ID dropped (it
+    means nothing on the proxy's host)."""
+    host = host.partition("%")[0]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _status(code: int) -> str:
+    # The standard phrase, not the proxy's: the message stays predictable and free of odd text.
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"status {code}"
+
+
+class _Conn:
+    __slots__ = ("h11", "idle_since", "prefix", "sock", "stream")
+
+    def __init__(self, sock: trio.SocketStream, stream: trio.abc.Stream, prefix: bytes | None = None) -> None:
         self.sock = sock  # the raw socket, for liveness checks and synchronous close
         self.stream = stream  # what we talk HTTP over: `sock` itself or an SSLStream on it
+        # For a plain-http target through a proxy: what goes before the path in the request line,
+        # b"http://<vetted address>:<port>" (absolute form). None otherwise.
+        self.prefix = prefix
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
 
@@ -271,12 +367,21 @@ class PooledTransport(httpx.AsyncBaseTransport):
         max_response_body: int = 1024 * 1024,
         keepalive_expiry: float = 30.0,
         resolve: Resolver | None = None,
+        proxy: str | None = None,
     ) -> None:
+        """`resolve(host, port)` returns the addresses that may be connected to for a target (the
+        SSRF guard's vetting); without it the system resolver is used. `proxy`: send everything
+        through this forward proxy (see `parse_proxy`, whose ValueError an invalid URL raises)."""
         self._max_connections = max_connections
         self._ssl_context = ssl_context
         self._max_response_body = max_response_body
         self._keepalive_expiry = keepalive_expiry
         self._resolve = resolve
+        self._proxy = None if proxy is None else parse_proxy(proxy)
+        auth = None if self._proxy is None else self._proxy.authorization
+        # Added to every request to the proxy: the CONNECT, or each absolute-form request.
+        self._proxy_headers = [] if auth is None else [(b"Proxy-Authorization", auth)]
+        self._proxy_auth_line = b"" if auth is None else b"Proxy-Authorization: " + auth + b"\r\n"
         # One slot per in-flight request; each holds at most one connection, so together with
         # evicting idle connections (see _take_idle) this caps open connections.
         self._slots = trio.Semaphore(max_connections)
@@ -299,7 +404,9 @@ class PooledTransport(httpx.AsyncBaseTransport):
         PoolTimeout, ConnectTimeout, WriteTimeout or ReadTimeout. Other errors are those of
         `handle_async_request` (httpx.ConnectError, with "TLS" in the message for a failed
         handshake; httpx.RemoteProtocolError; httpx.ReadError/WriteError; httpx.LocalProtocolError
-        for an illegal method, header name or value), all with no request attached.
+        for an illegal method, header name or value), all with no request attached. Through a
+        proxy, ProxyConnectError (a ConnectError) when the proxy is unreachable or refuses.
+        Whatever the `resolve` hook raises (the SSRF guard's refusal) passes through unchanged.
         """
         try:
             event, head = _send_request(method, target, headers, body)
@@ -397,14 +504,21 @@ class PooledTransport(httpx.AsyncBaseTransport):
             self._ssl_context = ssl.create_default_context()  # lazily: loading CAs is slow
         ssl_context = self._ssl_context if scheme == "https" else None
         timeout = None if call.timeouts is None else call.timeouts.get("connect")
-        with _deadline(timeout, httpx.ConnectTimeout, call.request):  # covers the TLS handshake too
-            try:
-                sock = await self._open_tcp(host, port)
-            except OSError as exc:
-                msg = f"connect to {host}:{port} failed: {exc}"
-                raise httpx.ConnectError(msg, request=call.request) from exc
+        # Covers resolving, the proxy's CONNECT and the TLS handshake too.
+        with _deadline(timeout, httpx.ConnectTimeout, call.request):
+            prefix = None
+            if self._proxy is None:
+                via = ""
+                try:
+                    sock = await self._open_tcp(host, port)
+                except OSError as exc:
+                    msg = f"connect to {host}:{port} failed: {exc}"
+                    raise httpx.ConnectError(msg, request=call.request) from exc
+            else:
+                via = f" (through proxy {self._proxy.address})"
+                sock, prefix = await self._open_via_proxy(call)
             if ssl_context is None:
-                return _Conn(sock, sock)
+                return _Conn(sock, sock, prefix)
             # https_compatible: many HTTPS servers close without a TLS close_notify.
             tls = trio.SSLStream(sock, ssl_context, server_hostname=host, https_compatible=True)
             try:
@@ -412,10 +526,79 @@ class PooledTransport(httpx.AsyncBaseTransport):
             except BaseException as exc:
                 sock.socket.close()
                 if isinstance(exc, _NETWORK_ERRORS):
-                    msg = f"TLS handshake with {host}:{port} failed: {exc.__cause__ or exc}"
+                    msg = f"TLS handshake with {host}:{port}{via} failed: {exc.__cause__ or exc}"
                     raise httpx.ConnectError(msg, request=call.request) from exc
                 raise
             return _Conn(sock, tls)
+
+    async def _open_via_proxy(self, call: _Call) -> tuple[trio.SocketStream, bytes | None]:
+        """Vet the target, connect to the proxy and, for https, open a tunnel to the target.
+
+        Returns the socket to the proxy and, for http, the absolute-form prefix for its requests.
+        The target is vetted (`resolve`) before the proxy is contacted, and the proxy is given the
+        first vetted address rather than the name, so the proxy's DNS cannot pick another one.
+        """
+        assert self._proxy is not None
+        proxy, request = self._proxy, call.request
+        scheme, host, port = call.key
+        address = host  # no resolve hook: the proxy resolves the name, as proxies do
+        if self._resolve is not None:
+            try:
+                addresses = await self._resolve(host, port)
+            except OSError as exc:
+                raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from exc
+            if not addresses:
+                raise httpx.ConnectError(f"{host} resolved to no address", request=request)
+            address = addresses[0]
+        authority = _authority(address, port)
+        try:
+            sock = await trio.open_tcp_stream(proxy.host, proxy.port)
+        except OSError as exc:
+            msg = f"connect to proxy {proxy.address} failed: {exc}"
+            raise ProxyConnectError(msg, request=request) from exc
+        if scheme == "http":
+            return sock, b"http://" + authority.encode("ascii")
+        try:
+            await self._tunnel(sock, authority, call)
+        except BaseException:
+            sock.socket.close()
+            raise
+        return sock, None
+
+    async def _tunnel(self, sock: trio.SocketStream, authority: str, call: _Call) -> None:
+        """Ask the proxy on `sock` for a tunnel to `authority` (CONNECT); return once it is open."""
+        assert self._proxy is not None
+        proxy = self._proxy
+        raw = authority.encode("ascii")
+        h = h11.Connection(h11.CLIENT)
+        connect = h11.Request(method=b"CONNECT", target=raw, headers=[(b"Host", raw), *self._proxy_headers])
+        try:
+            await sock.send_all(h.send(connect) + h.send(_END))
+            while True:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    h.receive_data(await sock.receive_some(_READ_SIZE))
+                elif type(event) is h11.Response:
+                    break
+                elif type(event) is not h11.InformationalResponse:
+                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
+        except _CONNECTION_LOST as exc:
+            msg = f"proxy {proxy.address} failed while opening a tunnel to {authority}: {exc!r}"
+            raise ProxyConnectError(msg, request=call.request) from exc
+        status = event.status_code
+        if not 200 <= status < 300:
+            msg = f"proxy {proxy.address} refused to open a tunnel to {authority}: {_status(status)}"
+            raise ProxyConnectError(msg + self._auth_hint(status), request=call.request)
+        if h.trailing_data[0]:  # the target speaks after our TLS hello, never before
+            msg = f"proxy {proxy.address} sent unexpected data after opening a tunnel to {authority}"
+            raise ProxyConnectError(msg, request=call.request)
+
+    def _auth_hint(self, status: int) -> str:
+        if status != 407:
+            return ""
+        if self._proxy_headers:
+            return " (the proxy rejected the credentials in the proxy URL)"
+        return " (the proxy requires credentials: http://user:password@host:port)"
 
     async def _open_tcp(self, host: str, port: int) -> trio.SocketStream:
         if self._resolve is None:
@@ -440,7 +623,14 @@ class PooledTransport(httpx.AsyncBaseTransport):
         call.phase = "write"
         try:
             if call.head is None:  # h11 writes the request
-                pieces = [h.send(call.event)]
+                ours = call.event
+                if conn.prefix is not None:  # through a proxy: absolute form, and its credentials
+                    ours = h11.Request(
+                        method=ours.method,
+                        target=conn.prefix + ours.target,
+                        headers=[*ours.headers.raw_items(), *self._proxy_headers],
+                    )
+                pieces = [h.send(ours)]
                 if call.body:  # passed through as is: Content-Length framing adds nothing to it
                     pieces += h.send_with_data_passthrough(h11.Data(data=call.body)) or ()
                 pieces.append(h.send(_END))
@@ -448,7 +638,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
             else:  # `send` wrote it; h11 is told what it needs to read the response
                 h.send(call.event)
                 h.send(_END)
-                data = call.head + call.body
+                if conn.prefix is None:
+                    data = call.head + call.body
+                else:  # through a proxy: absolute form, and the proxy's credentials after the rest
+                    head, space = call.head, call.head.index(b" ") + 1  # after the method
+                    data = b"".join(
+                        (head[:space], conn.prefix, head[space:-2], self._proxy_auth_line, b"\r\n", call.body)
+                    )
             if timeouts is None:
                 await conn.stream.send_all(data)
             else:
@@ -508,4 +704,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
             self._idle.setdefault(call.key, []).append(conn)
         else:
             conn.close()
+        if response.status_code == 407 and conn.prefix is not None:  # only a proxy sends 407
+            assert self._proxy is not None
+            msg = f"proxy {self._proxy.address} refused the request: {_status(407)}{self._auth_hint(407)}"
+            raise ProxyConnectError(msg, request=request)
         return response, bytes(content), truncated

@@ -270,7 +270,7 @@ def test_an_unknown_key_names_its_path_and_suggests(registry: ComponentRegistry)
         'hookgate.yaml:3: $.brokers: unknown key; did you mean "broker"?',
         "hookgate.yaml:7: $.endpoints.a.xyzzy: unknown key; expected one of: "
         "url, subject, timeout, headers, signing, auth, retry, concurrency, rate_limit, "
-        "circuit_breaker, ordered",
+        "circuit_breaker, ordered, proxy",
     ]
 
 
@@ -633,6 +633,8 @@ def test_the_design_examples_unsupported_keys(registry: ComponentRegistry) -> No
         egress:
           allow_networks: []
           proxy: http://proxy.test:3128
+        broker:
+          nkey_seed: SUAM
         endpoints:
           billing:
             url: http://billing.test
@@ -642,8 +644,8 @@ def test_the_design_examples_unsupported_keys(registry: ComponentRegistry) -> No
           - to: [billing]
         """,
     ) == [
-        "hookgate.yaml:3: $.egress.proxy: not supported yet (an egress forward proxy); remove it",
-        "hookgate.yaml:8: $.endpoints.billing.disable_after: "
+        "hookgate.yaml:5: $.broker.nkey_seed: not supported yet (NKey authentication); remove it",
+        "hookgate.yaml:10: $.endpoints.billing.disable_after: "
         "not supported yet (auto-disabling endpoints); remove it",
     ]
 

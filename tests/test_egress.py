@@ -106,3 +106,44 @@ async def test_route_filters_select_events_by_body_and_headers(
                 await big.wait_for(2)
     assert [r.json()["data"]["n"] for r in big.requests] == [1]
     assert sorted(r.json()["data"]["n"] for r in eu.requests) == [3, 4]
+
+
+async def test_deliveries_go_through_the_configured_forward_proxy(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    from tests.test_transport_proxy import proxy_server
+
+    async with receiver() as rx, proxy_server() as proxy:
+        text = base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              proxied: {{url: "http://localhost:{rx.port}/in"}}
+              direct: {{url: "http://127.0.0.1:{rx.port}/direct", proxy: ""}}
+            routes:
+              - {{from: [internal], to: [proxied, direct]}}
+            """,
+        ).replace("egress:\n", f"egress:\n  proxy: {proxy.url}\n")
+        async with run_gateway(tmp_path, text) as gw:
+            await gw.publish("x", {})
+            got = await rx.wait_for(2)
+    assert sorted(r.path for r in got) == ["/direct", "/in"]
+    (seen,) = proxy.seen  # only the proxied endpoint went through it, vetted address in the line
+    assert seen.line.startswith(f"POST http://127.0.0.1:{rx.port}/in ".encode()) or seen.line.startswith(
+        f"POST http://[::1]:{rx.port}/in ".encode()
+    )
+    assert seen.headers[b"host"] == f"localhost:{rx.port}".encode()
+
+
+def test_a_bad_proxy_url_is_a_config_error(tmp_path: Path) -> None:
+    from hookgate.config import ConfigError, loads
+    from hookgate.hooks import Hooks
+
+    try:
+        loads("egress:\n  proxy: socks5://user:pw@proxy:1080\n", Hooks().registry, file="h.yaml", env={})
+    except ConfigError as exc:
+        (problem,) = exc.problems
+        assert str(problem).startswith("h.yaml:2: $.egress.proxy: ")
+        assert "pw" not in str(problem)
+    else:
+        raise AssertionError("a socks proxy URL was accepted")
