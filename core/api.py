@@ -21,6 +21,7 @@ from hookgate.asgi import (
     send_json,
 )
 from hookgate.broker import Broker
+from hookgate.endpoint_state import EndpointStates
 from hookgate.ids import new_event_id
 from hookgate.intake import store_event
 from hookgate.types import INTERNAL_SOURCE, Event
@@ -44,11 +45,19 @@ _publish_decoder = msgspec.json.Decoder(PublishRequest)
 
 
 class Api:
-    def __init__(self, broker: Broker, tokens: list[str], endpoints: set[str], max_body: int):
+    def __init__(
+        self,
+        broker: Broker,
+        tokens: list[str],
+        endpoints: set[str],
+        max_body: int,
+        states: EndpointStates | None = None,
+    ):
         self.broker = broker
         self._tokens = [t.encode() for t in tokens if t]
         self.endpoints = endpoints
         self.max_body = max_body
+        self.states = states or EndpointStates(broker)
 
     def _authorized(self, scope: Scope) -> int | None:
         """None when the bearer token is valid, else the status to answer (401 or 403)."""
@@ -78,7 +87,28 @@ class Api:
                 return
             await self._publish(scope, receive, send)
             return
+        parts = path.split("/")  # "", "api", "v1", "endpoints", name, action
+        if len(parts) == 6 and parts[3] == "endpoints" and parts[5] in ("enable", "disable"):
+            await self._set_endpoint(scope, send, parts[4], parts[5] == "disable")
+            return
         await send_error(send, 404, "not_found", f"no API resource at {path}")
+
+    async def _set_endpoint(self, scope: Scope, send: Send, name: str, disable: bool) -> None:
+        if scope["method"] != "POST":
+            await send_error(send, 405, "method_not_allowed", "POST to enable or disable an endpoint")
+            return
+        if name not in self.endpoints:
+            await send_error(send, 404, "not_found", f"no endpoint named {name!r}")
+            return
+        try:
+            await self.states.set(
+                name, disable, "disabled through the API" if disable else "enabled through the API"
+            )
+        except Exception as exc:
+            log.error("could not change the state of endpoint %s: %s", name, exc)
+            await send_error(send, 503, "broker_unavailable", "the endpoint state could not be stored")
+            return
+        await send_json(send, 200, {"endpoint": name, "disabled": disable})
 
     async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

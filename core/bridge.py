@@ -523,6 +523,42 @@ class NatsBridge:
         await consumer.top_up()
         return out
 
+    # --- key-value state ----------------------------------------------------------------------
+
+    async def ensure_kv(self, bucket: str, replicas: int) -> None:
+        async def go() -> None:
+            try:
+                await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                await self.js.create_key_value(bucket=bucket, history=1, replicas=replicas)
+
+        await self.run(go)
+
+    async def kv_get_all(self, bucket: str) -> dict[str, bytes]:
+        """Every key's current value (a small bucket: endpoint states)."""
+
+        async def go() -> dict[str, bytes]:
+            kv = await self.js.key_value(bucket)
+            try:
+                keys = await kv.keys()
+            except nats.js.errors.NoKeysError:
+                return {}
+            out = {}
+            for key in keys:
+                with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    entry = await kv.get(key)
+                    out[key] = entry.value or b""
+            return out
+
+        return await self.run(go)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
+        async def go() -> None:
+            kv = await self.js.key_value(bucket)
+            await kv.put(key, value)
+
+        await self.run(go)
+
     # --- reading streams (tests, inspection) -----------------------------------------------
 
     async def read_stream(

@@ -74,6 +74,17 @@ class Topology:
     def dead_stream(self) -> str:
         return self.stream_prefix + "DEAD"
 
+    @property
+    def ops_stream(self) -> str:
+        return self.stream_prefix + "OPS"
+
+    @property
+    def endpoints_bucket(self) -> str:
+        return self.stream_prefix + "ENDPOINTS"
+
+    def ops_subject(self, kind: str) -> str:
+        return f"{self.prefix}.ops.{kind}"
+
     def event_subject(self, source: str) -> str:
         return f"{self.prefix}.events.{source}"
 
@@ -124,6 +135,7 @@ class Topology:
             ),
             StreamSpec(self.log_stream, [f"{p}.log.>"], retention, 120.0, replicas),
             StreamSpec(self.dead_stream, [f"{p}.dead.>"], retention, 120.0, replicas),
+            StreamSpec(self.ops_stream, [f"{p}.ops.>"], retention, 120.0, replicas),
         ]
 
 
@@ -165,6 +177,7 @@ class Broker:
         async with NatsBridge.open(options) as bridge:
             broker = cls(bridge, config, publish_timeout)
             await bridge.ensure_streams(broker.topology.streams(config))
+            await bridge.ensure_kv(broker.topology.endpoints_bucket, config.replicas)
             async with trio.open_nursery() as nursery:
                 for _ in range(cls.FLUSHERS):
                     nursery.start_soon(broker._flush)
@@ -250,6 +263,12 @@ class Broker:
 
     async def fetch(self, consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
         return await self.bridge.fetch(consumer, batch, timeout)
+
+    async def kv_get_all(self, bucket: str) -> dict[str, bytes]:
+        return await self.bridge.kv_get_all(bucket)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
+        await self.bridge.kv_put(bucket, key, value)
 
     async def read_stream(self, stream: str, subject: str | None = None) -> list[StoredMsg]:
         return await self.bridge.read_stream(stream, subject)

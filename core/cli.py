@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import httpx
 import trio
 
 from hookgate import __version__, config, gateway, hookspecs
@@ -40,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and summarise it")
     with_config(check)
     commands.add_parser("plugins", help="list loaded plugins, their hooks and components")
+    endpoint = commands.add_parser("endpoint", help="enable or disable an endpoint (through the API)")
+    with_config(endpoint)
+    endpoint.add_argument("action", choices=["enable", "disable"])
+    endpoint.add_argument("name")
+    endpoint.add_argument(
+        "--url", default=os.environ.get("HOOKGATE_URL"), help="API base URL (default: from the config)"
+    )
+    endpoint.add_argument(
+        "--token", default=os.environ.get("HOOKGATE_API_TOKEN"), help="API token (default: from the config)"
+    )
     key = commands.add_parser(
         "endpoint-key", help="print the public key(s) receivers verify an endpoint's signatures with"
     )
@@ -61,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.log_level)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "endpoint":
+        return _endpoint_state(args.config, args.action, args.name, args.url, args.token)
     if args.command == "endpoint-key":
         return _endpoint_key(args.config, args.endpoint)
     if args.command == "plugins":
@@ -128,6 +141,35 @@ def _check(path: str) -> int:
         origin = ", ".join(route.from_) if route.from_ else "any source"
         types = ", ".join(route.types) if route.types else "all types"
         print(f"    {route.name or f'route-{i}':<20} {origin} [{types}] -> {', '.join(route.to)}")
+    return 0
+
+
+def _endpoint_state(path: str, action: str, name: str, url: str | None, token: str | None) -> int:
+    if url is None or token is None:
+        loaded = _load(path, Hooks())
+        if loaded is None:
+            return 1
+        server = loaded.config.server
+        scheme = "https" if server.tls else "http"
+        url = url or f"{scheme}://{server.listen.replace('0.0.0.0', '127.0.0.1')}"
+        token = token or (server.api_tokens[0] if server.api_tokens else "")
+    try:
+        response = httpx.post(
+            f"{url.rstrip('/')}/api/v1/endpoints/{name}/{action}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+    except httpx.HTTPError as exc:
+        print(f"hookgate: cannot reach the API at {url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        try:
+            message = response.json().get("message", response.text)
+        except ValueError:
+            message = response.text
+        print(f"hookgate: {action} {name}: {response.status_code} {message}", file=sys.stderr)
+        return 1
+    print(f"endpoint {name} {action}d")
     return 0
 
 

@@ -179,6 +179,8 @@ class EndpointConfig(_Base):
     ordered: bool = False
     # A forward proxy for this endpoint; "" goes direct even when egress.proxy is set.
     proxy: str | None = None
+    # Failing continuously for this long disables the endpoint (its deliveries are kept).
+    disable_after: Duration | None = None
 
 
 class RouteConfig(_Base):
@@ -218,12 +220,21 @@ class EgressConfig(_Base):
     ] = None
 
 
+class OpsConfig(_Base):
+    """Operational events (endpoint.disabled, endpoint.recovered, delivery.exhausted, delivery.failing)."""
+
+    endpoint: Annotated[
+        str | None, msgspec.Meta(description="also deliver operational events to this endpoint")
+    ] = None
+
+
 class Config(_Base):
     """hookgate configuration."""
 
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
+    ops: OpsConfig = msgspec.field(default_factory=OpsConfig)
     sources: dict[Name, SourceConfig] = {}
     endpoints: dict[Name, EndpointConfig] = {}
     routes: list[RouteConfig] = []
@@ -257,7 +268,6 @@ class LoadedConfig:
 # value rather than ignored, so a config never silently loses a safety setting (an SSRF guard, an
 # auth rule) that its author believes is in force.
 UNSUPPORTED: dict[str, str] = {
-    "$.endpoints.*.disable_after": "auto-disabling endpoints",
     "$.broker.nkey_seed": "NKey authentication",
     "$.log": "log settings",
 }
@@ -791,7 +801,12 @@ def _convert_sections(conv: _Converter, raw: dict[str, Any]) -> tuple[Config, se
     conv.unknown_keys(raw, Config, "$")
     # Each section on its own, so that the rules can tell which ones are known to be valid.
     valid = set()
-    for key, section_type in (("server", ServerConfig), ("broker", BrokerConfig), ("egress", EgressConfig)):
+    for key, section_type in (
+        ("server", ServerConfig),
+        ("broker", BrokerConfig),
+        ("egress", EgressConfig),
+        ("ops", OpsConfig),
+    ):
         if (section := conv.convert(raw.get(key, {}), section_type, f"$.{key}")) is not None:
             setattr(config, key, section)
             valid.add(key)
@@ -887,6 +902,8 @@ def _check_rules(
                 parse_proxy(proxy)
             except ValueError as exc:
                 problem(proxy_path, str(exc))
+    if "ops" in valid and config.ops.endpoint is not None and config.ops.endpoint not in endpoints:
+        problem("$.ops.endpoint", f"no endpoint named {_show(config.ops.endpoint)}")
     if "egress" in valid:
         for i, cidr in enumerate(config.egress.allow_networks):
             try:

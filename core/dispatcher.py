@@ -26,6 +26,7 @@ import trio
 from hookgate.bridge import ConsumerSpec
 from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
 from hookgate.config import EndpointConfig
+from hookgate.endpoint_state import EndpointStates
 from hookgate.flow import CircuitState, FlowControl
 from hookgate.hooks import Hooks
 from hookgate.metrics import Metrics
@@ -41,6 +42,7 @@ FETCH_WAIT = 1.0
 FLOW_MAX_WAIT = 5.0
 ACK_WAIT = 30.0
 KEEPALIVE = 10.0
+STATE_POLL = 1.0  # how soon every replica sees an endpoint disabled or enabled elsewhere
 RESPONSE_EXCERPT = 4096
 
 # Not forwarded from the provider's request: they describe the hop, not the event.
@@ -208,13 +210,20 @@ def request_headers(
 
 class Dispatcher:
     def __init__(
-        self, broker: Broker, hooks: Hooks, endpoints: dict[str, Endpoint], grace: float, metrics: Metrics
+        self,
+        broker: Broker,
+        hooks: Hooks,
+        endpoints: dict[str, Endpoint],
+        grace: float,
+        metrics: Metrics,
+        states: EndpointStates | None = None,
     ):
         self.broker = broker
         self.hooks = hooks
         self.endpoints = endpoints
         self.grace = grace
         self.metrics = metrics
+        self.states = states or EndpointStates(broker)
 
     def consumer_spec(self, endpoint: Endpoint) -> ConsumerSpec:
         t = self.broker.topology
@@ -234,9 +243,11 @@ class Dispatcher:
         self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         consumers = await self.broker.consumers([self.consumer_spec(e) for e in self.endpoints.values()])
+        await self.states.refresh()
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._follow_states, stopping)
                 for endpoint, consumer in zip(self.endpoints.values(), consumers, strict=True):
                     worker = EndpointWorker(self, endpoint, consumer)
                     nursery.start_soon(worker.run, stopping)
@@ -245,6 +256,16 @@ class Dispatcher:
                 for endpoint in self.endpoints.values():
                     if endpoint.transport is not None:
                         await endpoint.transport.aclose()
+
+    async def _follow_states(self, stopping: trio.Event) -> None:
+        """Re-read endpoint states, so a disable or enable by any replica or the API applies here."""
+        while not stopping.is_set():
+            with trio.move_on_after(STATE_POLL):
+                await stopping.wait()
+            try:
+                await self.states.refresh()
+            except Exception as exc:
+                log.warning("could not read endpoint states: %s", exc)
 
 
 class EndpointWorker:
@@ -264,6 +285,8 @@ class EndpointWorker:
         self.stopping = False
         self._parsed: tuple[str, Target] | None = None  # see _target
         self.held: dict[int, InMsg] = {}  # fetched and not yet settled, by stream sequence
+        self.failing_since: float | None = None  # start of the current run of failed attempts
+        self.disable_after = seconds(endpoint.config.disable_after) if endpoint.config.disable_after else None
         config = endpoint.config
         self.flow = FlowControl(
             config.rate_limit,
@@ -291,6 +314,10 @@ class EndpointWorker:
         backoff = 0.5
         breaker = self.flow.breaker
         while True:
+            if self.d.states.disabled(self.endpoint.name):
+                # Disabled: its deliveries wait in JetStream until it is enabled again.
+                await trio.sleep(STATE_POLL)
+                continue
             if breaker is not None and breaker.state is CircuitState.OPEN:
                 # Leave the backlog in JetStream while the circuit is open: one sleep, no churn.
                 await trio.sleep(breaker.retry_in())
@@ -330,8 +357,8 @@ class EndpointWorker:
                     self.held.pop(msg.stream_seq, None)
 
     async def _work_on(self, msg: InMsg) -> None:
-        if self.stopping:
-            self.broker.commit_later(Commit(nak=msg))  # not started: redeliver at once
+        if self.stopping or self.d.states.disabled(self.endpoint.name):
+            self.broker.commit_later(Commit(nak=msg))  # not started: back in line
             return
         try:
             await self.deliver(msg)
@@ -389,6 +416,12 @@ class EndpointWorker:
             self.flow.release()  # cancelled or crashed: do not hold the probe slot
             raise
         self.flow.record(result.status, result.error_kind)
+        if result.status == 410:
+            # Gone: the receiver asks us to stop. Disable the endpoint and keep this delivery in
+            # line, unspent, for when it is enabled again.
+            await self.d.states.set(endpoint.name, True, f"the endpoint answered 410 Gone to {delivery.id}")
+            self.broker.commit_later(self._schedule(msg, delivery, time.time(), counted=False))
+            return None
         latency = time.time() - started
         attempt = Attempt(
             delivery_id=delivery.id,
@@ -437,6 +470,7 @@ class EndpointWorker:
                 result.error or result.status,
             )
             self.broker.commit_later(self._dead_letter(msg, delivery, attempt))
+        await self._track_failures(result, attempt)
         self.d.metrics.attempts.labels(endpoint.name, attempt.outcome).inc()
         self.d.metrics.attempt_latency.labels(endpoint.name).observe(latency)
         try:
@@ -450,6 +484,36 @@ class EndpointWorker:
             await trio.sleep(retry_in)
             return msgspec.structs.replace(delivery, attempt=delivery.attempt + 1)
         return None
+
+    async def _track_failures(self, result: Result, attempt: Attempt) -> None:
+        """Operational events, and disabling after `disable_after` of continuous failure."""
+        states = self.d.states
+        name = self.endpoint.name
+        if attempt.outcome == "dead":
+            states.emit(
+                "delivery.exhausted", name, delivery_id=attempt.delivery_id, event_id=attempt.event_id
+            )
+        if result.ok:
+            self.failing_since = None
+            return
+        now = time.time()
+        if self.failing_since is None:
+            self.failing_since = now
+            states.emit(
+                "delivery.failing",
+                name,
+                delivery_id=attempt.delivery_id,
+                event_id=attempt.event_id,
+                reason=attempt.error or "",
+            )
+        elif (
+            self.disable_after is not None
+            and now - self.failing_since >= self.disable_after
+            and not states.disabled(name)
+        ):
+            await states.set(
+                name, True, f"failing continuously since {rfc3339(self.failing_since)} ({attempt.error})"
+            )
 
     async def _attempt(self, delivery: Delivery, event: Event, ts: int) -> Result:
         endpoint = self.endpoint

@@ -25,6 +25,7 @@ from hookgate.components import ConfiguredComponents
 from hookgate.config import Component, LoadedConfig
 from hookgate.dispatcher import Dispatcher, Endpoint
 from hookgate.embedded import embedded_nats
+from hookgate.endpoint_state import EndpointStates
 from hookgate.hooks import Hooks
 from hookgate.ingress import Ingress, Source
 from hookgate.metrics import Metrics
@@ -88,13 +89,22 @@ async def run(
         metrics = Metrics()
         app = App(
             Ingress(sources, hooks, broker, max_body, metrics),
-            Api(broker, config.server.api_tokens, set(endpoints), max_body),
+            Api(
+                broker,
+                config.server.api_tokens,
+                set(endpoints),
+                max_body,
+                EndpointStates(broker, config.ops.endpoint),
+            ),
             broker,
             metrics,
         )
         transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
         router = Router(broker, hooks, config.routes, set(endpoints), transforms)
-        dispatcher = Dispatcher(broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics)
+        states = EndpointStates(broker, config.ops.endpoint)
+        dispatcher = Dispatcher(
+            broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics, states
+        )
 
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(_serve_http, app, loaded, stopping)
