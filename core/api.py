@@ -10,12 +10,10 @@ from typing import Annotated
 import msgspec
 
 from hookgate.asgi import (
-    BodyTooLarge,
-    ClientGone,
     Receive,
     Scope,
     Send,
-    read_body,
+    read_body_or_answer,
     scope_header,
     send_error,
     send_json,
@@ -111,12 +109,8 @@ class Api:
         await send_json(send, 200, {"endpoint": name, "disabled": disable})
 
     async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            body = await read_body(scope, receive, self.max_body)
-        except BodyTooLarge:
-            await send_error(send, 413, "body_too_large", f"the body is larger than {self.max_body} bytes")
-            return
-        except ClientGone:
+        body = await read_body_or_answer(scope, receive, send, self.max_body)
+        if body is None:
             return
         try:
             request = _publish_decoder.decode(body)

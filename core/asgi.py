@@ -80,3 +80,14 @@ async def send_json(
 
 async def send_error(send: Send, status: int, code: str, message: str) -> None:
     await send_json(send, status, {"error": code, "message": message})
+
+
+async def read_body_or_answer(scope: Scope, receive: Receive, send: Send, limit: int) -> bytes | None:
+    """The body, or None once a 413 was sent (too large) or the client went away."""
+    try:
+        return await read_body(scope, receive, limit)
+    except BodyTooLarge:
+        await send_error(send, 413, "body_too_large", f"the body is larger than {limit} bytes")
+    except ClientGone:
+        pass
+    return None

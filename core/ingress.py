@@ -18,14 +18,12 @@ from urllib.parse import quote
 import msgspec
 
 from hookgate.asgi import (
-    BodyTooLarge,
-    ClientGone,
     Message,
     Receive,
     Scope,
     Send,
     header_list,
-    read_body,
+    read_body_or_answer,
     send_bytes,
     send_error,
 )
@@ -193,12 +191,8 @@ class Ingress:
         if method != "POST":
             await send_error(send, 405, "method_not_allowed", "webhooks are POSTed")
             return
-        try:
-            body = await read_body(scope, receive, self.max_body)
-        except BodyTooLarge:
-            await send_error(send, 413, "body_too_large", f"the body is larger than {self.max_body} bytes")
-            return
-        except ClientGone:
+        body = await read_body_or_answer(scope, receive, send, self.max_body)
+        if body is None:
             return
         request = _request(scope, source_name, body)
 
