@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import httpx
 import trio
 
-from hookgate import __version__, config, gateway, hookspecs
+from hookgate import __version__, config, gateway, hookspecs, logs
 from hookgate.hooks import Hooks
 from hookgate.types import ComponentKind
 from hookgate.units import format_duration, seconds
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the gateway: ingress, API, router and dispatcher")
     with_config(run)
-    run.add_argument("--log-level", default=os.environ.get("HOOKGATE_LOG_LEVEL", "INFO"))
+    run.add_argument("--log-level", default=os.environ.get("HOOKGATE_LOG_LEVEL"), help="default: log.level")
     check = commands.add_parser("check", help="validate a config file and summarise it")
     with_config(check)
     commands.add_parser("plugins", help="list loaded plugins, their hooks and components")
@@ -220,17 +220,14 @@ def _plugins() -> int:
     return 0
 
 
-def _run(path: str, log_level: str) -> int:
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("nats").setLevel(logging.CRITICAL)  # its disconnect noise is reported by us
+def _run(path: str, log_level: str | None) -> int:
+    logs.configure(log_level or "info")
     hooks = Hooks()
     loaded = _load(path, hooks)
     if loaded is None:
         return 1
+    # The command line (or HOOKGATE_LOG_LEVEL) overrides the config's level.
+    logs.configure(log_level or loaded.config.log.level, loaded.config.log.format)
     try:
         trio.run(_run_until_signalled, loaded, hooks)
     except KeyboardInterrupt:

@@ -220,6 +220,13 @@ class EgressConfig(_Base):
     ] = None
 
 
+class LogConfig(_Base):
+    """How the gateway logs: readable text, or one JSON object per line."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class OpsConfig(_Base):
     """Operational events (endpoint.disabled, endpoint.recovered, delivery.exhausted, delivery.failing)."""
 
@@ -235,6 +242,7 @@ class Config(_Base):
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
     ops: OpsConfig = msgspec.field(default_factory=OpsConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
     sources: dict[Name, SourceConfig] = {}
     endpoints: dict[Name, EndpointConfig] = {}
     routes: list[RouteConfig] = []
@@ -269,7 +277,6 @@ class LoadedConfig:
 # auth rule) that its author believes is in force.
 UNSUPPORTED: dict[str, str] = {
     "$.broker.nkey_seed": "NKey authentication",
-    "$.log": "log settings",
 }
 
 
@@ -806,6 +813,7 @@ def _convert_sections(conv: _Converter, raw: dict[str, Any]) -> tuple[Config, se
         ("broker", BrokerConfig),
         ("egress", EgressConfig),
         ("ops", OpsConfig),
+        ("log", LogConfig),
     ):
         if (section := conv.convert(raw.get(key, {}), section_type, f"$.{key}")) is not None:
             setattr(config, key, section)

@@ -453,6 +453,7 @@ class EndpointWorker:
                 delivery.attempt,
                 result.error or result.status,
                 rfc3339(attempt.next_attempt_at),
+                extra=_context(delivery),
             )
             if ordered:
                 self.broker.commit_later(Commit([OutMsg(record.subject, _encode_json(attempt))]))
@@ -468,6 +469,7 @@ class EndpointWorker:
                 endpoint.name,
                 delivery.attempt,
                 result.error or result.status,
+                extra=_context(delivery),
             )
             self.broker.commit_later(self._dead_letter(msg, delivery, attempt))
         await self._track_failures(result, attempt)
@@ -618,6 +620,16 @@ class DeadLetter(msgspec.Struct, kw_only=True):
 
     delivery: Delivery
     last_attempt: Attempt
+
+
+def _context(delivery: Delivery) -> dict[str, Any]:
+    """Ids for structured logs (see hookgate.logs)."""
+    return {
+        "delivery_id": delivery.id,
+        "event_id": delivery.event.id,
+        "endpoint": delivery.endpoint,
+        "attempt": delivery.attempt,
+    }
 
 
 async def _maybe_await(value: Any) -> Any:

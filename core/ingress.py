@@ -199,7 +199,11 @@ class Ingress:
         rejection = await self._check(request, source)
         if rejection is not None:
             log.warning(
-                "rejected webhook for source %s: %s (%s)", source_name, rejection.code, rejection.message
+                "rejected webhook for source %s: %s (%s)",
+                source_name,
+                rejection.code,
+                rejection.message,
+                extra={"source": source_name},
             )
             self.metrics.ingress_rejections.labels(source_name, rejection.code).inc()
 
@@ -232,7 +236,12 @@ class Ingress:
         # header-safe (a provider id may hold any bytes).
         result = await store_event(self.broker, event, f"{source_name}:{event_id}")
         if not result.ok:
-            log.error("could not store webhook for source %s: %s", source_name, result.error)
+            log.error(
+                "could not store webhook for source %s: %s",
+                source_name,
+                result.error,
+                extra={"source": source_name, "event_id": event_id},
+            )
             await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")
             return
         (self.metrics.events_duplicate if result.duplicate else self.metrics.events_stored).labels(
