@@ -523,6 +523,18 @@ class NatsBridge:
         await consumer.top_up()
         return out
 
+    async def pending_counts(self, consumers: list[PullConsumer]) -> dict[str, int]:
+        """Messages each consumer has not yet been handed (its backlog), by durable name."""
+
+        async def go() -> dict[str, int]:
+            out = {}
+            for consumer in consumers:
+                info = await self.js._jsm.consumer_info(consumer.spec.stream, consumer.spec.durable)
+                out[consumer.spec.durable] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+            return out
+
+        return await self.run(go)
+
     # --- key-value state ----------------------------------------------------------------------
 
     async def ensure_kv(self, bucket: str, replicas: int) -> None:

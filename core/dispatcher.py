@@ -43,6 +43,7 @@ FLOW_MAX_WAIT = 5.0
 ACK_WAIT = 30.0
 KEEPALIVE = 10.0
 STATE_POLL = 1.0  # how soon every replica sees an endpoint disabled or enabled elsewhere
+BACKLOG_POLL = 5.0
 RESPONSE_EXCERPT = 4096
 
 # Not forwarded from the provider's request: they describe the hop, not the event.
@@ -248,6 +249,7 @@ class Dispatcher:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_states, stopping)
+                nursery.start_soon(self._measure_backlog, stopping, consumers)
                 for endpoint, consumer in zip(self.endpoints.values(), consumers, strict=True):
                     worker = EndpointWorker(self, endpoint, consumer)
                     nursery.start_soon(worker.run, stopping)
@@ -256,6 +258,23 @@ class Dispatcher:
                 for endpoint in self.endpoints.values():
                     if endpoint.transport is not None:
                         await endpoint.transport.aclose()
+
+    async def _measure_backlog(self, stopping: trio.Event, consumers: list[PullConsumer]) -> None:
+        """Backlog gauges from consumer info: what each endpoint still has to take."""
+        names = {self.broker.topology.endpoint_consumer(name): name for name in self.endpoints}
+        while not stopping.is_set():
+            try:
+                counts = await self.broker.bridge.pending_counts(consumers)
+            except Exception as exc:
+                log.debug("could not read consumer info: %s", exc)
+            else:
+                for durable, count in counts.items():
+                    if durable in names:
+                        self.metrics.backlog.labels(names[durable]).set(count)
+            for name in self.endpoints:
+                self.metrics.endpoint_disabled.labels(name).set(1 if self.states.disabled(name) else 0)
+            with trio.move_on_after(BACKLOG_POLL):
+                await stopping.wait()
 
     async def _follow_states(self, stopping: trio.Event) -> None:
         """Re-read endpoint states, so a disable or enable by any replica or the API applies here."""
@@ -291,7 +310,7 @@ class EndpointWorker:
         self.flow = FlowControl(
             config.rate_limit,
             config.circuit_breaker,
-            on_change=lambda old, new: log.warning("endpoint %s: circuit %s -> %s", endpoint.name, old, new),
+            on_change=self._circuit_changed,
             probe_timeout=2 * endpoint.timeout + 5,  # a probe may be sent twice (401 token refresh)
         )
 
@@ -340,6 +359,10 @@ class EndpointWorker:
                     for unsent in msgs[i:]:
                         self.broker.commit_later(Commit(nak=unsent))
                     raise
+
+    def _circuit_changed(self, old: CircuitState, new: CircuitState) -> None:
+        log.warning("endpoint %s: circuit %s -> %s", self.endpoint.name, old, new)
+        self.d.metrics.circuit_open.labels(self.endpoint.name).set(0 if new is CircuitState.CLOSED else 1)
 
     async def _keep_alive(self) -> None:
         """Tell the server every held message is still being worked on, so only a crash lets

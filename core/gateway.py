@@ -87,6 +87,9 @@ async def run(
             for name, endpoint in config.endpoints.items()
         }
         metrics = Metrics()
+        # One view of endpoint states for the API and the dispatcher: a change made here applies
+        # here at once, and reaches other replicas within a second.
+        states = EndpointStates(broker, config.ops.endpoint)
         app = App(
             Ingress(sources, hooks, broker, max_body, metrics),
             Api(
@@ -94,14 +97,13 @@ async def run(
                 config.server.api_tokens,
                 set(endpoints),
                 max_body,
-                EndpointStates(broker, config.ops.endpoint),
+                states,
             ),
             broker,
             metrics,
         )
         transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
         router = Router(broker, hooks, config.routes, set(endpoints), transforms)
-        states = EndpointStates(broker, config.ops.endpoint)
         dispatcher = Dispatcher(
             broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics, states
         )

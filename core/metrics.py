@@ -6,7 +6,7 @@ several gateways side by side.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -57,6 +57,25 @@ class Metrics:
             "hookgate_delivery_deferrals",
             "Deliveries put off by a rate limit or an open circuit (not counted as attempts)",
             ["endpoint", "reason"],
+            registry=self.registry,
+        )
+
+        self.backlog = Gauge(
+            "hookgate_endpoint_backlog",
+            "Deliveries waiting for an endpoint (pending plus in flight), from its JetStream consumer",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.circuit_open = Gauge(
+            "hookgate_endpoint_circuit_open",
+            "1 while an endpoint's circuit breaker is open or half-open, else 0",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.endpoint_disabled = Gauge(
+            "hookgate_endpoint_disabled",
+            "1 while an endpoint is disabled, else 0",
+            ["endpoint"],
             registry=self.registry,
         )
 

@@ -62,3 +62,45 @@ async def test_metrics_count_requests_rejections_events_and_attempts(
     assert samples[("hookgate_events_duplicate_total", (("source", "acme"),))] == 1
     assert samples[("hookgate_delivery_attempt_seconds_count", (("endpoint", "internal"),))] == 2
     assert len(rx.requests) == 2
+
+
+async def test_backlog_and_disabled_gauges_follow_the_endpoint(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    from tests.support import base_config
+
+    async with receiver() as rx:
+        text = base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              svc: {{url: "{rx.url}/in"}}
+            routes:
+              - {{from: [internal], to: [svc]}}
+            """,
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            auth = {"Authorization": "Bearer test-token"}
+            assert (
+                await gw.http.post(f"{gw.url}/api/v1/endpoints/svc/disable", headers=auth)
+            ).status_code == 200
+            for n in range(3):
+                await gw.publish("x", {"n": n})
+            backlog = ("hookgate_endpoint_backlog", (("endpoint", "svc"),))
+            disabled = ("hookgate_endpoint_disabled", (("endpoint", "svc"),))
+            with trio.fail_after(15):
+                while True:
+                    samples = _samples((await gw.http.get(f"{gw.url}/metrics")).text)
+                    print("DBG1", samples.get(backlog), samples.get(disabled))
+                    if samples.get(backlog) == 3 and samples.get(disabled) == 1:
+                        break
+                    await trio.sleep(0.2)
+            await gw.http.post(f"{gw.url}/api/v1/endpoints/svc/enable", headers=auth)
+            await rx.wait_for(3, timeout=15)
+            with trio.fail_after(15):
+                while True:
+                    samples = _samples((await gw.http.get(f"{gw.url}/metrics")).text)
+                    print("DBG", samples.get(backlog), samples.get(disabled))
+                    if samples.get(backlog) == 0 and samples.get(disabled) == 0:
+                        break
+                    await trio.sleep(0.2)
