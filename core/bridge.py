@@ -107,14 +107,6 @@ class InMsg:
 
 
 @dataclass
-class StoredMsg:
-    subject: str
-    data: bytes
-    headers: dict[str, str]
-    seq: int
-
-
-@dataclass
 class Commit:
     """Messages to publish and a message to settle once they are stored.
 
@@ -481,18 +473,6 @@ class NatsBridge:
             del self._ack_waiters[token]  # timed out and cancelled above
         return out
 
-    async def publish_core(self, msgs: list[OutMsg]) -> None:
-        """Plain NATS publish (no JetStream ack), flushed once."""
-
-        async def go() -> None:
-            if self._nc is None:
-                raise BrokerUnavailable("not connected to NATS")
-            for m in msgs:
-                await self._nc.publish(m.subject, m.data, headers=m.headers)
-            await self._nc.flush(timeout=5)
-
-        await self.run(go)
-
     # --- consuming -------------------------------------------------------------------------
 
     async def fetch(self, consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
@@ -570,31 +550,6 @@ class NatsBridge:
             await kv.put(key, value)
 
         await self.run(go)
-
-    # --- reading streams (tests, inspection) -----------------------------------------------
-
-    async def read_stream(
-        self, stream: str, subject: str | None = None, limit: int = 10_000
-    ) -> list[StoredMsg]:
-        """Every message of a stream (optionally filtered), oldest first, without a consumer."""
-
-        async def go() -> list[StoredMsg]:
-            jsm = self.js._jsm
-            info = await jsm.stream_info(stream)
-            out: list[StoredMsg] = []
-            seq = info.state.first_seq
-            while seq <= info.state.last_seq and len(out) < limit:
-                try:
-                    raw = await jsm.get_msg(stream, seq=seq, next=True, subject=subject or ">")
-                except nats.js.errors.NotFoundError:
-                    break
-                out.append(
-                    StoredMsg(raw.subject or "", raw.data or b"", dict(raw.headers or {}), raw.seq or 0)
-                )
-                seq = (raw.seq or seq) + 1
-            return out
-
-        return await self.run(go)
 
 
 def _describe(exc: BaseException | None) -> str:

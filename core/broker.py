@@ -25,7 +25,6 @@ from hookgate.bridge import (
     OutMsg,
     PubResult,
     PullConsumer,
-    StoredMsg,
     StreamSpec,
 )
 from hookgate.config import BrokerConfig
@@ -39,7 +38,6 @@ __all__ = [
     "OutMsg",
     "PubResult",
     "PullConsumer",
-    "StoredMsg",
     "Topology",
 ]
 
@@ -253,9 +251,6 @@ class Broker:
                 if not self._queue and not self._in_flight:
                     self._idle.set()
 
-    async def publish_core(self, msgs: list[OutMsg]) -> None:
-        await self.bridge.publish_core(msgs)
-
     # --- consuming -------------------------------------------------------------------------
 
     async def consumers(self, specs: list[ConsumerSpec]) -> list[PullConsumer]:
@@ -269,9 +264,6 @@ class Broker:
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
         await self.bridge.kv_put(bucket, key, value)
-
-    async def read_stream(self, stream: str, subject: str | None = None) -> list[StoredMsg]:
-        return await self.bridge.read_stream(stream, subject)
 
 
 def connect_options(config: BrokerConfig, url: str | list[str]) -> ConnectOptions:

@@ -1162,10 +1162,3 @@ def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
         "title": "hookgate configuration",
         **schema,
     }
-
-
-Mode = Literal["embedded", "external"]
-
-
-def broker_mode(config: Config) -> Mode:
-    return "embedded" if config.broker.url is None else "external"

@@ -57,9 +57,6 @@ class Hooks:
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)
 
-    def implemented(self, hook_name: str) -> bool:
-        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
-
     async def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
         """Call every implementation in pluggy's order and return the non-None results.
 

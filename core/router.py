@@ -137,10 +137,6 @@ class Router:
             )
         return decode_event(msg.data)
 
-    async def endpoints_for(self, event: Event) -> tuple[list[str], list[str]]:
-        routes, targets, _ = await self.plan(event)
-        return routes, targets
-
     async def plan(self, event: Event) -> tuple[list[str], list[str], dict[str, Event]]:
         """Matched route names, target endpoints, and the event each target gets if reshaped.
 
