@@ -9,6 +9,7 @@ from typing import Annotated
 
 import msgspec
 
+from hookgate.api_log import LogApi
 from hookgate.asgi import (
     Receive,
     Scope,
@@ -22,6 +23,7 @@ from hookgate.broker import Broker
 from hookgate.endpoint_state import EndpointStates
 from hookgate.ids import new_event_id
 from hookgate.intake import store_event
+from hookgate.metrics import Metrics
 from hookgate.types import INTERNAL_SOURCE, Event
 
 log = logging.getLogger("hookgate.api")
@@ -50,12 +52,16 @@ class Api:
         endpoints: set[str],
         max_body: int,
         states: EndpointStates | None = None,
+        log_api: LogApi | None = None,
+        metrics: Metrics | None = None,
     ):
         self.broker = broker
         self._tokens = [t.encode() for t in tokens if t]
         self.endpoints = endpoints
         self.max_body = max_body
         self.states = states or EndpointStates(broker)
+        self.log_api = log_api
+        self.metrics = metrics
 
     def _authorized(self, scope: Scope) -> int | None:
         """None when the bearer token is valid, else the status to answer (401 or 403)."""
@@ -79,17 +85,16 @@ class Api:
         if denied == 403:
             await send_error(send, 403, "forbidden", "the API token is not valid")
             return
-        if path == "/api/v1/events":
-            if scope["method"] != "POST":
-                await send_error(send, 405, "method_not_allowed", "POST events here")
-                return
+        if path == "/api/v1/events" and scope["method"] == "POST":
             await self._publish(scope, receive, send)
             return
-        parts = path.split("/")  # "", "api", "v1", "endpoints", name, action
-        if len(parts) == 6 and parts[3] == "endpoints" and parts[5] in ("enable", "disable"):
-            await self._set_endpoint(scope, send, parts[4], parts[5] == "disable")
+        parts = path.split("/")[3:]  # after "", "api", "v1"
+        if len(parts) == 3 and parts[0] == "endpoints" and parts[2] in ("enable", "disable"):
+            await self._set_endpoint(scope, send, parts[1], parts[2] == "disable")
             return
-        await send_error(send, 404, "not_found", f"no API resource at {path}")
+        if self.log_api is not None and await self.log_api.handle(scope, receive, send, parts):
+            return
+        await send_error(send, 404, "not_found", f"no API resource at {scope['method']} {path}")
 
     async def _set_endpoint(self, scope: Scope, send: Send, name: str, disable: bool) -> None:
         if scope["method"] != "POST":
@@ -141,4 +146,6 @@ class Api:
             log.error("could not store event %s: %s", event_id, result.error)
             await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")
             return
+        if self.metrics is not None and not result.duplicate:
+            self.metrics.events_stored.labels(INTERNAL_SOURCE).inc()
         await send_json(send, 202, {"id": event_id})

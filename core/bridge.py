@@ -17,6 +17,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -104,6 +105,17 @@ class InMsg:
     num_delivered: int
     timestamp: float  # unix seconds when the stream stored it
     raw: Msg = field(repr=False)
+
+
+@dataclass(frozen=True)
+class StoredMsg:
+    """A message read back from a stream (the delivery log), not consumed."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    seq: int
+    timestamp: float  # unix seconds when the stream stored it
 
 
 @dataclass
@@ -515,6 +527,92 @@ class NatsBridge:
 
         return await self.run(go)
 
+    # --- reading streams back (the delivery log) ----------------------------------------------
+
+    async def scan(
+        self,
+        stream: str,
+        subjects: list[str],
+        *,
+        start_seq: int = 0,
+        start_time: float | None = None,
+        limit: int = 256,
+    ) -> tuple[list[StoredMsg], bool]:
+        """Up to `limit` stored messages on `subjects` from `start_seq` (or `start_time`) on, in
+        stream order, and whether more follow. An ephemeral consumer without acks reads them in
+        bulk; it is deleted at once (and expires by itself if we crash)."""
+
+        async def go() -> tuple[list[StoredMsg], bool]:
+            jsm = self.js._jsm
+            extra: dict[str, Any] = {}
+            if start_seq > 0:
+                policy, extra["opt_start_seq"] = DeliverPolicy.BY_START_SEQUENCE, start_seq
+            elif start_time is not None:
+                policy = DeliverPolicy.BY_START_TIME
+                extra["opt_start_time"] = datetime.fromtimestamp(start_time, UTC)
+            else:
+                policy = DeliverPolicy.ALL
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=policy,
+                filter_subjects=subjects if len(subjects) > 1 else None,
+                filter_subject=subjects[0] if len(subjects) == 1 else None,
+                inactive_threshold=30.0,
+                mem_storage=True,
+                num_replicas=1,
+                **extra,
+            )
+            info = await jsm.add_consumer(stream, config)
+            name = info.name
+            try:
+                pending = int(info.num_pending or 0)
+                want = min(limit, pending)
+                if want == 0:
+                    return [], False
+                sub = await self.js.pull_subscribe_bind(consumer=name, stream=stream)
+                try:
+                    out: list[StoredMsg] = []
+                    while len(out) < want:
+                        msgs = await sub.fetch(min(want - len(out), 256), timeout=5)
+                        out.extend(_stored(m) for m in msgs)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                return out, pending > want
+            finally:
+                with contextlib.suppress(Exception):
+                    await jsm.delete_consumer(stream, name)
+
+        return await self.run(go)
+
+    async def last_msgs(self, stream: str, subjects: list[str]) -> dict[str, StoredMsg]:
+        """The last message stored on each subject (absent when there is none), read concurrently."""
+
+        async def one(subject: str) -> tuple[str, StoredMsg | None]:
+            try:
+                raw = await self.js._jsm.get_last_msg(stream, subject)
+            except nats.js.errors.NotFoundError:
+                return subject, None
+            return subject, _raw_stored(raw)
+
+        async def go() -> dict[str, StoredMsg]:
+            found = await asyncio.gather(*(one(s) for s in subjects))
+            return {s: m for s, m in found if m is not None}
+
+        return await self.run(go)
+
+    async def get_msg(self, stream: str, seq: int) -> StoredMsg | None:
+        async def go() -> StoredMsg | None:
+            try:
+                return _raw_stored(await self.js._jsm.get_msg(stream, seq))
+            except nats.js.errors.NotFoundError:
+                return None
+
+        return await self.run(go)
+
+    async def purge_subject(self, stream: str, subject: str) -> None:
+        await self.run(self.js._jsm.purge_stream, stream, None, subject)
+
     # --- key-value state ----------------------------------------------------------------------
 
     async def ensure_kv(self, bucket: str, replicas: int) -> None:
@@ -550,6 +648,27 @@ class NatsBridge:
             await kv.put(key, value)
 
         await self.run(go)
+
+
+def _stored(msg: Msg) -> StoredMsg:
+    meta = msg.metadata
+    return StoredMsg(
+        subject=msg.subject,
+        data=msg.data,
+        headers=dict(msg.headers or {}),
+        seq=meta.sequence.stream,
+        timestamp=meta.timestamp.timestamp(),
+    )
+
+
+def _raw_stored(raw: Any) -> StoredMsg:
+    return StoredMsg(
+        subject=raw.subject or "",
+        data=raw.data or b"",
+        headers=dict(raw.headers or {}),
+        seq=int(raw.seq or 0),
+        timestamp=raw.time.timestamp() if raw.time is not None else 0.0,
+    )
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -25,6 +25,7 @@ from hookgate.bridge import (
     OutMsg,
     PubResult,
     PullConsumer,
+    StoredMsg,
     StreamSpec,
 )
 from hookgate.config import BrokerConfig
@@ -38,6 +39,7 @@ __all__ = [
     "OutMsg",
     "PubResult",
     "PullConsumer",
+    "StoredMsg",
     "Topology",
 ]
 
@@ -99,14 +101,26 @@ class Topology:
     def schedule_subject(self, endpoint: str, delivery_id: str, attempt: int) -> str:
         return f"{self.prefix}.schedules.{endpoint}.{delivery_id}.{attempt}"
 
-    def attempt_subject(self, endpoint: str) -> str:
-        return f"{self.prefix}.log.attempts.{endpoint}"
+    # The delivery log (see hookgate.deliverylog). `endpoint` or `delivery_id` may be "*" in a filter.
 
-    def routed_subject(self, source: str) -> str:
-        return f"{self.prefix}.log.routed.{source}"
+    def attempt_subject(self, endpoint: str, delivery_id: str) -> str:
+        return f"{self.prefix}.log.attempts.{endpoint}.{delivery_id}"
 
-    def dead_subject(self, endpoint: str) -> str:
-        return f"{self.prefix}.dead.{endpoint}"
+    def delivery_log_subject(self, endpoint: str, delivery_id: str) -> str:
+        return f"{self.prefix}.log.deliveries.{endpoint}.{delivery_id}"
+
+    def routed_subject(self, event_key: str) -> str:
+        return f"{self.prefix}.log.routed.{event_key}"
+
+    def job_subject(self, key: str) -> str:
+        return f"{self.prefix}.log.jobs.{key}"
+
+    def dead_subject(self, endpoint: str, delivery_id: str) -> str:
+        return f"{self.prefix}.dead.{endpoint}.{delivery_id}"
+
+    @property
+    def event_subjects(self) -> list[str]:
+        return [f"{self.prefix}.events.>", f"{self.prefix}.publish.>"]
 
     def router_consumer(self) -> str:
         return "router"
@@ -120,7 +134,7 @@ class Topology:
         replicas = config.replicas
         p = self.prefix
         return [
-            StreamSpec(self.events_stream, [f"{p}.events.>", f"{p}.publish.>"], retention, dedup, replicas),
+            StreamSpec(self.events_stream, self.event_subjects, retention, dedup, replicas),
             StreamSpec(
                 self.deliveries_stream,
                 [f"{p}.deliveries.>", f"{p}.schedules.>"],
@@ -258,6 +272,30 @@ class Broker:
 
     async def fetch(self, consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
         return await self.bridge.fetch(consumer, batch, timeout)
+
+    # --- reading the log back -----------------------------------------------------------------
+
+    async def scan(
+        self,
+        stream: str,
+        subjects: list[str],
+        *,
+        start_seq: int = 0,
+        start_time: float | None = None,
+        limit: int = 256,
+    ) -> tuple[list[StoredMsg], bool]:
+        return await self.bridge.scan(
+            stream, subjects, start_seq=start_seq, start_time=start_time, limit=limit
+        )
+
+    async def last_msgs(self, stream: str, subjects: list[str]) -> dict[str, StoredMsg]:
+        return await self.bridge.last_msgs(stream, subjects) if subjects else {}
+
+    async def get_msg(self, stream: str, seq: int) -> StoredMsg | None:
+        return await self.bridge.get_msg(stream, seq)
+
+    async def purge_subject(self, stream: str, subject: str) -> None:
+        await self.bridge.purge_subject(stream, subject)
 
     async def kv_get_all(self, bucket: str) -> dict[str, bytes]:
         return await self.bridge.kv_get_all(bucket)

@@ -225,6 +225,9 @@ class LogConfig(_Base):
 
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # How much of an event's body the event log (GET /api/v1/events/{id}, `hookgate event`) shows;
+    # the whole body is always stored and delivered.
+    body_excerpt: Size = "64KiB"
 
 
 class OpsConfig(_Base):

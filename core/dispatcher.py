@@ -9,14 +9,12 @@ events. Instead the next attempt is published as a JetStream scheduled message (
 from __future__ import annotations
 
 import email.utils
-import functools
 import inspect
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -26,14 +24,16 @@ import trio
 from hookgate.bridge import ConsumerSpec
 from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
 from hookgate.config import EndpointConfig
+from hookgate.deliverylog import DeadLetter, DeliveryMarker
 from hookgate.endpoint_state import EndpointStates
 from hookgate.flow import CircuitState, FlowControl
 from hookgate.hooks import Hooks
 from hookgate.metrics import Metrics
+from hookgate.redact import redact_headers
 from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.transport import PooledTransport, Target, parse_url
 from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
-from hookgate.units import seconds
+from hookgate.units import rfc3339, seconds
 
 log = logging.getLogger("hookgate.dispatcher")
 
@@ -45,6 +45,9 @@ KEEPALIVE = 10.0
 STATE_POLL = 1.0  # how soon every replica sees an endpoint disabled or enabled elsewhere
 BACKLOG_POLL = 5.0
 RESPONSE_EXCERPT = 4096
+# An attempt in flight this long is marked `delivering` in the delivery log; shorter ones are not,
+# so the hot path does not pay for a record that would be stale before anyone could read it.
+MARK_DELIVERING_AFTER = 1.0
 
 # Not forwarded from the provider's request: they describe the hop, not the event.
 HOP_BY_HOP = frozenset(
@@ -150,6 +153,7 @@ class Result:
     error: str | None = None
     headers: Headers = field(default_factory=list)
     body: bytes = b""
+    request_headers: Headers = field(default_factory=list)  # redacted, for the attempt record
 
     @property
     def ok(self) -> bool:
@@ -171,11 +175,6 @@ def parse_retry_after(result: Result) -> float | None:
     if when.tzinfo is None:
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-@functools.lru_cache(maxsize=4096)  # an event's timestamp is rendered once, not once per attempt
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def request_body(event: Event) -> tuple[bytes, str]:
@@ -304,6 +303,8 @@ class EndpointWorker:
         self.stopping = False
         self._parsed: tuple[str, Target] | None = None  # see _target
         self.held: dict[int, InMsg] = {}  # fetched and not yet settled, by stream sequence
+        # Attempts in flight: delivery id -> (delivery, trio time started, marked delivering yet).
+        self.in_flight: dict[str, tuple[Delivery, float, bool]] = {}
         self.failing_since: float | None = None  # start of the current run of failed attempts
         self.disable_after = seconds(endpoint.config.disable_after) if endpoint.config.disable_after else None
         config = endpoint.config
@@ -366,10 +367,35 @@ class EndpointWorker:
 
     async def _keep_alive(self) -> None:
         """Tell the server every held message is still being worked on, so only a crash lets
-        ack_wait run out (and redelivery then comes within ACK_WAIT, not after a long attempt)."""
+        ack_wait run out (and redelivery then comes within ACK_WAIT, not after a long attempt).
+        Also marks long attempts `delivering` in the delivery log."""
+        last_keep_alive = trio.current_time()
         while True:
-            await trio.sleep(KEEPALIVE)
-            self.broker.commit_later(Commit(in_progress=list(self.held.values()), keep_queued=self.consumer))
+            await trio.sleep(MARK_DELIVERING_AFTER)
+            self._mark_long_attempts()
+            if trio.current_time() - last_keep_alive >= KEEPALIVE:
+                last_keep_alive = trio.current_time()
+                self.broker.commit_later(
+                    Commit(in_progress=list(self.held.values()), keep_queued=self.consumer)
+                )
+
+    def _mark_long_attempts(self) -> None:
+        now = trio.current_time()
+        marks = []
+        for key, (delivery, started, marked) in self.in_flight.items():
+            if not marked and now - started >= MARK_DELIVERING_AFTER:
+                self.in_flight[key] = (delivery, started, True)
+                marker = DeliveryMarker(
+                    delivery_id=delivery.id,
+                    endpoint=delivery.endpoint,
+                    state="delivering",
+                    at=time.time(),
+                    attempts=delivery.attempt,
+                )
+                subject = self.broker.topology.delivery_log_subject(self.endpoint.name, delivery.id)
+                marks.append(OutMsg(subject, _encode_json(marker)))
+        if marks:
+            self.broker.commit_later(Commit(marks))
 
     async def _work(self, receive: trio.MemoryReceiveChannel[InMsg]) -> None:
         async with receive:
@@ -434,10 +460,13 @@ class EndpointWorker:
                 "hookgate_transform", "event", delivery.event, endpoint=endpoint.view
             )
             started = time.time()
+            self.in_flight[delivery.id] = (delivery, trio.current_time(), False)
             result = await self._attempt(delivery, event, int(started))
         except BaseException:
             self.flow.release()  # cancelled or crashed: do not hold the probe slot
             raise
+        finally:
+            self.in_flight.pop(delivery.id, None)
         self.flow.record(result.status, result.error_kind)
         if result.status == 410:
             # Gone: the receiver asks us to stop. Disable the endpoint and keep this delivery in
@@ -446,6 +475,7 @@ class EndpointWorker:
             self.broker.commit_later(self._schedule(msg, delivery, time.time(), counted=False))
             return None
         latency = time.time() - started
+        final = endpoint.is_final(result)
         attempt = Attempt(
             delivery_id=delivery.id,
             event_id=delivery.event.id,
@@ -457,17 +487,19 @@ class EndpointWorker:
             status=result.status,
             error_kind=result.error_kind,
             error=result.error,
+            request_headers=result.request_headers,
             response_headers=result.headers,
             response_body=result.body[:RESPONSE_EXCERPT],
         )
-        record = OutMsg(self.broker.topology.attempt_subject(endpoint.name), _encode_json(attempt))
+        record_subject = self.broker.topology.attempt_subject(endpoint.name, delivery.id)
         retry_in: float | None = None
         if result.ok:
-            self.broker.commit_later(Commit([record], ack=msg))
-        elif delivery.attempt < endpoint.max_attempts and not endpoint.is_final(result):
+            self.broker.commit_later(Commit([OutMsg(record_subject, _encode_json(attempt))], ack=msg))
+            self.d.metrics.deliveries.labels(endpoint.name, "succeeded").inc()
+        elif delivery.attempt_in_series < endpoint.max_attempts and not final:
             attempt.outcome = "retrying"
             retry_after = parse_retry_after(result) if result.status in (429, 503) else None
-            retry_in = endpoint.retry_delay(delivery.attempt, retry_after)
+            retry_in = endpoint.retry_delay(delivery.attempt_in_series, retry_after)
             attempt.next_attempt_at = time.time() + retry_in
             log.info(
                 "delivery %s to %s failed (attempt %d: %s); next attempt at %s",
@@ -479,22 +511,25 @@ class EndpointWorker:
                 extra=_context(delivery),
             )
             if ordered:
-                self.broker.commit_later(Commit([OutMsg(record.subject, _encode_json(attempt))]))
+                self.broker.commit_later(Commit([OutMsg(record_subject, _encode_json(attempt))]))
             else:
                 commit = self._schedule(msg, delivery, attempt.next_attempt_at, counted=True)
-                commit.publishes.append(OutMsg(record.subject, _encode_json(attempt)))
+                commit.publishes.append(OutMsg(record_subject, _encode_json(attempt)))
                 self.broker.commit_later(commit)
         else:
-            attempt.outcome = "dead"
+            attempt.outcome = "failed" if final else "dead"
             log.warning(
-                "delivery %s to %s is dead after %d attempts (last: %s)",
+                "delivery %s to %s is %s after %d attempts (last: %s)",
                 delivery.id,
                 endpoint.name,
+                attempt.outcome,
                 delivery.attempt,
                 result.error or result.status,
                 extra=_context(delivery),
             )
             self.broker.commit_later(self._dead_letter(msg, delivery, attempt))
+            self.d.metrics.deliveries.labels(endpoint.name, attempt.outcome).inc()
+            self.d.metrics.dead_letters.labels(endpoint.name).inc()
         await self._track_failures(result, attempt)
         self.d.metrics.attempts.labels(endpoint.name, attempt.outcome).inc()
         self.d.metrics.attempt_latency.labels(endpoint.name).observe(latency)
@@ -514,7 +549,7 @@ class EndpointWorker:
         """Operational events, and disabling after `disable_after` of continuous failure."""
         states = self.d.states
         name = self.endpoint.name
-        if attempt.outcome == "dead":
+        if attempt.outcome in ("dead", "failed"):
             states.emit(
                 "delivery.exhausted", name, delivery_id=attempt.delivery_id, event_id=attempt.event_id
             )
@@ -558,13 +593,15 @@ class EndpointWorker:
             await _maybe_await(auth.apply(request))
         await self.hooks.call("hookgate_sign", request=request, endpoint=endpoint.view)
         if endpoint.transport is None:
-            return await self._publish_to_subject(request)
-        result = await self._post(endpoint.transport, request)
-        if result.status == 401 and auth is not None and await _maybe_await(auth.unauthorized()):
-            # Credentials went stale (an expired OAuth2 token): refresh once and resend now.
-            await _maybe_await(auth.apply(request))
-            await self.hooks.call("hookgate_sign", request=request, endpoint=endpoint.view)
+            result = await self._publish_to_subject(request)
+        else:
             result = await self._post(endpoint.transport, request)
+            if result.status == 401 and auth is not None and await _maybe_await(auth.unauthorized()):
+                # Credentials went stale (an expired OAuth2 token): refresh once and resend now.
+                await _maybe_await(auth.apply(request))
+                await self.hooks.call("hookgate_sign", request=request, endpoint=endpoint.view)
+                result = await self._post(endpoint.transport, request)
+        result.request_headers = redact_headers(request.headers)
         return result
 
     def _target(self, url: str) -> Target:
@@ -628,21 +665,14 @@ class EndpointWorker:
     def _dead_letter(self, msg: InMsg, delivery: Delivery, attempt: Attempt) -> Commit:
         record = DeadLetter(delivery=delivery, last_attempt=attempt)
         dead = OutMsg(
-            self.broker.topology.dead_subject(self.endpoint.name),
+            self.broker.topology.dead_subject(self.endpoint.name, delivery.id),
             _encode(record),
             {"Nats-Msg-Id": f"dead:{delivery.id}:{delivery.attempt}"},
         )
         attempt_record = OutMsg(
-            self.broker.topology.attempt_subject(self.endpoint.name), _encode_json(attempt)
+            self.broker.topology.attempt_subject(self.endpoint.name, delivery.id), _encode_json(attempt)
         )
         return Commit([dead, attempt_record], ack=msg, required=1)
-
-
-class DeadLetter(msgspec.Struct, kw_only=True):
-    """A delivery that used up its attempts, kept in the dead-letter stream for inspection and redrive."""
-
-    delivery: Delivery
-    last_attempt: Attempt
 
 
 def _context(delivery: Delivery) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from hypercorn.trio import serve
 
 from hookgate import __version__
 from hookgate.api import Api
+from hookgate.api_log import LogApi
 from hookgate.app import App
 from hookgate.broker import Broker, BrokerUnavailable
 from hookgate.components import ConfiguredComponents
@@ -28,7 +29,9 @@ from hookgate.embedded import embedded_nats
 from hookgate.endpoint_state import EndpointStates
 from hookgate.hooks import Hooks
 from hookgate.ingress import Ingress, Source
+from hookgate.logquery import DeliveryLog
 from hookgate.metrics import Metrics
+from hookgate.replay import Replayer
 from hookgate.router import Router
 from hookgate.ssrf import EgressGuard
 from hookgate.units import seconds, size_bytes
@@ -90,6 +93,10 @@ async def run(
         # One view of endpoint states for the API and the dispatcher: a change made here applies
         # here at once, and reaches other replicas within a second.
         states = EndpointStates(broker, config.ops.endpoint)
+        transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
+        router = Router(broker, hooks, config.routes, set(endpoints), transforms)
+        delivery_log = DeliveryLog(broker, states, size_bytes(config.log.body_excerpt))
+        replayer = Replayer(broker, delivery_log, router.event_for)
         app = App(
             Ingress(sources, hooks, broker, max_body, metrics),
             Api(
@@ -98,12 +105,12 @@ async def run(
                 set(endpoints),
                 max_body,
                 states,
+                LogApi(delivery_log, replayer, lambda name: name in endpoints),
+                metrics,
             ),
             broker,
             metrics,
         )
-        transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
-        router = Router(broker, hooks, config.routes, set(endpoints), transforms)
         dispatcher = Dispatcher(
             broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics, states
         )
@@ -113,6 +120,7 @@ async def run(
             # Consumers exist (created or updated) before the gateway reports itself started.
             await nursery.start(router.run, stopping)
             await nursery.start(dispatcher.run, stopping)
+            await nursery.start(replayer.run, stopping)
             http_url = binds[0]
             log.info("hookgate %s listening on %s (broker %s)", __version__, http_url, url)
             await hooks.call("hookgate_startup", info={"listen": http_url, "version": __version__})

@@ -6,7 +6,7 @@ import msgspec
 import trio
 
 from hookgate.broker import Broker, OutMsg, PubResult
-from hookgate.types import Event
+from hookgate.types import INTERNAL_SOURCE, Event
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Event)
@@ -20,6 +20,23 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(data: bytes) -> Event:
     return _decoder.decode(data)
+
+
+def event_from_stream(
+    publish_prefix: str, subject: str, data: bytes, headers: dict[str, str], seq: int, timestamp: float
+) -> Event:
+    """The event a message in the events stream holds (raises msgspec errors if unreadable)."""
+    if subject.startswith(publish_prefix):
+        # Published by one of our services straight to JetStream: the body is the event data.
+        msgspec.json.decode(data)  # must be JSON to be sent as Standard Webhooks `data`
+        return Event(
+            id=headers.get("Nats-Msg-Id") or f"evt_s{seq}",
+            source=INTERNAL_SOURCE,
+            type=subject[len(publish_prefix) :],
+            received_at=timestamp,
+            body=data,
+        )
+    return decode_event(data)
 
 
 async def store_event(broker: Broker, event: Event, dedup_key: str) -> PubResult:

@@ -41,8 +41,20 @@ class Metrics:
         )
         self.attempts = Counter(
             "hookgate_delivery_attempts",
-            "Delivery attempts, by endpoint and outcome (succeeded, retrying, dead)",
+            "Delivery attempts, by endpoint and outcome (succeeded, retrying, failed, dead)",
             ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.deliveries = Counter(
+            "hookgate_deliveries",
+            "Deliveries that ended, by endpoint and outcome (succeeded, failed, dead)",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "hookgate_dead_letters",
+            "Deliveries put in the dead-letter stream (failed or dead), by endpoint",
+            ["endpoint"],
             registry=self.registry,
         )
         self.attempt_latency = Histogram(

@@ -19,10 +19,11 @@ import trio
 from hookgate.bridge import ConsumerSpec
 from hookgate.broker import Broker, Commit, InMsg, OutMsg
 from hookgate.config import RouteConfig
+from hookgate.deliverylog import DeliveryCreated, event_key
 from hookgate.filters import Filter, ParsedBody, compile_filter
 from hookgate.hooks import Hooks
 from hookgate.ids import delivery_id
-from hookgate.intake import decode_event
+from hookgate.intake import event_from_stream
 from hookgate.types import INTERNAL_SOURCE, Delivery, Event, Transform
 
 log = logging.getLogger("hookgate.router")
@@ -51,6 +52,7 @@ class RoutingRecord(msgspec.Struct, kw_only=True):
     routes: list[str]
     endpoints: list[str]
     error: str | None = None
+    events_seq: int = 0  # where the event is in the events stream
 
 
 @dataclass(frozen=True)
@@ -124,18 +126,14 @@ class Router:
                 backoff = min(backoff * 2, 5.0)
 
     def to_event(self, msg: InMsg) -> Event:
-        topology = self.broker.topology
-        if msg.subject.startswith(topology.publish_prefix):
-            # Published by one of our services straight to JetStream: the body is the event data.
-            msgspec.json.decode(msg.data)  # must be JSON to be sent as Standard Webhooks `data`
-            return Event(
-                id=msg.headers.get("Nats-Msg-Id") or f"evt_s{msg.stream_seq}",
-                source=INTERNAL_SOURCE,
-                type=msg.subject[len(topology.publish_prefix) :],
-                received_at=msg.timestamp,
-                body=msg.data,
-            )
-        return decode_event(msg.data)
+        return event_from_stream(
+            self.broker.topology.publish_prefix,
+            msg.subject,
+            msg.data,
+            msg.headers,
+            msg.stream_seq,
+            msg.timestamp,
+        )
 
     async def plan(self, event: Event) -> tuple[list[str], list[str], dict[str, Event]]:
         """Matched route names, target endpoints, and the event each target gets if reshaped.
@@ -167,6 +165,12 @@ class Router:
                 elif name not in targets:
                     targets.append(name)
         return matched_routes, targets, variants
+
+    async def event_for(self, event: Event, endpoint: str) -> Event:
+        """The event as `endpoint` gets it under the current routes (its transform applied), for
+        replaying a delivery whose original form was not kept."""
+        _, _, variants = await self.plan(event)
+        return variants.get(endpoint, event)
 
     async def route_batch(self, msgs: list[InMsg]) -> None:
         """Fan out a batch; each event is acked only once all its deliveries are stored."""
@@ -202,6 +206,7 @@ class Router:
         )
         topology = self.broker.topology
         out: list[OutMsg] = []
+        created: list[DeliveryCreated] = []
         now = time.time()
         if event is not None:
             for endpoint in targets:
@@ -220,6 +225,17 @@ class Router:
                         {"Nats-Msg-Id": f"{event.id}:{endpoint}"},
                     )
                 )
+                created.append(
+                    DeliveryCreated(
+                        delivery_id=delivery.id,
+                        event_id=event.id,
+                        endpoint=endpoint,
+                        source=event.source,
+                        type=event.type,
+                        created_at=now,
+                        routes=routes,
+                    )
+                )
         event_id = event.id if event else msg.headers.get("Nats-Msg-Id") or f"evt_s{msg.stream_seq}"
         source = event.source if event else INTERNAL_SOURCE
         record = RoutingRecord(
@@ -230,13 +246,24 @@ class Router:
             routes=routes,
             endpoints=targets,
             error=error,
+            events_seq=msg.stream_seq,
         )
         out.append(
             OutMsg(
-                topology.routed_subject(source),
+                topology.routed_subject(event_key(event_id)),
                 self._encode_json(record),
                 {"Nats-Msg-Id": f"routed:{event_id}"},
             )
         )
+        if created:
+            out.extend(
+                OutMsg(
+                    topology.delivery_log_subject(c.endpoint, c.delivery_id),
+                    self._encode_json(c),
+                    {"Nats-Msg-Id": f"created:{c.delivery_id}"},
+                )
+                for c in created
+            )
         # An unreadable event is recorded and acked: redelivering it would not make it readable.
+        # The log's records are required too, so a delivery is never missing from the log.
         return Commit(out, ack=msg, required=len(out), nak_delay=ROUTE_RETRY_DELAY)

@@ -92,10 +92,19 @@ class Delivery(msgspec.Struct, kw_only=True):
     event: Event
     created_at: float
     routes: list[str] = []
+    # The first attempt of the current series: a replay continues the numbering (so every
+    # attempt of a delivery has its own number) but starts the retry schedule afresh.
+    series_start: int = 1
+
+    @property
+    def attempt_in_series(self) -> int:
+        return self.attempt - self.series_start + 1
 
 
 ErrorKind = Literal["timeout", "connect", "tls", "http_status", "protocol", "destination", "ssrf_refused"]
-Outcome = Literal["succeeded", "retrying", "dead", "deferred"]
+# dead: used up its attempts; failed: a failure that retrying cannot fix (refused by the SSRF guard,
+# or a status listed in `retry.final_statuses`). Both leave a dead letter for redrive.
+Outcome = Literal["succeeded", "retrying", "dead", "failed", "deferred"]
 
 
 class Attempt(msgspec.Struct, kw_only=True):
@@ -111,6 +120,7 @@ class Attempt(msgspec.Struct, kw_only=True):
     status: int | None = None
     error_kind: ErrorKind | None = None
     error: str | None = None
+    request_headers: Headers = []  # as sent, with credentials and signatures redacted
     response_headers: Headers = []
     response_body: bytes = b""
     next_attempt_at: float | None = None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -59,3 +62,31 @@ def format_duration(value: float) -> str:
         if value >= factor and value % factor == 0:
             return f"{int(value // factor)}{unit}"
     return f"{round(value * 1000)}ms"
+
+
+@functools.lru_cache(maxsize=4096)  # an event's timestamp is rendered once, not once per attempt
+def rfc3339(ts: float) -> str:
+    """A unix time as RFC 3339 in UTC with milliseconds, as webhook payloads and the API show it."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """A point in time from the API or CLI: RFC 3339 ("2026-11-27T04:00:00Z"), unix seconds, or a
+    duration meaning that long ago ("30m")."""
+    text = text.strip()
+    if _DURATION.fullmatch(text):
+        return (time.time() if now is None else now) - seconds(text)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            'expected a time like "2026-11-27T04:00:00Z", unix seconds, or a duration ago like "1h", '
+            f"got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()

@@ -45,7 +45,7 @@ async def test_invalid_events_get_4xx_with_the_path(tmp_path: Path, nats_server:
         unknown = await gw.http.post(
             f"{gw.url}/api/v1/events", json={"type": "a", "data": 1, "x": 2}, headers=auth
         )
-        wrong_method = await gw.http.get(f"{gw.url}/api/v1/events", headers=auth)
+        wrong_method = await gw.http.delete(f"{gw.url}/api/v1/events", headers=auth)
         elsewhere = await gw.http.get(f"{gw.url}/nothing-here")
     assert not_json.status_code == 400
     assert no_type.status_code == 422 and "type" in no_type.json()["message"]

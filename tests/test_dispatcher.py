@@ -7,7 +7,8 @@ from pathlib import Path
 import msgspec
 import trio
 
-from hookgate.dispatcher import DeadLetter, request_body, rfc3339
+from hookgate.deliverylog import DeadLetter
+from hookgate.dispatcher import request_body, rfc3339
 from hookgate.types import Event
 from tests.support import NatsServer, Received, base_config, receiver, run_gateway, stream_messages
 

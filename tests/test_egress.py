@@ -48,7 +48,7 @@ async def test_private_targets_are_refused_by_default_and_not_retried(
     assert {a["endpoint"] for a in attempts} == set(targets)
     for attempt in attempts:
         assert attempt["error_kind"] == "ssrf_refused", attempt
-        assert attempt["outcome"] == "dead" and attempt["attempt"] == 1
+        assert attempt["outcome"] == "failed" and attempt["attempt"] == 1
         assert "egress.allow_networks" in attempt["error"]
     assert len(dead) == 4
 

@@ -523,7 +523,7 @@ async def test_rate_limit_defers_a_delivery_without_using_an_attempt(
                 await plugin.outcome.wait()
             topology = gw.running.broker.topology
             attempts = await stream_messages(
-                nats_server.url, topology.log_stream, topology.attempt_subject("main")
+                nats_server.url, topology.log_stream, topology.attempt_subject("main", "*")
             )
     assert published.status_code == 202
     (got,) = rx.requests

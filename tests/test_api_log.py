@@ -1,0 +1,276 @@
+"""The delivery log through the API: events, deliveries with statuses and attempts, pagination,
+and replays (retry, recover, redrive) on a real nats-server with loopback receivers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tests.support import (
+    Gateway,
+    NatsServer,
+    Received,
+    base_config,
+    receiver,
+    run_gateway,
+    stream_messages,
+)
+
+AUTH = {"Authorization": "Bearer test-token"}
+
+
+def _config(nats_url: str, ok: str, flaky: str, dead: str) -> str:
+    return base_config(
+        nats_url,
+        f"""
+        endpoints:
+          ok: {{url: "{ok}/in"}}
+          flaky: {{url: "{flaky}/in", retry: {{schedule: [100ms], jitter: 0}}}}
+          dead: {{url: "{dead}/in", retry: {{schedule: [100ms], jitter: 0}}}}
+        routes:
+          - {{from: [internal], types: ["order.*"], to: [ok, flaky, dead]}}
+        """,
+    )
+
+
+def _first_attempt_fails(request: Received, n: int) -> int:
+    return 500 if request.headers["hookgate-attempt"] == "1" else 200
+
+
+async def _get(gw: Gateway, path: str, **params: Any) -> Any:
+    response = await gw.http.get(f"{gw.url}/api/v1{path}", params=params, headers=AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def _until(
+    gw: Gateway, path: str, done: Callable[[Any], bool], timeout: float = 15, **params: Any
+) -> Any:
+    """Poll an API resource until `done` holds (the log is written without waiting on deliveries)."""
+    with trio.fail_after(timeout):
+        while True:
+            body = await _get(gw, path, **params)
+            if done(body):
+                return body
+            await trio.sleep(0.05)
+
+
+def _statuses(page: Any) -> dict[str, str]:
+    return {d["endpoint"]: d["status"] for d in page["data"]}
+
+
+async def test_statuses_attempts_and_pagination(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with (
+        receiver() as ok,
+        receiver(_first_attempt_fails) as flaky,
+        receiver(lambda r, n: 500) as dead,
+        run_gateway(tmp_path, _config(nats_server.url, ok.url, flaky.url, dead.url)) as gw,
+    ):
+        ids = []
+        for n in range(3):
+            response = await gw.publish("order.created", {"n": n}, id=f"order-{n}")
+            ids.append(response.json()["id"])
+        await ok.wait_for(3)
+        await flaky.wait_for(6)
+        await dead.wait_for(6)
+
+        def settled(page: Any) -> bool:
+            return len(page["data"]) == 9 and all(d["status"] in ("succeeded", "dead") for d in page["data"])
+
+        everything = await _until(gw, "/deliveries", settled, limit=50)
+        by_event = await _get(gw, "/deliveries", event="order-1")
+        dead_only = await _get(gw, "/deliveries", status="dead")
+        ok_only = await _get(gw, "/deliveries", endpoint="ok")
+        pages, cursor = [], None
+        while True:
+            params: dict[str, Any] = {"limit": 2}
+            if cursor:
+                params["cursor"] = cursor
+            page = await _get(gw, "/deliveries", **params)
+            pages.append(page)
+            cursor = page["next"]
+            if cursor is None:
+                break
+        flaky_row = next(d for d in by_event["data"] if d["endpoint"] == "flaky")
+        flaky_detail = await _get(gw, f"/deliveries/{flaky_row['id']}")
+        dead_row = next(d for d in by_event["data"] if d["endpoint"] == "dead")
+        dead_detail = await _get(gw, f"/deliveries/{dead_row['id']}")
+        events = await _get(gw, "/events")
+        event = await _get(gw, "/events/order-1")
+        missing = await gw.http.get(f"{gw.url}/api/v1/deliveries/dlv_nope", headers=AUTH)
+        bad_status = await gw.http.get(f"{gw.url}/api/v1/deliveries?status=lost", headers=AUTH)
+        bad_param = await gw.http.get(f"{gw.url}/api/v1/deliveries?endpiont=ok", headers=AUTH)
+        no_token = await gw.http.get(f"{gw.url}/api/v1/deliveries")
+
+    rows = everything["data"]
+    assert {(d["endpoint"], d["status"], d["attempts"]) for d in rows} == {
+        ("ok", "succeeded", 1),
+        ("flaky", "succeeded", 2),
+        ("dead", "dead", 2),
+    }
+    assert sorted(d["event_id"] for d in rows) == sorted(ids * 3)
+    assert _statuses(by_event) == {"ok": "succeeded", "flaky": "succeeded", "dead": "dead"}
+    assert [d["endpoint"] for d in dead_only["data"]] == ["dead"] * 3
+    assert [d["endpoint"] for d in ok_only["data"]] == ["ok"] * 3
+
+    # Pagination: every row exactly once, in creation order.
+    paged = [d["id"] for page in pages for d in page["data"]]
+    assert len(paged) == 9 and sorted(paged) == sorted(d["id"] for d in rows)
+    assert all(len(page["data"]) <= 2 for page in pages)
+
+    assert [(a["attempt"], a["status"], a["outcome"]) for a in flaky_detail["attempt_log"]] == [
+        (1, 500, "retrying"),
+        (2, 200, "succeeded"),
+    ]
+    assert flaky_detail["attempt_log"][0]["next_attempt_at"] is not None
+    assert flaky_detail["attempt_log"][0]["error_kind"] == "http_status"
+    assert [(a["attempt"], a["outcome"]) for a in dead_detail["attempt_log"]] == [
+        (1, "retrying"),
+        (2, "dead"),
+    ]
+    sent = dict(dead_detail["attempt_log"][0]["request_headers"])
+    assert sent["webhook-id"] == "order-1" and sent["hookgate-attempt"] == "1"
+
+    assert sorted(e["id"] for e in events["data"]) == sorted(ids)
+    assert event["type"] == "order.created" and event["source"] == "internal"
+    assert event["body"] == '{"n":1}' and not event["body_truncated"]
+    assert sorted(event["endpoints"]) == ["dead", "flaky", "ok"]
+
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    assert bad_status.status_code == 422 and "lost" in bad_status.json()["message"]
+    assert bad_param.status_code == 422 and "endpiont" in bad_param.json()["message"]
+    assert no_token.status_code == 401
+
+
+async def test_retry_recover_and_redrive(tmp_path: Path, nats_server: NatsServer) -> None:
+    healthy = False
+
+    def dead_until_healed(request: Received, n: int) -> int:
+        return 200 if healthy else 500
+
+    async with (
+        receiver() as ok,
+        receiver(_first_attempt_fails) as flaky,
+        receiver(dead_until_healed) as dead,
+        run_gateway(tmp_path, _config(nats_server.url, ok.url, flaky.url, dead.url)) as gw,
+    ):
+
+        async def dead_rows(expected: int) -> list[Any]:
+            page = await _until(
+                gw,
+                "/deliveries",
+                lambda p: len(p["data"]) == expected,
+                endpoint="dead",
+                status="dead",
+            )
+            return list(page["data"])
+
+        # Three batches of dead deliveries: a, then b and c (the recover's range), then d.
+        await gw.publish("order.created", {}, id="a")
+        await dead_rows(1)
+        range_start = time.time()
+        await gw.publish("order.created", {}, id="b")
+        await gw.publish("order.created", {}, id="c")
+        await dead_rows(3)
+        range_end = time.time()
+        await gw.publish("order.created", {}, id="d")
+        rows = {r["event_id"]: r for r in await dead_rows(4)}
+        healthy = True
+        before = len(dead.requests)
+
+        # Retry one delivery: it is sent again as attempt 3, and succeeds.
+        retried = await gw.http.post(f"{gw.url}/api/v1/deliveries/{rows['a']['id']}/retry", headers=AUTH)
+        await dead.wait_for(before + 1)
+        a = await _until(gw, f"/deliveries/{rows['a']['id']}", lambda d: d["status"] == "succeeded")
+        again = await gw.http.post(f"{gw.url}/api/v1/deliveries/{rows['a']['id']}/retry", headers=AUTH)
+        await dead.wait_for(before + 2)
+
+        # Recover the range: exactly b and c.
+        recover = await gw.http.post(
+            f"{gw.url}/api/v1/endpoints/dead/recover",
+            json={"since": str(range_start), "until": str(range_end)},
+            headers=AUTH,
+        )
+        job = await _until(gw, f"/jobs/{recover.json()['id']}", lambda j: j["state"] != "running")
+        await dead.wait_for(before + 4)
+        recovered = [r.json() for r in dead.requests[before + 2 :]]
+
+        # Redrive the dead letters left (d): the dead-letter stream for the endpoint empties.
+        redrive = await gw.http.post(f"{gw.url}/api/v1/endpoints/dead/redrive", headers=AUTH)
+        redrive_job = await _until(gw, f"/jobs/{redrive.json()['id']}", lambda j: j["state"] != "running")
+        await dead.wait_for(before + 5)
+        final = await _until(
+            gw,
+            "/deliveries",
+            lambda p: all(d["status"] == "succeeded" for d in p["data"]) and len(p["data"]) == 4,
+            endpoint="dead",
+        )
+        left = await stream_messages(nats_server.url, "HOOKGATE_DEAD", "hookgate.dead.dead.>")
+        unknown = await gw.http.post(
+            f"{gw.url}/api/v1/endpoints/nope/recover", json={"since": "1h"}, headers=AUTH
+        )
+        bad = await gw.http.post(
+            f"{gw.url}/api/v1/endpoints/dead/recover", json={"since": "yesterday"}, headers=AUTH
+        )
+
+    assert retried.status_code == 202 and retried.json()["attempt"] == 3
+    assert a["attempts"] == 3
+    assert [x["attempt"] for x in a["attempt_log"]] == [1, 2, 3]
+    assert again.status_code == 202 and again.json()["attempt"] == 4  # a resend of a delivered one
+    assert [r.headers["hookgate-attempt"] for r in dead.requests[before : before + 2]] == ["3", "4"]
+
+    assert recover.status_code == 202
+    assert job["state"] == "succeeded" and job["requeued"] == 2, job
+    assert sorted(r["type"] for r in recovered) == ["order.created"] * 2
+    assert sorted(r.headers["webhook-id"] for r in dead.requests[before + 2 : before + 4]) == ["b", "c"]
+
+    assert redrive.status_code == 202
+    assert redrive_job["state"] == "succeeded" and redrive_job["requeued"] == 1, redrive_job
+    assert dead.requests[before + 4].headers["webhook-id"] == "d"
+    assert left == []
+    assert {d["event_id"] for d in final["data"]} == {"a", "b", "c", "d"}
+
+    assert unknown.status_code == 404
+    assert bad.status_code == 422 and "$.since" in bad.json()["message"]
+
+
+async def test_retry_of_a_delivery_on_its_way_is_refused(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with (
+        receiver() as ok,
+        receiver() as flaky,
+        receiver() as dead,
+        run_gateway(tmp_path, _config(nats_server.url, ok.url, flaky.url, dead.url)) as gw,
+    ):
+        disabled = await gw.http.post(f"{gw.url}/api/v1/endpoints/ok/disable", headers=AUTH)
+        assert disabled.status_code == 200
+        await gw.publish("order.created", {}, id="held-1")
+        page = await _until(gw, "/deliveries", lambda p: len(p["data"]) == 1, endpoint="ok", status="held")
+        refused = await gw.http.post(
+            f"{gw.url}/api/v1/deliveries/{page['data'][0]['id']}/retry", headers=AUTH
+        )
+        missing = await gw.http.post(f"{gw.url}/api/v1/deliveries/dlv_missing/retry", headers=AUTH)
+        wrong_method = await gw.http.get(
+            f"{gw.url}/api/v1/deliveries/{page['data'][0]['id']}/retry", headers=AUTH
+        )
+    assert refused.status_code == 409 and refused.json()["error"] == "delivery_active"
+    assert missing.status_code == 404
+    assert wrong_method.status_code == 405
+    assert ok.requests == []
+
+
+def test_api_times_accept_durations_and_rfc3339() -> None:
+    from hookgate.units import parse_time
+
+    assert parse_time("2026-11-27T04:00:00Z") == 1795752000.0
+    assert parse_time("1795752000") == 1795752000.0
+    assert parse_time("1h", now=1795752000.0) == 1795748400.0
+    try:
+        parse_time("yesterday")
+    except ValueError as exc:
+        assert "yesterday" in str(exc)
+    else:
+        raise AssertionError("parse_time accepted 'yesterday'")
