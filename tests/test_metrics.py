@@ -7,7 +7,7 @@ from pathlib import Path
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import NatsServer, receiver, run_gateway
+from tests.support import NatsServer, Received, receiver, run_gateway
 from tests.test_ingress import acme_config, signed
 
 
@@ -91,7 +91,6 @@ async def test_backlog_and_disabled_gauges_follow_the_endpoint(
             with trio.fail_after(15):
                 while True:
                     samples = _samples((await gw.http.get(f"{gw.url}/metrics")).text)
-                    print("DBG1", samples.get(backlog), samples.get(disabled))
                     if samples.get(backlog) == 3 and samples.get(disabled) == 1:
                         break
                     await trio.sleep(0.2)
@@ -100,7 +99,69 @@ async def test_backlog_and_disabled_gauges_follow_the_endpoint(
             with trio.fail_after(15):
                 while True:
                     samples = _samples((await gw.http.get(f"{gw.url}/metrics")).text)
-                    print("DBG", samples.get(backlog), samples.get(disabled))
                     if samples.get(backlog) == 0 and samples.get(disabled) == 0:
                         break
                     await trio.sleep(0.2)
+
+
+async def test_delivery_counters_match_what_the_receivers_saw(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    from tests.support import base_config
+
+    def first_attempt_fails(request: Received, n: int) -> int:
+        return 500 if request.headers["hookgate-attempt"] == "1" else 200
+
+    async with (
+        receiver() as ok,
+        receiver(first_attempt_fails) as flaky,
+        receiver(lambda r, n: 500) as dead,
+    ):
+        text = base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              ok: {{url: "{ok.url}/in"}}
+              flaky: {{url: "{flaky.url}/in", retry: {{schedule: [100ms], jitter: 0}}}}
+              dead: {{url: "{dead.url}/in", retry: {{schedule: [100ms, 100ms], jitter: 0}}}}
+            routes:
+              - {{from: [internal], to: [ok, flaky, dead]}}
+            """,
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            for n in range(4):
+                assert (await gw.publish("x", {"n": n})).status_code == 202
+            await ok.wait_for(4)
+            await flaky.wait_for(8)
+            await dead.wait_for(12)
+            dead_total = ("hookgate_deliveries_total", (("endpoint", "dead"), ("outcome", "dead")))
+            with trio.fail_after(10):
+                while True:
+                    samples = _samples((await gw.http.get(f"{gw.url}/metrics")).text)
+                    if samples.get(dead_total) == 4:
+                        break
+                    await trio.sleep(0.05)
+
+    def attempts(endpoint: str, outcome: str) -> float:
+        key = ("hookgate_delivery_attempts_total", (("endpoint", endpoint), ("outcome", outcome)))
+        return samples.get(key, 0)
+
+    def deliveries(endpoint: str, outcome: str) -> float:
+        return samples.get(("hookgate_deliveries_total", (("endpoint", endpoint), ("outcome", outcome))), 0)
+
+    assert samples[("hookgate_events_stored_total", (("source", "internal"),))] == 4
+    # What each receiver saw: every request is one attempt; the 2xx answers are the successes.
+    answered_2xx = {
+        "ok": len(ok.requests),
+        "flaky": sum(1 for r in flaky.requests if r.headers["hookgate-attempt"] != "1"),
+        "dead": 0,
+    }
+    for name, requests in {"ok": ok.requests, "flaky": flaky.requests, "dead": dead.requests}.items():
+        total = sum(attempts(name, outcome) for outcome in ("succeeded", "retrying", "failed", "dead"))
+        assert total == len(requests), name
+        assert attempts(name, "succeeded") == answered_2xx[name] == deliveries(name, "succeeded"), name
+    assert attempts("flaky", "retrying") == 4
+    assert attempts("dead", "retrying") == 8 and attempts("dead", "dead") == 4
+    assert deliveries("dead", "dead") == 4
+    assert samples[("hookgate_dead_letters_total", (("endpoint", "dead"),))] == 4
+    assert ("hookgate_dead_letters_total", (("endpoint", "ok"),)) not in samples
