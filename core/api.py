@@ -22,6 +22,7 @@ from hookgate.broker import Broker
 from hookgate.endpoint_state import EndpointStates
 from hookgate.ids import new_event_id
 from hookgate.intake import store_event
+from hookgate.tracing import NO_SPAN, OFF, Span, Tracing
 from hookgate.types import INTERNAL_SOURCE, Event
 
 log = logging.getLogger("hookgate.api")
@@ -50,12 +51,14 @@ class Api:
         endpoints: set[str],
         max_body: int,
         states: EndpointStates | None = None,
+        tracing: Tracing = OFF,
     ):
         self.broker = broker
         self._tokens = [t.encode() for t in tokens if t]
         self.endpoints = endpoints
         self.max_body = max_body
         self.states = states or EndpointStates(broker)
+        self.tracing = tracing
 
     def _authorized(self, scope: Scope) -> int | None:
         """None when the bearer token is valid, else the status to answer (401 or 403)."""
@@ -83,7 +86,8 @@ class Api:
             if scope["method"] != "POST":
                 await send_error(send, 405, "method_not_allowed", "POST events here")
                 return
-            await self._publish(scope, receive, send)
+            with self.tracing.publish(scope) as span:
+                await self._publish(scope, receive, span.answering(send), span)
             return
         parts = path.split("/")  # "", "api", "v1", "endpoints", name, action
         if len(parts) == 6 and parts[3] == "endpoints" and parts[5] in ("enable", "disable"):
@@ -108,7 +112,7 @@ class Api:
             return
         await send_json(send, 200, {"endpoint": name, "disabled": disable})
 
-    async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _publish(self, scope: Scope, receive: Receive, send: Send, span: Span = NO_SPAN) -> None:
         body = await read_body_or_answer(scope, receive, send, self.max_body)
         if body is None:
             return
@@ -136,7 +140,8 @@ class Api:
             body=bytes(request.data),
             to=request.to,
         )
-        result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}")
+        span.set("hookgate.event_id", event_id)
+        result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span)
         if not result.ok:
             log.error("could not store event %s: %s", event_id, result.error)
             await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")

@@ -31,6 +31,7 @@ from hookgate.ingress import Ingress, Source
 from hookgate.metrics import Metrics
 from hookgate.router import Router
 from hookgate.ssrf import EgressGuard
+from hookgate.tracing import tracing_for
 from hookgate.units import seconds, size_bytes
 
 log = logging.getLogger("hookgate")
@@ -55,15 +56,24 @@ async def run(
     *,
     stopping: trio.Event | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+    tracer_provider: Any = None,
 ) -> None:
-    """Run until `stopping` is set (or the task is cancelled), then shut down gracefully."""
+    """Run until `stopping` is set (or the task is cancelled), then shut down gracefully.
+
+    `tracer_provider`: an OpenTelemetry TracerProvider for `tracing:` (else the global one, or
+    its own).
+    """
     config = loaded.config
     stopping = stopping if stopping is not None else trio.Event()
     hooks.register(ConfiguredComponents(), name="hookgate.core.components")
     max_body = size_bytes(config.server.max_body)
     publish_timeout = seconds(config.server.publish_timeout)
 
-    async with _broker_url(loaded, max_body) as url, _connect(loaded, url, publish_timeout) as broker:
+    async with (
+        tracing_for(config.tracing, tracer_provider) as tracing,
+        _broker_url(loaded, max_body) as url,
+        _connect(loaded, url, publish_timeout) as broker,
+    ):
         sources = {
             name: Source.build(
                 name,
@@ -91,13 +101,14 @@ async def run(
         # here at once, and reaches other replicas within a second.
         states = EndpointStates(broker, config.ops.endpoint)
         app = App(
-            Ingress(sources, hooks, broker, max_body, metrics),
+            Ingress(sources, hooks, broker, max_body, metrics, tracing),
             Api(
                 broker,
                 config.server.api_tokens,
                 set(endpoints),
                 max_body,
                 states,
+                tracing,
             ),
             broker,
             metrics,
@@ -105,7 +116,7 @@ async def run(
         transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
         router = Router(broker, hooks, config.routes, set(endpoints), transforms)
         dispatcher = Dispatcher(
-            broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics, states
+            broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics, states, tracing
         )
 
         async with trio.open_nursery() as nursery:

@@ -23,6 +23,7 @@ from hookgate.filters import Filter, ParsedBody, compile_filter
 from hookgate.hooks import Hooks
 from hookgate.ids import delivery_id
 from hookgate.intake import decode_event
+from hookgate.tracing import carried
 from hookgate.types import INTERNAL_SOURCE, Delivery, Event, Transform
 
 log = logging.getLogger("hookgate.router")
@@ -204,6 +205,7 @@ class Router:
         out: list[OutMsg] = []
         now = time.time()
         if event is not None:
+            trace = carried(msg.headers)  # each delivery continues the event's trace
             for endpoint in targets:
                 delivery = Delivery(
                     id=delivery_id(event.id, endpoint),
@@ -217,7 +219,7 @@ class Router:
                     OutMsg(
                         topology.delivery_subject(endpoint),
                         self._encode(delivery),
-                        {"Nats-Msg-Id": f"{event.id}:{endpoint}"},
+                        {"Nats-Msg-Id": f"{event.id}:{endpoint}", **trace},
                     )
                 )
         event_id = event.id if event else msg.headers.get("Nats-Msg-Id") or f"evt_s{msg.stream_seq}"
