@@ -245,7 +245,7 @@ class _OtelTracing(Tracing):
 
     def ingress(self, scope: Scope, source: str) -> Span:
         return self._server(
-            "POST /webhooks/{source}",
+            f"{scope['method']} /webhooks/{{source}}",  # GET/HEAD: provider handshakes
             scope,
             {
                 "http.request.method": scope["method"],

@@ -216,6 +216,20 @@ async def test_a_rejected_webhook_has_an_error_span(tmp_path: Path, nats_server:
     assert "hookgate.event_id" not in span.attributes
 
 
+async def test_a_handshake_span_is_named_by_its_method(tmp_path: Path, nats_server: NatsServer) -> None:
+    spans = Spans()
+    async with (
+        receiver() as rx,
+        run_gateway(tmp_path, config(nats_server.url, rx.url), tracer_provider=spans.provider) as gw,
+    ):
+        answer = await gw.http.get(f"{gw.url}/webhooks/acme")
+        (span,) = await spans.wait_for(1, named("GET /webhooks/{source}"))
+    assert answer.status_code == 405  # acme has no GET handshake
+    assert span.attributes is not None
+    assert span.attributes["http.request.method"] == "GET"
+    assert span.attributes["http.response.status_code"] == 405
+
+
 async def test_tracing_disabled_makes_no_spans_and_adds_no_traceparent(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
