@@ -24,6 +24,7 @@ from hookgate.endpoint_state import EndpointStates
 from hookgate.ids import new_event_id
 from hookgate.intake import store_event
 from hookgate.metrics import Metrics
+from hookgate.tracing import NO_SPAN, OFF, Span, Tracing
 from hookgate.types import INTERNAL_SOURCE, Event
 
 log = logging.getLogger("hookgate.api")
@@ -54,6 +55,7 @@ class Api:
         states: EndpointStates | None = None,
         log_api: LogApi | None = None,
         metrics: Metrics | None = None,
+        tracing: Tracing = OFF,
     ):
         self.broker = broker
         self._tokens = [t.encode() for t in tokens if t]
@@ -62,6 +64,7 @@ class Api:
         self.states = states or EndpointStates(broker)
         self.log_api = log_api
         self.metrics = metrics
+        self.tracing = tracing
 
     def _authorized(self, scope: Scope) -> int | None:
         """None when the bearer token is valid, else the status to answer (401 or 403)."""
@@ -86,7 +89,8 @@ class Api:
             await send_error(send, 403, "forbidden", "the API token is not valid")
             return
         if path == "/api/v1/events" and scope["method"] == "POST":
-            await self._publish(scope, receive, send)
+            with self.tracing.publish(scope) as span:
+                await self._publish(scope, receive, span.answering(send), span)
             return
         parts = path.split("/")[3:]  # after "", "api", "v1"
         if len(parts) == 3 and parts[0] == "endpoints" and parts[2] in ("enable", "disable"):
@@ -113,7 +117,7 @@ class Api:
             return
         await send_json(send, 200, {"endpoint": name, "disabled": disable})
 
-    async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _publish(self, scope: Scope, receive: Receive, send: Send, span: Span = NO_SPAN) -> None:
         body = await read_body_or_answer(scope, receive, send, self.max_body)
         if body is None:
             return
@@ -141,7 +145,8 @@ class Api:
             body=bytes(request.data),
             to=request.to,
         )
-        result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}")
+        span.set("hookgate.event_id", event_id)
+        result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span)
         if not result.ok:
             log.error("could not store event %s: %s", event_id, result.error)
             await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")

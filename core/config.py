@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import msgspec
 import yaml
 
+from hookgate import tracing
 from hookgate.filters import FilterError, compile_filter
 from hookgate.flow import CircuitBreakerConfig, RateLimitConfig
 from hookgate.ssrf import EgressGuard
@@ -238,6 +239,15 @@ class OpsConfig(_Base):
     ] = None
 
 
+class TracingConfig(_Base):
+    """OpenTelemetry tracing: spans for ingress, publishes and delivery attempts (needs hookgate[otel])."""
+
+    enabled: bool = False
+    service_name: Annotated[
+        str, msgspec.Meta(min_length=1, description="the service.name resource; OTEL_SERVICE_NAME wins")
+    ] = "hookgate"
+
+
 class Config(_Base):
     """hookgate configuration."""
 
@@ -246,6 +256,7 @@ class Config(_Base):
     egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
     ops: OpsConfig = msgspec.field(default_factory=OpsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     sources: dict[Name, SourceConfig] = {}
     endpoints: dict[Name, EndpointConfig] = {}
     routes: list[RouteConfig] = []
@@ -817,6 +828,7 @@ def _convert_sections(conv: _Converter, raw: dict[str, Any]) -> tuple[Config, se
         ("egress", EgressConfig),
         ("ops", OpsConfig),
         ("log", LogConfig),
+        ("tracing", TracingConfig),
     ):
         if (section := conv.convert(raw.get(key, {}), section_type, f"$.{key}")) is not None:
             setattr(config, key, section)
@@ -915,6 +927,8 @@ def _check_rules(
                 problem(proxy_path, str(exc))
     if "ops" in valid and config.ops.endpoint is not None and config.ops.endpoint not in endpoints:
         problem("$.ops.endpoint", f"no endpoint named {_show(config.ops.endpoint)}")
+    if "tracing" in valid and config.tracing.enabled and not tracing.available():
+        problem("$.tracing.enabled", tracing.INSTALL_HINT)
     if "egress" in valid:
         for i, cidr in enumerate(config.egress.allow_networks):
             try:

@@ -31,6 +31,7 @@ from hookgate.hooks import Hooks
 from hookgate.metrics import Metrics
 from hookgate.redact import redact_headers
 from hookgate.ssrf import EgressGuard, SsrfRefused
+from hookgate.tracing import NO_SPAN, OFF, Span, Tracing, carried
 from hookgate.transport import PooledTransport, Target, parse_url
 from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
 from hookgate.units import rfc3339, seconds
@@ -217,6 +218,7 @@ class Dispatcher:
         grace: float,
         metrics: Metrics,
         states: EndpointStates | None = None,
+        tracing: Tracing = OFF,
     ):
         self.broker = broker
         self.hooks = hooks
@@ -224,6 +226,7 @@ class Dispatcher:
         self.grace = grace
         self.metrics = metrics
         self.states = states or EndpointStates(broker)
+        self.tracing = tracing
 
     def consumer_spec(self, endpoint: Endpoint) -> ConsumerSpec:
         t = self.broker.topology
@@ -461,7 +464,9 @@ class EndpointWorker:
             )
             started = time.time()
             self.in_flight[delivery.id] = (delivery, trio.current_time(), False)
-            result = await self._attempt(delivery, event, int(started))
+            with self.d.tracing.attempt(delivery, msg.headers) as span:
+                result = await self._attempt(delivery, event, int(started), span)
+                span.done(result.status, result.error, result.error_kind)
         except BaseException:
             self.flow.release()  # cancelled or crashed: do not hold the probe slot
             raise
@@ -575,7 +580,7 @@ class EndpointWorker:
                 name, True, f"failing continuously since {rfc3339(self.failing_since)} ({attempt.error})"
             )
 
-    async def _attempt(self, delivery: Delivery, event: Event, ts: int) -> Result:
+    async def _attempt(self, delivery: Delivery, event: Event, ts: int, span: Span = NO_SPAN) -> Result:
         endpoint = self.endpoint
         body, content_type = request_body(event)
         request = OutgoingRequest(
@@ -588,6 +593,7 @@ class EndpointWorker:
             attempt=delivery.attempt,
             timestamp=ts,
         )
+        span.inject_request(request)  # signatures cover the body only, so headers may be added
         auth = endpoint.view.auth
         if auth is not None:
             await _maybe_await(auth.apply(request))
@@ -657,6 +663,7 @@ class EndpointWorker:
             {
                 "Nats-Schedule": f"@at {rfc3339(math.ceil(at * 1000) / 1000)}",
                 "Nats-Schedule-Target": topology.delivery_subject(self.endpoint.name),
+                **carried(msg.headers),  # the retry stays in the event's trace
             },
         )
         # If the schedule cannot be stored, the message is left for redelivery after ack_wait.

@@ -34,6 +34,7 @@ from hookgate.metrics import Metrics
 from hookgate.replay import Replayer
 from hookgate.router import Router
 from hookgate.ssrf import EgressGuard
+from hookgate.tracing import tracing_for
 from hookgate.units import seconds, size_bytes
 
 log = logging.getLogger("hookgate")
@@ -58,15 +59,24 @@ async def run(
     *,
     stopping: trio.Event | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+    tracer_provider: Any = None,
 ) -> None:
-    """Run until `stopping` is set (or the task is cancelled), then shut down gracefully."""
+    """Run until `stopping` is set (or the task is cancelled), then shut down gracefully.
+
+    `tracer_provider`: an OpenTelemetry TracerProvider for `tracing:` (else the global one, or
+    its own).
+    """
     config = loaded.config
     stopping = stopping if stopping is not None else trio.Event()
     hooks.register(ConfiguredComponents(), name="hookgate.core.components")
     max_body = size_bytes(config.server.max_body)
     publish_timeout = seconds(config.server.publish_timeout)
 
-    async with _broker_url(loaded, max_body) as url, _connect(loaded, url, publish_timeout) as broker:
+    async with (
+        tracing_for(config.tracing, tracer_provider) as tracing,
+        _broker_url(loaded, max_body) as url,
+        _connect(loaded, url, publish_timeout) as broker,
+    ):
         sources = {
             name: Source.build(
                 name,
@@ -98,7 +108,7 @@ async def run(
         delivery_log = DeliveryLog(broker, states, size_bytes(config.log.body_excerpt))
         replayer = Replayer(broker, delivery_log, router.event_for)
         app = App(
-            Ingress(sources, hooks, broker, max_body, metrics),
+            Ingress(sources, hooks, broker, max_body, metrics, tracing),
             Api(
                 broker,
                 config.server.api_tokens,
@@ -107,12 +117,13 @@ async def run(
                 states,
                 LogApi(delivery_log, replayer, lambda name: name in endpoints),
                 metrics,
+                tracing,
             ),
             broker,
             metrics,
         )
         dispatcher = Dispatcher(
-            broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics, states
+            broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics, states, tracing
         )
 
         async with trio.open_nursery() as nursery:

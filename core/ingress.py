@@ -33,6 +33,7 @@ from hookgate.hooks import Hooks
 from hookgate.ids import event_id_for, new_event_id
 from hookgate.intake import store_event
 from hookgate.metrics import Metrics
+from hookgate.tracing import OFF, Span, Tracing
 from hookgate.types import Event, HandshakeResponse, IngressRequest, Rejection, SourceView, find_header
 
 log = logging.getLogger("hookgate.ingress")
@@ -155,13 +156,20 @@ def select(spec: str, request: IngressRequest, body: _Body) -> str | None:
 
 class Ingress:
     def __init__(
-        self, sources: dict[str, Source], hooks: Hooks, broker: Broker, max_body: int, metrics: Metrics
+        self,
+        sources: dict[str, Source],
+        hooks: Hooks,
+        broker: Broker,
+        max_body: int,
+        metrics: Metrics,
+        tracing: Tracing = OFF,
     ):
         self.sources = sources
         self.hooks = hooks
         self.broker = broker
         self.max_body = max_body
         self.metrics = metrics
+        self.tracing = tracing
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, source_name: str) -> None:
         status = 0
@@ -172,14 +180,16 @@ class Ingress:
                 status = message["status"]
             await send(message)
 
-        try:
-            await self._handle(scope, receive, counted_send, source_name)
-        finally:
-            # Unknown source names are folded into one label so callers cannot grow the metric.
-            label = source_name if source_name in self.sources else "(unknown)"
-            self.metrics.ingress_requests.labels(label, str(status)).inc()
+        with self.tracing.ingress(scope, source_name) as span:
+            try:
+                await self._handle(scope, receive, counted_send, source_name, span)
+            finally:
+                # Unknown source names are folded into one label so callers cannot grow the metric.
+                label = source_name if source_name in self.sources else "(unknown)"
+                self.metrics.ingress_requests.labels(label, str(status)).inc()
+                span.answered(status)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, source_name: str) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, source_name: str, span: Span) -> None:
         source = self.sources.get(source_name)
         if source is None:
             await send_error(send, 404, "unknown_source", f"no source named {source_name!r}")
@@ -206,6 +216,7 @@ class Ingress:
                 extra={"source": source_name},
             )
             self.metrics.ingress_rejections.labels(source_name, rejection.code).inc()
+            span.set("hookgate.rejection", rejection.code)
 
             await send_error(send, rejection.status, rejection.code, rejection.message)
             return
@@ -234,7 +245,8 @@ class Ingress:
         )
         # The event id is derived from the provider's id, so it is the dedup key and is always
         # header-safe (a provider id may hold any bytes).
-        result = await store_event(self.broker, event, f"{source_name}:{event_id}")
+        span.set("hookgate.event_id", event_id)
+        result = await store_event(self.broker, event, f"{source_name}:{event_id}", span)
         if not result.ok:
             log.error(
                 "could not store webhook for source %s: %s",

@@ -6,6 +6,7 @@ import msgspec
 import trio
 
 from hookgate.broker import Broker, OutMsg, PubResult
+from hookgate.tracing import NO_SPAN, Span
 from hookgate.types import INTERNAL_SOURCE, Event
 
 _encoder = msgspec.msgpack.Encoder()
@@ -39,17 +40,16 @@ def event_from_stream(
     return decode_event(data)
 
 
-async def store_event(broker: Broker, event: Event, dedup_key: str) -> PubResult:
+async def store_event(broker: Broker, event: Event, dedup_key: str, span: Span = NO_SPAN) -> PubResult:
     """Publish an event and wait until JetStream has stored it (or reports it as a duplicate).
 
     During a leader election or a reconnect publishes fail for a few seconds, so failures are
-    retried until the publish timeout; only then does the caller answer 503.
+    retried until the publish timeout; only then does the caller answer 503. The message carries
+    `span`'s trace context, which the router copies onto every delivery.
     """
-    msg = OutMsg(
-        broker.topology.event_subject(event.source),
-        encode_event(event),
-        {"Nats-Msg-Id": dedup_key},
-    )
+    headers = {"Nats-Msg-Id": dedup_key}
+    span.inject(headers)
+    msg = OutMsg(broker.topology.event_subject(event.source), encode_event(event), headers)
     deadline = trio.current_time() + broker.publish_timeout
     while True:
         with trio.move_on_at(deadline):

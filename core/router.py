@@ -24,6 +24,7 @@ from hookgate.filters import Filter, ParsedBody, compile_filter
 from hookgate.hooks import Hooks
 from hookgate.ids import delivery_id
 from hookgate.intake import event_from_stream
+from hookgate.tracing import carried
 from hookgate.types import INTERNAL_SOURCE, Delivery, Event, Transform
 
 log = logging.getLogger("hookgate.router")
@@ -209,6 +210,7 @@ class Router:
         created: list[DeliveryCreated] = []
         now = time.time()
         if event is not None:
+            trace = carried(msg.headers)  # each delivery continues the event's trace
             for endpoint in targets:
                 delivery = Delivery(
                     id=delivery_id(event.id, endpoint),
@@ -222,7 +224,7 @@ class Router:
                     OutMsg(
                         topology.delivery_subject(endpoint),
                         self._encode(delivery),
-                        {"Nats-Msg-Id": f"{event.id}:{endpoint}"},
+                        {"Nats-Msg-Id": f"{event.id}:{endpoint}", **trace},
                     )
                 )
                 created.append(

@@ -236,7 +236,12 @@ def write_config(tmp_path: Path, text: str, name: str = "hookgate.yaml") -> Path
 
 @contextlib.asynccontextmanager
 async def run_gateway(
-    tmp_path: Path, text: str, *, plugins: tuple[object, ...] = (), env: dict[str, str] | None = None
+    tmp_path: Path,
+    text: str,
+    *,
+    plugins: tuple[object, ...] = (),
+    env: dict[str, str] | None = None,
+    tracer_provider: Any = None,
 ) -> AsyncIterator[Gateway]:
     """Run the gateway in this trio run on the given YAML; stop it gracefully on exit."""
     path = write_config(tmp_path, text)
@@ -245,7 +250,9 @@ async def run_gateway(
     stopping = trio.Event()
     async with trio.open_nursery() as nursery:
         running = await nursery.start(
-            lambda task_status: gateway.run(loaded, hooks, stopping=stopping, task_status=task_status)
+            lambda task_status: gateway.run(
+                loaded, hooks, stopping=stopping, task_status=task_status, tracer_provider=tracer_provider
+            )
         )
         async with httpx.AsyncClient(timeout=10) as http:
             try:
