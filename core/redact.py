@@ -12,10 +12,11 @@ from hookgate.types import Headers
 
 REDACTED = "[redacted]"
 
-# Whole names that carry credentials, and words that mark one inside a longer name
-# (x-api-key, x-auth-token, stripe-signature, x-hub-signature-256, ...).
+# Whole names that carry credentials, and words that mark one inside a longer name (x-api-key,
+# x-auth-token, stripe-signature, x-shopify-hmac-sha256, ...). Hiding a harmless header whose name
+# merely looks like one (x-idempotency-key) costs little; showing a credential costs a lot.
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
-_SECRET_WORDS = re.compile(r"(secret|token|password|passwd|signature|api[-_]?key|auth|session|credential)")
+_SECRET_WORDS = re.compile(r"(secret|token|passw|signature|hmac|key|auth|session|credential)")
 
 
 def is_secret_header(name: str) -> bool:

@@ -3,11 +3,13 @@ and replays (retry, recover, redrive) on a real nats-server with loopback receiv
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.support import (
@@ -274,3 +276,84 @@ def test_api_times_accept_durations_and_rfc3339() -> None:
         assert "yesterday" in str(exc)
     else:
         raise AssertionError("parse_time accepted 'yesterday'")
+
+
+async def test_a_long_attempt_shows_as_delivering(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with (
+        receiver(lambda r, n: 3.0) as slow,  # hangs 3s, then answers 200
+        receiver() as flaky,
+        receiver() as dead,
+        run_gateway(tmp_path, _config(nats_server.url, slow.url, flaky.url, dead.url)) as gw,
+    ):
+        await gw.publish("order.created", {}, id="slow-1")
+        delivering = await _until(
+            gw,
+            "/deliveries",
+            lambda p: [d["status"] for d in p["data"]] == ["delivering"],
+            endpoint="ok",
+        )
+        done = await _until(
+            gw, "/deliveries", lambda p: [d["status"] for d in p["data"]] == ["succeeded"], endpoint="ok"
+        )
+    assert delivering["data"][0]["attempts"] == 1
+    assert done["data"][0]["attempts"] == 1
+
+
+async def test_secrets_never_appear_in_the_log_or_its_api(
+    tmp_path: Path, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.test_ingress import SECRET, signed
+
+    token, whsec, api_key = (
+        "tok-9f8e7d6c5b4a",
+        "whsec_" + "c2VjcmV0LXNpZ25pbmcta2V5LTEyMzQ1Ng==",
+        "key-1a2b3c4d",
+    )
+    caplog.set_level(logging.DEBUG)
+    async with receiver(lambda r, n: 500 if r.headers["hookgate-attempt"] == "1" else 200) as rx:
+        text = base_config(
+            nats_server.url,
+            f"""
+            sources:
+              acme:
+                verify: {{type: hmac, header: X-Acme-Signature, prefix: "sha256=", secret: {SECRET}}}
+                event_type: header.X-Acme-Event
+                event_id: header.X-Acme-Delivery
+            endpoints:
+              svc:
+                url: {rx.url}/in
+                auth: {{type: bearer, token: {token}}}
+                signing: {{scheme: standard-webhooks, secret: "{whsec}"}}
+                headers: {{X-Api-Key: {api_key}}}
+                retry: {{schedule: [100ms], jitter: 0}}
+            routes:
+              - {{from: [acme], to: [svc]}}
+            """,
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            body = b'{"n": 1}'
+            headers = {**signed(body, "s-1"), "Authorization": "Basic cHJvdmlkZXI6cGFzcw=="}
+            assert (await gw.http.post(f"{gw.url}/webhooks/acme", content=body, headers=headers)).is_success
+            await rx.wait_for(2)
+            page = await _until(
+                gw, "/deliveries", lambda p: [d["status"] for d in p["data"]] == ["succeeded"]
+            )
+            detail = await gw.http.get(f"{gw.url}/api/v1/deliveries/{page['data'][0]['id']}", headers=AUTH)
+            event_id = page["data"][0]["event_id"]
+            event = await gw.http.get(f"{gw.url}/api/v1/events/{event_id}", headers=AUTH)
+            events = await gw.http.get(f"{gw.url}/api/v1/events", headers=AUTH)
+    records = await stream_messages(nats_server.url, "HOOKGATE_LOG")
+    stored = b"".join(m.data for m in records)
+    # The receiver did get the credentials: they were sent, and only hidden from the log.
+    assert rx.requests[0].headers["authorization"] == f"Bearer {token}"
+    assert rx.requests[0].headers["x-api-key"] == api_key
+    shown = detail.text + event.text + events.text + caplog.text
+    for secret in (token, whsec, whsec.removeprefix("whsec_"), api_key, "cHJvdmlkZXI6cGFzcw==", SECRET):
+        assert secret not in shown, secret
+        assert secret.encode() not in stored, secret
+    sent = dict(detail.json()["attempt_log"][0]["request_headers"])
+    assert sent["Authorization"] == "[redacted]" and sent["X-Api-Key"] == "[redacted]"
+    assert sent["webhook-signature"] == "[redacted]"
+    received = dict(event.json()["headers"])
+    assert received["authorization"] == "[redacted]" and received["x-acme-signature"] == "[redacted]"
+    assert received["x-acme-event"] == "thing.created"
