@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from typing import Annotated
+from collections.abc import Container
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
@@ -23,6 +24,9 @@ from hookgate.endpoint_state import EndpointStates
 from hookgate.ids import new_event_id
 from hookgate.intake import store_event
 from hookgate.types import INTERNAL_SOURCE, Event
+
+if TYPE_CHECKING:
+    from hookgate.api_endpoints import EndpointApi
 
 log = logging.getLogger("hookgate.api")
 
@@ -47,15 +51,17 @@ class Api:
         self,
         broker: Broker,
         tokens: list[str],
-        endpoints: set[str],
+        endpoints: Container[str],  # the catalog, so endpoints created through the API count
         max_body: int,
         states: EndpointStates | None = None,
+        endpoint_api: EndpointApi | None = None,
     ):
         self.broker = broker
         self._tokens = [t.encode() for t in tokens if t]
         self.endpoints = endpoints
         self.max_body = max_body
         self.states = states or EndpointStates(broker)
+        self.endpoint_api = endpoint_api
 
     def _authorized(self, scope: Scope) -> int | None:
         """None when the bearer token is valid, else the status to answer (401 or 403)."""
@@ -88,6 +94,8 @@ class Api:
         parts = path.split("/")  # "", "api", "v1", "endpoints", name, action
         if len(parts) == 6 and parts[3] == "endpoints" and parts[5] in ("enable", "disable"):
             await self._set_endpoint(scope, send, parts[4], parts[5] == "disable")
+            return
+        if self.endpoint_api is not None and await self.endpoint_api.handle(scope, receive, send, path):
             return
         await send_error(send, 404, "not_found", f"no API resource at {path}")
 

@@ -578,7 +578,10 @@ class NatsBridge:
         async def go() -> dict[str, int]:
             out = {}
             for consumer in consumers:
-                info = await self.js._jsm.consumer_info(consumer.spec.stream, consumer.spec.durable)
+                try:
+                    info = await self.js._jsm.consumer_info(consumer.spec.stream, consumer.spec.durable)
+                except nats.js.errors.NotFoundError:
+                    continue  # an endpoint deleted through another replica: gone before we stopped
                 out[consumer.spec.durable] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
             return out
 

@@ -1,0 +1,113 @@
+"""Redacting secrets from endpoint configs before they are shown (API responses) or logged.
+
+Only the key names are looked at, never the values, so a plugin's new component is covered as
+long as it names its secrets the usual way (`secret`, `token`, `password`, `private_key`, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+PLACEHOLDER = "***"
+
+# Keys whose values are secrets, wherever they appear in a config (signing, auth, any component).
+SECRET_KEYS = frozenset(
+    {
+        "secret",
+        "secrets",
+        "token",
+        "password",
+        "client_secret",
+        "private_key",
+        "key",
+        "key_password",
+        "consumer_secret",
+        "verify_token",
+    }
+)
+# Header names that carry credentials.
+SECRET_HEADER = re.compile(r"auth|api[-_]?key|token|secret|password|cookie|signature", re.IGNORECASE)
+# Keys holding URLs that may carry credentials in their user-info part.
+URL_KEYS = frozenset({"url", "proxy", "token_url"})
+# Prefixes that say which kind of key it is without saying anything about the key.
+KNOWN_PREFIXES = ("whsec_", "whsk_", "whpk_")
+
+
+def redact(config: Any) -> Any:
+    """A copy of a JSON-like config with every secret value replaced by a placeholder."""
+    if isinstance(config, dict):
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            if key in SECRET_KEYS:
+                out[key] = _hide(value)
+            elif key == "headers" and isinstance(value, dict):
+                out[key] = {name: _hide(v) if SECRET_HEADER.search(name) else v for name, v in value.items()}
+            elif key in URL_KEYS and isinstance(value, str):
+                out[key] = _without_password(value)
+            else:
+                out[key] = redact(value)
+        return out
+    if isinstance(config, list):
+        return [redact(item) for item in config]
+    return config
+
+
+def placeholders(config: Any, path: str = "$") -> list[str]:
+    """Paths of secret values that are redaction placeholders: a redacted view sent back as is."""
+    found: list[str] = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            child = f"{path}.{key}"
+            if key in SECRET_KEYS or (key == "headers" and isinstance(value, dict)):
+                found.extend(_placeholder_paths(value, child, headers=key == "headers"))
+            else:
+                found.extend(placeholders(value, child))
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            found.extend(placeholders(item, f"{path}[{i}]"))
+    return found
+
+
+def _placeholder_paths(value: Any, path: str, *, headers: bool = False) -> list[str]:
+    if isinstance(value, str):
+        return [path] if value.endswith(PLACEHOLDER) else []
+    if isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in _placeholder_paths(item, f"{path}[{i}]")]
+    if isinstance(value, dict):
+        if headers:
+            return [
+                p
+                for name, v in value.items()
+                if SECRET_HEADER.search(name)
+                for p in _placeholder_paths(v, f"{path}.{name}")
+            ]
+        return placeholders(value, path)
+    return []
+
+
+def _hide(value: Any) -> Any:
+    if isinstance(value, str):
+        prefix = next((p for p in KNOWN_PREFIXES if value.startswith(p)), "")
+        return prefix + PLACEHOLDER
+    if isinstance(value, list):
+        return [_hide(item) for item in value]
+    if isinstance(value, dict):
+        # A rotation entry such as {secret, expires}: keep what is not secret.
+        return {k: _hide(v) if k in SECRET_KEYS else redact(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool):
+        return value
+    return PLACEHOLDER
+
+
+def _without_password(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return PLACEHOLDER
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{PLACEHOLDER}@{host}"))
