@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from typing import Annotated
+from collections.abc import Container
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
@@ -26,6 +27,9 @@ from hookgate.intake import store_event
 from hookgate.metrics import Metrics
 from hookgate.tracing import NO_SPAN, OFF, Span, Tracing
 from hookgate.types import INTERNAL_SOURCE, Event
+
+if TYPE_CHECKING:
+    from hookgate.api_endpoints import EndpointApi
 
 log = logging.getLogger("hookgate.api")
 
@@ -50,12 +54,13 @@ class Api:
         self,
         broker: Broker,
         tokens: list[str],
-        endpoints: set[str],
+        endpoints: Container[str],  # the catalog, so endpoints created through the API count
         max_body: int,
         states: EndpointStates | None = None,
         log_api: LogApi | None = None,
         metrics: Metrics | None = None,
         tracing: Tracing = OFF,
+        endpoint_api: EndpointApi | None = None,
     ):
         self.broker = broker
         self._tokens = [t.encode() for t in tokens if t]
@@ -65,6 +70,7 @@ class Api:
         self.log_api = log_api
         self.metrics = metrics
         self.tracing = tracing
+        self.endpoint_api = endpoint_api
 
     def _authorized(self, scope: Scope) -> int | None:
         """None when the bearer token is valid, else the status to answer (401 or 403)."""
@@ -97,6 +103,8 @@ class Api:
             await self._set_endpoint(scope, send, parts[1], parts[2] == "disable")
             return
         if self.log_api is not None and await self.log_api.handle(scope, receive, send, parts):
+            return
+        if self.endpoint_api is not None and await self.endpoint_api.handle(scope, receive, send, path):
             return
         await send_error(send, 404, "not_found", f"no API resource at {scope['method']} {path}")
 

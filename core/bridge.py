@@ -13,6 +13,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -27,6 +28,7 @@ import nats.js.errors
 import trio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -94,6 +96,15 @@ class PubResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class KvUpdate:
+    """One change in a KV bucket: a key's new value, or None once it was deleted or purged."""
+
+    key: str
+    value: bytes | None
+    revision: int
 
 
 @dataclass
@@ -183,13 +194,14 @@ class PullConsumer:
         # Outstanding pull requests, oldest first: [messages still owed, expiry (loop time)].
         self.requests: collections.deque[list[float]] = collections.deque()
         self.arrived = asyncio.Event()
+        self._sub: Subscription | None = None
 
     @property
     def owed(self) -> int:
         return int(sum(r[0] for r in self.requests))
 
     async def start(self) -> None:
-        await self.nc.subscribe(self.inbox, cb=self._on_message, pending_msgs_limit=1_000_000)
+        self._sub = await self.nc.subscribe(self.inbox, cb=self._on_message, pending_msgs_limit=1_000_000)
 
     async def _on_message(self, msg: Msg) -> None:
         status = (msg.headers or {}).get("Status") if not msg.data else None
@@ -234,6 +246,19 @@ class PullConsumer:
         await self.nc.publish(self.api_subject, request, reply=self.inbox)
 
     def forget_requests(self) -> None:
+        self.requests.clear()
+
+    async def stop(self) -> None:
+        """Stop receiving, and hand back what was pulled but never taken, for prompt redelivery."""
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.flush(1)  # messages answering our last pulls arrive before unsubscribing
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+        while self.queue:
+            with contextlib.suppress(nats.errors.Error):
+                await self.queue.popleft().nak()
         self.requests.clear()
 
 
@@ -394,11 +419,55 @@ class NatsBridge:
             # The server treats a create of an existing durable as an update of its settings.
             await jsm.add_consumer(spec.stream, config)
             assert self._nc is not None
-            consumer = PullConsumer(self._nc, spec, buffer=spec.buffer)
-            await consumer.start()
-            self._consumers.append(consumer)
+            # An endpoint whose config changed keeps its pull: messages already pulled for it (or
+            # still owed to an outstanding request) go to the next worker, not to an orphan buffer.
+            consumer = next(
+                (
+                    c
+                    for c in self._consumers
+                    if (c.spec.stream, c.spec.durable) == (spec.stream, spec.durable)
+                ),
+                None,
+            )
+            if consumer is None:
+                consumer = PullConsumer(self._nc, spec, buffer=spec.buffer)
+                await consumer.start()
+                self._consumers.append(consumer)
+            else:
+                consumer.spec = spec
+                consumer.buffer = spec.buffer
             out.append(consumer)
         return out
+
+    async def release_consumer(self, consumer: PullConsumer) -> None:
+        """Stop pulling for a consumer this process no longer serves; what it buffered is nak'ed."""
+
+        async def go() -> None:
+            if consumer in self._consumers:
+                self._consumers.remove(consumer)
+            await consumer.stop()
+
+        await self.run(go)
+
+    async def delete_consumer(self, stream: str, durable: str) -> bool:
+        """Delete a durable consumer; False when it was gone already (another replica deleted it)."""
+
+        async def go() -> bool:
+            try:
+                return bool(await self.js._jsm.delete_consumer(stream, durable))
+            except nats.js.errors.NotFoundError:
+                return False
+
+        return await self.run(go)
+
+    async def purge_subject(self, stream: str, subject: str) -> None:
+        """Remove every message on `subject` (wildcards allowed) from a stream."""
+
+        async def go() -> None:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js._jsm.purge_stream(stream, subject=subject)
+
+        await self.run(go)
 
     async def streams_present(self, names: list[str]) -> bool:
         async def check() -> bool:
@@ -521,7 +590,10 @@ class NatsBridge:
         async def go() -> dict[str, int]:
             out = {}
             for consumer in consumers:
-                info = await self.js._jsm.consumer_info(consumer.spec.stream, consumer.spec.durable)
+                try:
+                    info = await self.js._jsm.consumer_info(consumer.spec.stream, consumer.spec.durable)
+                except nats.js.errors.NotFoundError:
+                    continue  # an endpoint deleted through another replica: gone before we stopped
                 out[consumer.spec.durable] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
             return out
 
@@ -610,9 +682,6 @@ class NatsBridge:
 
         return await self.run(go)
 
-    async def purge_subject(self, stream: str, subject: str) -> None:
-        await self.run(self.js._jsm.purge_stream, stream, None, subject)
-
     # --- key-value state ----------------------------------------------------------------------
 
     async def ensure_kv(self, bucket: str, replicas: int) -> None:
@@ -648,6 +717,128 @@ class NatsBridge:
             await kv.put(key, value)
 
         await self.run(go)
+
+    async def kv_get(self, bucket: str, key: str) -> KvUpdate | None:
+        """A key's current value and revision; None when it does not exist or was deleted."""
+
+        async def go() -> KvUpdate | None:
+            kv = await self.js.key_value(bucket)
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return None
+            return KvUpdate(key, entry.value or b"", entry.revision or 0)
+
+        return await self.run(go)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
+        """Store a new key and return its revision; None when the key exists (checked by the server,
+        so two replicas creating the same key at once cannot both succeed)."""
+
+        async def go() -> int | None:
+            kv = await self.js.key_value(bucket)
+            try:
+                return int(await kv.create(key, value))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None
+
+        return await self.run(go)
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int | None:
+        """Replace a key's value if it is still at `revision`; the new revision, or None if it moved."""
+
+        async def go() -> int | None:
+            kv = await self.js.key_value(bucket)
+            try:
+                return int(await kv.update(key, value, last=revision))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None
+
+        return await self.run(go)
+
+    async def kv_delete(self, bucket: str, key: str, revision: int | None = None) -> int | None:
+        """Delete a key (at `revision`, if given); the revision of the delete marker, or None if
+        the key moved on meanwhile."""
+
+        async def go() -> int | None:
+            kv = await self.js.key_value(bucket)
+            headers = {"KV-Operation": "DEL"}
+            if revision is not None:
+                headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
+            try:
+                # nats-py's kv.delete() hides the marker's revision, which a caller waits for.
+                ack = await self.js.publish(f"{kv._pre}{key}", b"", headers=headers)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in (10071, 10164):  # wrong last sequence
+                    return None
+                raise
+            return int(ack.seq)
+
+        return await self.run(go)
+
+    @contextlib.asynccontextmanager
+    async def watch_kv(self, bucket: str) -> AsyncIterator[trio.MemoryReceiveChannel[list[KvUpdate]]]:
+        """Follow a bucket from trio: the first batch holds every current value (possibly none),
+        then each batch holds the puts and deletes that arrived together, in order.
+
+        The watcher runs on the nats loop, and each batch crosses into trio once. The channel is
+        unbounded because updates are rare and small (endpoint configs) and the nats loop must
+        never block on trio.
+        """
+        send, receive = trio.open_memory_channel[list[KvUpdate]](math.inf)
+        token = self._trio_token
+
+        def hand_over(batch: list[KvUpdate]) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                send.send_nowait(batch)
+
+        def cross(batch: list[KvUpdate]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(hand_over, batch)
+
+        async def pump(watcher: Any) -> None:
+            initial: list[KvUpdate] = []
+            initial_done = False
+            while True:
+                entries = [await watcher._updates.get()]
+                while not watcher._updates.empty():
+                    entries.append(watcher._updates.get_nowait())
+                batch: list[KvUpdate] = []
+                for entry in entries:
+                    if entry is watcher.STOP_ITER:
+                        return
+                    if entry is None:  # the end of the current values
+                        if not initial_done:
+                            initial_done = True
+                            cross(initial + batch)
+                            batch = []
+                        continue
+                    deleted = entry.operation in ("DEL", "PURGE")
+                    update = KvUpdate(
+                        entry.key, None if deleted else (entry.value or b""), entry.revision or 0
+                    )
+                    (batch if initial_done else initial).append(update)
+                if initial_done and batch:
+                    cross(batch)
+
+        async def start() -> tuple[Any, asyncio.Task[None]]:
+            kv = await self.js.key_value(bucket)
+            watcher = await kv.watchall()
+            return watcher, asyncio.get_running_loop().create_task(pump(watcher))
+
+        async def stop(watcher: Any, task: asyncio.Task[None]) -> None:
+            task.cancel()
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+        watcher, task = await self.run(start)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.run(stop, watcher, task)
+            send.close()
 
 
 def _stored(msg: Msg) -> StoredMsg:

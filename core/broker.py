@@ -21,6 +21,7 @@ from hookgate.bridge import (
     ConnectOptions,
     ConsumerSpec,
     InMsg,
+    KvUpdate,
     NatsBridge,
     OutMsg,
     PubResult,
@@ -36,6 +37,7 @@ __all__ = [
     "BrokerUnavailable",
     "Commit",
     "InMsg",
+    "KvUpdate",
     "OutMsg",
     "PubResult",
     "PullConsumer",
@@ -81,6 +83,11 @@ class Topology:
     @property
     def endpoints_bucket(self) -> str:
         return self.stream_prefix + "ENDPOINTS"
+
+    @property
+    def endpoint_configs_bucket(self) -> str:
+        """Endpoints created through the API, one JSON document per endpoint name."""
+        return self.stream_prefix + "ENDPOINT_CONFIGS"
 
     def ops_subject(self, kind: str) -> str:
         return f"{self.prefix}.ops.{kind}"
@@ -190,6 +197,7 @@ class Broker:
             broker = cls(bridge, config, publish_timeout)
             await bridge.ensure_streams(broker.topology.streams(config))
             await bridge.ensure_kv(broker.topology.endpoints_bucket, config.replicas)
+            await bridge.ensure_kv(broker.topology.endpoint_configs_bucket, config.replicas)
             async with trio.open_nursery() as nursery:
                 for _ in range(cls.FLUSHERS):
                     nursery.start_soon(broker._flush)
@@ -302,6 +310,34 @@ class Broker:
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
         await self.bridge.kv_put(bucket, key, value)
+
+    async def kv_get(self, bucket: str, key: str) -> KvUpdate | None:
+        return await self.bridge.kv_get(bucket, key)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
+        """The new key's revision, or None when it exists already (on any replica)."""
+        return await self.bridge.kv_create(bucket, key, value)
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int | None:
+        """The new revision, or None when the key changed since `revision`."""
+        return await self.bridge.kv_update(bucket, key, value, revision)
+
+    async def kv_delete(self, bucket: str, key: str, revision: int | None = None) -> int | None:
+        """The delete marker's revision, or None when the key changed since `revision`."""
+        return await self.bridge.kv_delete(bucket, key, revision)
+
+    def watch_kv(
+        self, bucket: str
+    ) -> contextlib.AbstractAsyncContextManager[trio.MemoryReceiveChannel[list[KvUpdate]]]:
+        """Every current value of a bucket as a first batch, then its changes as they happen."""
+        return self.bridge.watch_kv(bucket)
+
+    async def release_consumer(self, consumer: PullConsumer) -> None:
+        await self.bridge.release_consumer(consumer)
+
+    async def delete_consumer(self, stream: str, durable: str) -> bool:
+        """False when it was gone already: another replica deleted it."""
+        return await self.bridge.delete_consumer(stream, durable)
 
 
 def connect_options(config: BrokerConfig, url: str | list[str]) -> ConnectOptions:

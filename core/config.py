@@ -23,7 +23,7 @@ import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 import msgspec
 import yaml
@@ -1179,3 +1179,53 @@ def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
         "title": "hookgate configuration",
         **schema,
     }
+
+
+# --- one endpoint from the management API ---------------------------------------------------
+
+EndpointT = TypeVar("EndpointT", bound=EndpointConfig)
+
+
+@dataclass(frozen=True)
+class CheckedEndpoint(Generic[EndpointT]):
+    """An endpoint document that passed every check a YAML endpoint passes, with its components."""
+
+    config: EndpointT
+    signer: Component | None
+    auth: Component | None
+
+
+def load_endpoint(
+    value: Any, type_: type[EndpointT], registry: ComponentRegistry, broker: BrokerConfig
+) -> CheckedEndpoint[EndpointT]:
+    """Check one endpoint given as JSON (not YAML: no `${VAR}` expansion) like the loader checks a
+    YAML one, so both report the same problems; paths start at the document (`$.signing.secret`).
+
+    Raises ConfigError with every problem found.
+    """
+    file = "<request>"
+    loader = _Loader(file, {})
+    if not isinstance(value, dict):
+        raise ConfigError([Problem(file, None, "$", f"expected a JSON object, got {_show(value)}")])
+    value = json.loads(json.dumps(value))  # checking drops nulls in place; the caller's value stays
+    retry = value.get("retry")
+    if isinstance(retry, dict) and "schedule" in retry and "exponential" in retry:
+        loader.problem("$.retry.exponential", "set either schedule or exponential, not both")
+    conv = _Converter(loader)
+    _drop_nulls(value, type_)
+    endpoint = conv.convert(value, type_, "$")
+    signer = auth = None
+    if endpoint is not None:
+        _check_endpoint(loader.problem, "$", endpoint, broker)
+        if endpoint.proxy:
+            try:
+                parse_proxy(endpoint.proxy)
+            except ValueError as exc:
+                loader.problem("$.proxy", str(exc))
+        if endpoint.signing is not None:
+            signer = _resolve(conv, registry, ComponentKind.SIGNER, "$.signing", endpoint.signing)
+        if endpoint.auth is not None:
+            auth = _resolve(conv, registry, ComponentKind.ENDPOINT_AUTH, "$.auth", endpoint.auth)
+    if loader.problems or endpoint is None:
+        raise ConfigError(list(dict.fromkeys(loader.problems)))
+    return CheckedEndpoint(endpoint, signer, auth)

@@ -8,6 +8,7 @@ events. Instead the next attempt is published as a JetStream scheduled message (
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import inspect
 import logging
@@ -227,6 +228,9 @@ class Dispatcher:
         self.metrics = metrics
         self.states = states or EndpointStates(broker)
         self.tracing = tracing
+        self._slots: dict[str, _Slot] = {}
+        self._nursery: trio.Nursery | None = None
+        self._stopping: trio.Event | None = None
 
     def consumer_spec(self, endpoint: Endpoint) -> ConsumerSpec:
         t = self.broker.topology
@@ -245,35 +249,128 @@ class Dispatcher:
     async def run(
         self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        consumers = await self.broker.consumers([self.consumer_spec(e) for e in self.endpoints.values()])
+        # The consumers of the endpoints known at start are created (or updated) in one crossing,
+        # before the gateway reports itself started.
+        initial = dict(self.endpoints)
+        consumers = await self.broker.consumers([self.consumer_spec(e) for e in initial.values()])
         await self.states.refresh()
-        task_status.started()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._stopping = stopping
+                for endpoint, consumer in zip(initial.values(), consumers, strict=True):
+                    self._start(endpoint, consumer)
+                task_status.started()
+                self._reconcile()  # endpoints that changed while the consumers were being created
                 nursery.start_soon(self._follow_states, stopping)
-                nursery.start_soon(self._measure_backlog, stopping, consumers)
-                for endpoint, consumer in zip(self.endpoints.values(), consumers, strict=True):
-                    worker = EndpointWorker(self, endpoint, consumer)
-                    nursery.start_soon(worker.run, stopping)
+                nursery.start_soon(self._measure_backlog, stopping)
+                await stopping.wait()
+                for slot in self._slots.values():
+                    slot.stop.set()
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 for endpoint in self.endpoints.values():
                     if endpoint.transport is not None:
                         await endpoint.transport.aclose()
 
-    async def _measure_backlog(self, stopping: trio.Event, consumers: list[PullConsumer]) -> None:
-        """Backlog gauges from consumer info: what each endpoint still has to take."""
-        names = {self.broker.topology.endpoint_consumer(name): name for name in self.endpoints}
-        while not stopping.is_set():
+    def update(self, endpoints: dict[str, Endpoint]) -> None:
+        """Serve these endpoints from now on: start new ones, restart changed ones, stop removed ones."""
+        self.endpoints = dict(endpoints)
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        if self._nursery is None or self._stopping is None or self._stopping.is_set():
+            return  # not running yet (run() starts what is current), or shutting down
+        for name, slot in self._slots.items():
+            wanted = self.endpoints.get(name)
+            if wanted is not slot.endpoint:
+                slot.wanted = wanted
+                slot.stop.set()
+        for name, endpoint in self.endpoints.items():
+            if name not in self._slots:
+                self._start(endpoint, None)
+
+    def _start(self, endpoint: Endpoint, consumer: PullConsumer | None) -> None:
+        assert self._nursery is not None and self._stopping is not None
+        slot = _Slot(endpoint)
+        self._slots[endpoint.name] = slot
+        self._nursery.start_soon(self._serve, slot, consumer, self._stopping)
+
+    async def _serve(self, slot: _Slot, consumer: PullConsumer | None, stopping: trio.Event) -> None:
+        """One endpoint's worker, restarted with the new config whenever the endpoint changes.
+
+        A change stops the worker the way shutdown does: no new fetches, and in-flight deliveries
+        finish within the grace period. The consumer stays, so nothing it held is lost.
+        """
+        name = slot.endpoint.name
+        try:
+            while True:
+                endpoint = slot.endpoint
+                if consumer is None:
+                    consumer = await self._consumer(endpoint, slot.stop)
+                slot.consumer = consumer
+                if consumer is not None:
+                    await EndpointWorker(self, endpoint, consumer).run(slot.stop)
+                if endpoint.transport is not None and all(e is not endpoint for e in self.endpoints.values()):
+                    with trio.CancelScope(shield=True):
+                        await endpoint.transport.aclose()
+                if stopping.is_set():
+                    return
+                if slot.wanted is None:  # removed
+                    if consumer is not None:
+                        with trio.CancelScope(shield=True):
+                            await self.broker.release_consumer(consumer)
+                    self._forget_metrics(name)
+                    log.info("endpoint %s: stopped delivering (removed)", name)
+                    return
+                log.info("endpoint %s: restarting with its new config", name)
+                slot.endpoint, slot.stop = slot.wanted, trio.Event()
+                consumer = None  # created again: its settings follow the new config
+        finally:
+            if self._slots.get(name) is slot:
+                del self._slots[name]
+            self._reconcile()  # re-added while this one was stopping: serve it again
+
+    async def _consumer(self, endpoint: Endpoint, stop: trio.Event) -> PullConsumer | None:
+        """Create or update the endpoint's durable consumer, retrying until it exists or `stop`."""
+        backoff = 0.5
+        while not stop.is_set():
             try:
-                counts = await self.broker.bridge.pending_counts(consumers)
+                (consumer,) = await self.broker.consumers([self.consumer_spec(endpoint)])
+                return consumer
+            except Exception as exc:
+                log.warning("endpoint %s: cannot create its consumer: %s; retrying", endpoint.name, exc)
+            with trio.move_on_after(backoff):
+                await stop.wait()
+            backoff = min(backoff * 2, 5.0)
+        return None
+
+    def _forget_metrics(self, name: str) -> None:
+        for gauge in (self.metrics.backlog, self.metrics.circuit_open, self.metrics.endpoint_disabled):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
+
+    async def _measure_backlog(self, stopping: trio.Event) -> None:
+        """Backlog gauges from consumer info: what each endpoint still has to take."""
+        while not stopping.is_set():
+            consumers = {
+                slot.consumer.spec.durable: name
+                for name, slot in self._slots.items()
+                if slot.consumer is not None
+            }
+            try:
+                counts = await self.broker.bridge.pending_counts(
+                    [s.consumer for s in self._slots.values() if s.consumer is not None]
+                )
             except Exception as exc:
                 log.debug("could not read consumer info: %s", exc)
             else:
                 for durable, count in counts.items():
-                    if durable in names:
-                        self.metrics.backlog.labels(names[durable]).set(count)
-            for name in self.endpoints:
+                    name = consumers.get(durable)
+                    if name is not None and name in self._slots:
+                        self.metrics.backlog.labels(name).set(count)
+            for name in list(self._slots):
                 self.metrics.endpoint_disabled.labels(name).set(1 if self.states.disabled(name) else 0)
             with trio.move_on_after(BACKLOG_POLL):
                 await stopping.wait()
@@ -287,6 +384,16 @@ class Dispatcher:
                 await self.states.refresh()
             except Exception as exc:
                 log.warning("could not read endpoint states: %s", exc)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One endpoint served by this dispatcher: its running config, and the one it should run."""
+
+    endpoint: Endpoint
+    wanted: Endpoint | None = None  # set with `stop`: the next config, or None once removed
+    stop: trio.Event = field(default_factory=trio.Event)
+    consumer: PullConsumer | None = None
 
 
 class EndpointWorker:
@@ -320,18 +427,22 @@ class EndpointWorker:
 
     async def run(self, stopping: trio.Event) -> None:
         send, receive = trio.open_memory_channel[InMsg](0)
-        async with trio.open_nursery() as workers:
-            for _ in range(self.concurrency):
-                workers.start_soon(self._work, receive.clone())
-            receive.close()
-            with trio.CancelScope() as fetching:
-                workers.start_soon(_cancel_when_set, stopping, fetching)
-                workers.start_soon(self._keep_alive)
-                async with send:
-                    await self._fetch_loop(send)
-            # Stopping: no new fetches; in-flight deliveries get the grace period, then are nak'ed.
-            self.stopping = True
-            workers.cancel_scope.deadline = trio.current_time() + self.d.grace
+        # Keep-alives run while anything is held, and end with the workers: a worker restarted for
+        # a changed config must not wait out the whole grace period.
+        async with trio.open_nursery() as keeping:
+            keeping.start_soon(self._keep_alive)
+            async with trio.open_nursery() as workers:
+                for _ in range(self.concurrency):
+                    workers.start_soon(self._work, receive.clone())
+                receive.close()
+                with trio.CancelScope() as fetching:
+                    workers.start_soon(_cancel_when_set, stopping, fetching)
+                    async with send:
+                        await self._fetch_loop(send)
+                # Stopping: no new fetches; in-flight deliveries get the grace period, then are nak'ed.
+                self.stopping = True
+                workers.cancel_scope.deadline = trio.current_time() + self.d.grace
+            keeping.cancel_scope.cancel()
 
     async def _fetch_loop(self, send: trio.MemorySendChannel[InMsg]) -> None:
         backoff = 0.5

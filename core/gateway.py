@@ -19,12 +19,14 @@ from hypercorn.trio import serve
 
 from hookgate import __version__
 from hookgate.api import Api
+from hookgate.api_endpoints import EndpointApi
 from hookgate.api_log import LogApi
 from hookgate.app import App
 from hookgate.broker import Broker, BrokerUnavailable
+from hookgate.catalog import Catalog, instantiate
 from hookgate.components import ConfiguredComponents
 from hookgate.config import Component, LoadedConfig
-from hookgate.dispatcher import Dispatcher, Endpoint
+from hookgate.dispatcher import Dispatcher
 from hookgate.embedded import embedded_nats
 from hookgate.endpoint_state import EndpointStates
 from hookgate.hooks import Hooks
@@ -88,23 +90,14 @@ async def run(
             for name, source in config.sources.items()
         }
         guard = EgressGuard(config.egress.allow_networks, https_only=config.egress.https_only)
-        endpoints = {
-            name: Endpoint.build(
-                name,
-                endpoint,
-                signer=_instantiate(hooks, loaded.signers.get(name)),
-                guard=guard,
-                auth=_instantiate(hooks, loaded.endpoint_auth.get(name)),
-                proxy=(endpoint.proxy if endpoint.proxy is not None else config.egress.proxy) or None,
-            )
-            for name, endpoint in config.endpoints.items()
-        }
+        # The YAML endpoints, and those created through the API (followed in JetStream KV).
+        catalog = Catalog(loaded, hooks, broker, guard)
         metrics = Metrics()
         # One view of endpoint states for the API and the dispatcher: a change made here applies
         # here at once, and reaches other replicas within a second.
         states = EndpointStates(broker, config.ops.endpoint)
         transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
-        router = Router(broker, hooks, config.routes, set(endpoints), transforms)
+        router = Router(broker, hooks, config.routes, set(catalog.config_entries), transforms)
         delivery_log = DeliveryLog(broker, states, size_bytes(config.log.body_excerpt))
         replayer = Replayer(broker, delivery_log, router.event_for)
         app = App(
@@ -112,21 +105,32 @@ async def run(
             Api(
                 broker,
                 config.server.api_tokens,
-                set(endpoints),
+                catalog,
                 max_body,
                 states,
-                LogApi(delivery_log, replayer, lambda name: name in endpoints),
+                LogApi(delivery_log, replayer, lambda name: name in catalog),
                 metrics,
                 tracing,
+                EndpointApi(catalog, states, broker, max_body),
             ),
             broker,
             metrics,
         )
         dispatcher = Dispatcher(
-            broker, hooks, endpoints, seconds(config.server.shutdown_grace), metrics, states, tracing
+            broker,
+            hooks,
+            catalog.endpoints(),
+            seconds(config.server.shutdown_grace),
+            metrics,
+            states,
+            tracing,
         )
+        catalog.subscribe(lambda c: router.update(set(c.endpoints()), c.implicit_routes()))
+        catalog.subscribe(lambda c: dispatcher.update(c.endpoints()))
 
         async with trio.open_nursery() as nursery:
+            # The stored endpoints are known before anything routes or delivers.
+            await nursery.start(catalog.run, stopping)
             binds = await nursery.start(_serve_http, app, loaded, stopping)
             # Consumers exist (created or updated) before the gateway reports itself started.
             await nursery.start(router.run, stopping)
@@ -194,8 +198,4 @@ async def _connect(
 
 
 def _instantiate(hooks: Hooks, component: Component | None) -> Any:
-    if component is None:
-        return None
-    ctype = hooks.registry.get(component.kind, component.type)
-    assert ctype is not None, "config loading resolved every component"
-    return ctype.factory(component.config)
+    return instantiate(hooks.registry, component)

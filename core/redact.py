@@ -1,28 +1,129 @@
-"""Redaction of credentials before anything is shown (API, CLI) or recorded (attempt records).
+"""Redacting secrets before anything is shown (API, CLI) or recorded (attempt records, logs):
+endpoint configs, and the headers of events and attempts.
 
-Header names are matched, not values: a value is never inspected, so a secret that does not look
-like one is still hidden when it travels under a credential's name.
+Only names are looked at, never values, so a plugin's new component is covered as long as it
+names its secrets the usual way (`secret`, `token`, `password`, `private_key`, ...), and a header
+is hidden when its name says it carries a credential. Hiding a harmless header whose name merely
+looks like one (x-idempotency-key) costs little; showing a credential costs a lot.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from hookgate.types import Headers
 
-REDACTED = "[redacted]"
+PLACEHOLDER = "***"
 
-# Whole names that carry credentials, and words that mark one inside a longer name (x-api-key,
-# x-auth-token, stripe-signature, x-shopify-hmac-sha256, ...). Hiding a harmless header whose name
-# merely looks like one (x-idempotency-key) costs little; showing a credential costs a lot.
-_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
-_SECRET_WORDS = re.compile(r"(secret|token|passw|signature|hmac|key|auth|session|credential)")
+# Keys whose values are secrets, wherever they appear in a config (signing, auth, any component).
+SECRET_KEYS = frozenset(
+    {
+        "secret",
+        "secrets",
+        "token",
+        "password",
+        "client_secret",
+        "private_key",
+        "key",
+        "key_password",
+        "consumer_secret",
+        "verify_token",
+    }
+)
+# Header names that carry credentials (authorization, x-api-key, x-auth-token, stripe-signature,
+# x-shopify-hmac-sha256, cookie, ...).
+SECRET_HEADER = re.compile(
+    r"secret|token|passw|signature|hmac|key|auth|session|cookie|credential", re.IGNORECASE
+)
+# Keys holding URLs that may carry credentials in their user-info part.
+URL_KEYS = frozenset({"url", "proxy", "token_url"})
+# Prefixes that say which kind of key it is without saying anything about the key.
+KNOWN_PREFIXES = ("whsec_", "whsk_", "whpk_")
 
 
 def is_secret_header(name: str) -> bool:
-    lowered = name.lower()
-    return lowered in _SECRET_HEADERS or _SECRET_WORDS.search(lowered) is not None
+    return SECRET_HEADER.search(name) is not None
 
 
 def redact_headers(headers: Headers) -> Headers:
-    return [(k, REDACTED if is_secret_header(k) else v) for k, v in headers]
+    return [(k, PLACEHOLDER if is_secret_header(k) else v) for k, v in headers]
+
+
+def redact(config: Any) -> Any:
+    """A copy of a JSON-like config with every secret value replaced by a placeholder."""
+    if isinstance(config, dict):
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            if key in SECRET_KEYS:
+                out[key] = _hide(value)
+            elif key == "headers" and isinstance(value, dict):
+                out[key] = {name: _hide(v) if SECRET_HEADER.search(name) else v for name, v in value.items()}
+            elif key in URL_KEYS and isinstance(value, str):
+                out[key] = _without_password(value)
+            else:
+                out[key] = redact(value)
+        return out
+    if isinstance(config, list):
+        return [redact(item) for item in config]
+    return config
+
+
+def placeholders(config: Any, path: str = "$") -> list[str]:
+    """Paths of secret values that are redaction placeholders: a redacted view sent back as is."""
+    found: list[str] = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            child = f"{path}.{key}"
+            if key in SECRET_KEYS or (key == "headers" and isinstance(value, dict)):
+                found.extend(_placeholder_paths(value, child, headers=key == "headers"))
+            else:
+                found.extend(placeholders(value, child))
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            found.extend(placeholders(item, f"{path}[{i}]"))
+    return found
+
+
+def _placeholder_paths(value: Any, path: str, *, headers: bool = False) -> list[str]:
+    if isinstance(value, str):
+        return [path] if value.endswith(PLACEHOLDER) else []
+    if isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in _placeholder_paths(item, f"{path}[{i}]")]
+    if isinstance(value, dict):
+        if headers:
+            return [
+                p
+                for name, v in value.items()
+                if SECRET_HEADER.search(name)
+                for p in _placeholder_paths(v, f"{path}.{name}")
+            ]
+        return placeholders(value, path)
+    return []
+
+
+def _hide(value: Any) -> Any:
+    if isinstance(value, str):
+        prefix = next((p for p in KNOWN_PREFIXES if value.startswith(p)), "")
+        return prefix + PLACEHOLDER
+    if isinstance(value, list):
+        return [_hide(item) for item in value]
+    if isinstance(value, dict):
+        # A rotation entry such as {secret, expires}: keep what is not secret.
+        return {k: _hide(v) if k in SECRET_KEYS else redact(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool):
+        return value
+    return PLACEHOLDER
+
+
+def _without_password(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return PLACEHOLDER
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{PLACEHOLDER}@{host}"))

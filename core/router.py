@@ -99,10 +99,19 @@ class Router:
         self.broker = broker
         self.hooks = hooks
         transforms = transforms or {}
-        self.routes = [CompiledRoute.compile(i, r, transforms.get(i)) for i, r in enumerate(routes)]
+        self.config_routes = [CompiledRoute.compile(i, r, transforms.get(i)) for i, r in enumerate(routes)]
+        self.routes = list(self.config_routes)
         self.endpoints = endpoints
         self._encode = msgspec.msgpack.Encoder().encode
         self._encode_json = msgspec.json.Encoder().encode
+
+    def update(self, endpoints: set[str], implicit_routes: list[CompiledRoute]) -> None:
+        """Swap in the current endpoints and, after the YAML routes, the API endpoints' subscriptions.
+
+        Both are replaced whole, so an event being planned sees either the old set or the new one.
+        """
+        self.routes = [*self.config_routes, *implicit_routes]
+        self.endpoints = endpoints
 
     def consumer_spec(self) -> ConsumerSpec:
         t = self.broker.topology

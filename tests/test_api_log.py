@@ -352,8 +352,8 @@ async def test_secrets_never_appear_in_the_log_or_its_api(
         assert secret not in shown, secret
         assert secret.encode() not in stored, secret
     sent = dict(detail.json()["attempt_log"][0]["request_headers"])
-    assert sent["Authorization"] == "[redacted]" and sent["X-Api-Key"] == "[redacted]"
-    assert sent["webhook-signature"] == "[redacted]"
+    assert sent["Authorization"] == "***" and sent["X-Api-Key"] == "***"
+    assert sent["webhook-signature"] == "***"
     received = dict(event.json()["headers"])
-    assert received["authorization"] == "[redacted]" and received["x-acme-signature"] == "[redacted]"
+    assert received["authorization"] == "***" and received["x-acme-signature"] == "***"
     assert received["x-acme-event"] == "thing.created"

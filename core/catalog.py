@@ -1,0 +1,261 @@
+"""The catalog of endpoints: the YAML ones (read-only) and those created through the API.
+
+API endpoints are JSON documents in the `<PREFIX>ENDPOINT_CONFIGS` KV bucket, one per name. Every
+replica follows the bucket with a KV watch, so an endpoint created, changed or deleted through any
+replica's API reaches the router and dispatcher of all of them without a restart. A document is
+checked on the way in (by the API) and again on the way out (here), with the same code that checks
+a YAML endpoint: a replica whose plugins cannot build an endpoint skips it and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+import trio
+
+from hookgate.broker import Broker, KvUpdate
+from hookgate.config import (
+    CheckedEndpoint,
+    Component,
+    ConfigError,
+    EndpointConfig,
+    LoadedConfig,
+    Name,
+    Problem,
+    RouteConfig,
+    load_endpoint,
+)
+from hookgate.dispatcher import Endpoint
+from hookgate.filters import FilterError, compile_filter
+from hookgate.hooks import Hooks
+from hookgate.router import CompiledRoute
+from hookgate.ssrf import EgressGuard
+from hookgate.types import ComponentRegistry
+
+log = logging.getLogger("hookgate.catalog")
+
+WATCH_RETRY_MAX = 5.0
+
+
+class EndpointDocument(EndpointConfig, kw_only=True):  # type: ignore[call-arg]
+    """An endpoint created through the API: a YAML endpoint's keys plus its name and subscription.
+
+    The subscription acts as an implicit route, `{name: "endpoint:<name>", types, filter, to: [name]}`,
+    after the YAML routes.
+    """
+
+    name: Name
+    types: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
+    filter: dict[str, Any] | None = None
+
+
+Source = Literal["config", "api"]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    source: Source
+    config: EndpointConfig  # an EndpointDocument for API endpoints
+    endpoint: Endpoint
+    route: CompiledRoute | None = None  # the subscription of an API endpoint
+    revision: int = 0  # of its KV document
+
+    @property
+    def read_only(self) -> bool:
+        return self.source == "config"
+
+    @property
+    def types(self) -> list[str] | None:
+        return self.config.types if isinstance(self.config, EndpointDocument) else None
+
+    @property
+    def filter(self) -> dict[str, Any] | None:
+        return self.config.filter if isinstance(self.config, EndpointDocument) else None
+
+
+Listener = Callable[["Catalog"], None]
+
+
+class Catalog:
+    def __init__(self, loaded: LoadedConfig, hooks: Hooks, broker: Broker, guard: EgressGuard):
+        self.registry: ComponentRegistry = hooks.registry
+        self.broker = broker
+        self.guard = guard
+        self.bucket = broker.topology.endpoint_configs_bucket
+        self._config = loaded.config
+        self.config_entries = {
+            name: CatalogEntry(
+                name,
+                "config",
+                endpoint,
+                self._build(name, endpoint, loaded.signers.get(name), loaded.endpoint_auth.get(name)),
+            )
+            for name, endpoint in loaded.config.endpoints.items()
+        }
+        self.api_entries: dict[str, CatalogEntry] = {}
+        self.revision = 0  # the latest KV revision applied
+        self._applied = trio.Event()
+        self._listeners: list[Listener] = []
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.config_entries or name in self.api_entries
+
+    def get(self, name: str) -> CatalogEntry | None:
+        return self.config_entries.get(name) or self.api_entries.get(name)
+
+    def entries(self) -> list[CatalogEntry]:
+        """The YAML endpoints in file order, then the API ones by name."""
+        return [*self.config_entries.values(), *(self.api_entries[n] for n in sorted(self.api_entries))]
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        return {entry.name: entry.endpoint for entry in self.entries()}
+
+    def implicit_routes(self) -> list[CompiledRoute]:
+        return [entry.route for entry in self.entries() if entry.route is not None]
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener(catalog)` now and after every change."""
+        self._listeners.append(listener)
+        listener(self)
+
+    # --- checking and building ----------------------------------------------------------------
+
+    def check(self, value: Any) -> CheckedEndpoint[EndpointDocument]:
+        """A document checked as a YAML endpoint is, plus its filter; raises ConfigError."""
+        checked = load_endpoint(value, EndpointDocument, self.registry, self._config.broker)
+        if checked.config.filter is not None:
+            try:
+                compile_filter(checked.config.filter, "$.filter")
+            except FilterError as exc:
+                raise ConfigError(
+                    [Problem("<request>", None, e.path, e.message) for e in exc.errors]
+                ) from None
+        return checked
+
+    def _build(
+        self, name: str, config: EndpointConfig, signer: Component | None, auth: Component | None
+    ) -> Endpoint:
+        proxy = config.proxy if config.proxy is not None else self._config.egress.proxy
+        return Endpoint.build(
+            name,
+            config,
+            signer=instantiate(self.registry, signer),
+            guard=self.guard,
+            auth=instantiate(self.registry, auth),
+            proxy=proxy or None,
+        )
+
+    def _entry(self, update: KvUpdate) -> CatalogEntry | None:
+        """The entry for a stored document, or None (logged) when this replica cannot use it."""
+        name = update.key
+        if name in self.config_entries:
+            log.warning("endpoint %s is in the config file and in the API's store; the config wins", name)
+            return None
+        try:
+            checked = self.check(msgspec.json.decode(update.value or b""))
+        except msgspec.DecodeError:
+            log.error("endpoint %s: its stored document is not JSON; skipped", name)
+            return None
+        except ConfigError as exc:
+            # The API checked the document before storing it, so this is a replica without the
+            # plugin it names, or with another version of it: paths and messages say which.
+            problems = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+            log.error("endpoint %s cannot be used on this replica: %s", name, problems)
+            return None
+        document = checked.config
+        if document.name != name:
+            log.error("endpoint %s: its stored document names %r; skipped", name, document.name)
+            return None
+        try:
+            endpoint = self._build(name, document, checked.signer, checked.auth)
+        except Exception as exc:
+            log.error("endpoint %s cannot be built: %s", name, type(exc).__name__)
+            return None
+        route = CompiledRoute.compile(
+            0, RouteConfig(to=[name], name=f"endpoint:{name}", types=document.types, filter=document.filter)
+        )
+        return CatalogEntry(name, "api", document, endpoint, route, update.revision)
+
+    # --- following the store -------------------------------------------------------------------
+
+    def apply(self, updates: list[KvUpdate], *, snapshot: bool = False) -> None:
+        """Apply a batch from the watch; a snapshot replaces every API endpoint known so far."""
+        before = self.api_entries
+        entries = {} if snapshot else dict(before)
+        for update in updates:
+            self.revision = max(self.revision, update.revision)
+            entries.pop(update.key, None)
+            if update.value is not None and (entry := self._entry(update)) is not None:
+                entries[update.key] = entry
+        for name in sorted(before.keys() - entries.keys()):
+            log.info("endpoint %s removed", name)
+        for name, entry in entries.items():
+            if before.get(name) is not entry:
+                log.info(
+                    "endpoint %s %s (revision %d)",
+                    name,
+                    "changed" if name in before else "added",
+                    entry.revision,
+                )
+        self.api_entries = entries
+        for listener in self._listeners:
+            listener(self)
+        self._applied.set()
+        self._applied = trio.Event()
+
+    async def wait_for(self, revision: int, timeout: float = 5.0) -> bool:
+        """Whether this replica applied `revision` within `timeout` (read-your-writes for the API)."""
+        with trio.move_on_after(timeout):
+            while self.revision < revision:
+                await self._applied.wait()
+            return True
+        return False
+
+    async def run(
+        self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow the bucket until `stopping`; started once the current documents are applied."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when_set, stopping, nursery.cancel_scope)
+            await self._follow(task_status)
+
+    async def _follow(self, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+        backoff = 0.5
+        while True:
+            try:
+                async with self.broker.watch_kv(self.bucket) as batches:
+                    snapshot = True
+                    async for batch in batches:
+                        self.apply(batch, snapshot=snapshot)
+                        snapshot = False
+                        backoff = 0.5
+                        if not started:
+                            started = True
+                            task_status.started()
+            except Exception as exc:
+                if not started:
+                    raise
+                log.warning("watching endpoint documents failed: %s; again in %.1fs", exc, backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, WATCH_RETRY_MAX)
+
+
+def instantiate(registry: ComponentRegistry, component: Component | None) -> Any:
+    if component is None:
+        return None
+    ctype = registry.get(component.kind, component.type)
+    assert ctype is not None, "checking resolved every component"
+    return ctype.factory(component.config)
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -1,0 +1,126 @@
+"""The catalog: YAML endpoints plus API ones followed through a KV watch; the KV operations it uses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgspec
+import pytest
+import trio
+
+from hookgate import config as config_mod
+from hookgate.broker import Broker
+from hookgate.catalog import Catalog, EndpointDocument
+from hookgate.hooks import Hooks
+from hookgate.ssrf import EgressGuard
+from hookgate.types import Event
+from tests.support import NatsServer, base_config
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@asynccontextmanager
+async def _catalog(nats_url: str) -> AsyncIterator[tuple[Catalog, Broker]]:
+    hooks = Hooks(())
+    text = base_config(nats_url, 'endpoints:\n  fixed: {url: "http://127.0.0.1:9/in"}\n')
+    loaded = config_mod.loads(text, hooks.registry)
+    async with Broker.connect(loaded.config.broker, nats_url) as broker:
+        yield Catalog(loaded, hooks, broker, EgressGuard()), broker
+
+
+def _doc(name: str, **extra: object) -> bytes:
+    return msgspec.json.encode({"name": name, "url": "http://127.0.0.1:9/x", **extra})
+
+
+def _event(type_: str, body: bytes = b"{}") -> Event:
+    return Event(id="e", source="internal", type=type_, received_at=0.0, body=body)
+
+
+async def test_catalog_starts_from_the_stored_documents_and_follows_every_change(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "hookgate.catalog")
+    async with _catalog(nats_server.url) as (catalog, broker):
+        bucket = broker.topology.endpoint_configs_bucket
+        await broker.kv_create(
+            bucket, "early", _doc("early", signing={"scheme": "standard-webhooks", "secret": SECRET})
+        )
+        seen: list[list[str]] = []
+        catalog.subscribe(lambda c: seen.append(sorted(c.endpoints())))
+        stopping = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(catalog.run, stopping)
+            # Started means the documents stored before were applied.
+            assert sorted(catalog.endpoints()) == ["early", "fixed"]
+            assert catalog.get("early").source == "api" and catalog.get("fixed").read_only  # type: ignore[union-attr]
+
+            revision = await broker.kv_create(
+                bucket, "orders", _doc("orders", types=["order.*"], filter={"amount": {"$gte": 10}})
+            )
+            assert revision is not None and await catalog.wait_for(revision)
+            (route,) = [r for r in catalog.implicit_routes() if r.name == "endpoint:orders"]
+            assert route.to == ("orders",)
+            assert route.matches(_event("order.paid", b'{"amount": 10}'))
+            assert not route.matches(_event("order.paid", b'{"amount": 9}'))
+            assert not route.matches(_event("invoice.paid", b'{"amount": 10}'))
+
+            # Documents this replica cannot use are skipped, and say why.
+            for name, value in (
+                ("unknown-scheme", _doc("unknown-scheme", signing={"scheme": "nope"})),
+                ("renamed", _doc("something-else")),
+                ("fixed", _doc("fixed")),
+                ("garbage", b"{not json"),
+            ):
+                revision = await broker.kv_create(bucket, name, value)
+                assert revision is not None and await catalog.wait_for(revision)
+            assert sorted(catalog.api_entries) == ["early", "orders"]
+            assert catalog.get("fixed").source == "config"  # type: ignore[union-attr]
+
+            deleted = await broker.kv_delete(bucket, "orders")
+            assert deleted is not None and await catalog.wait_for(deleted)
+            assert "orders" not in catalog and "early" in catalog
+            stopping.set()
+    assert seen[0] == ["fixed"] and seen[1] == ["early", "fixed"]
+    assert ["early", "fixed", "orders"] in seen and seen[-1] == ["early", "fixed"]
+    text = caplog.text
+    assert "unknown signer" in text and "$.signing.scheme" in text
+    assert "names 'something-else'" in text and "the config wins" in text and "not JSON" in text
+    assert SECRET not in text
+
+
+async def test_check_reports_paths_from_the_document(nats_server: NatsServer) -> None:
+    async with _catalog(nats_server.url) as (catalog, _):
+        checked = catalog.check({"name": "a", "url": "http://a.example", "types": ["x.*"]})
+        assert isinstance(checked.config, EndpointDocument) and checked.signer is None
+        for value, path in (
+            ({"name": "a b", "url": "http://a.example"}, "$.name"),
+            ({"name": "a", "url": "ftp://a.example"}, "$.url"),
+            ({"name": "a", "url": "http://a.example", "types": []}, "$.types"),
+            ({"name": "a", "url": "http://a.example", "filter": {"x": {"$regex": "("}}}, "$.filter.x"),
+            ({"name": "a"}, "$: set exactly one of url or subject"),
+            ({"name": "a", "subject": "hookgate.loop"}, "$.subject"),
+        ):
+            with pytest.raises(config_mod.ConfigError) as raised:
+                catalog.check(value)
+            assert any(str(p).startswith(f"<request>: {path}") for p in raised.value.problems), raised.value
+
+
+async def test_kv_create_update_and_delete_are_conditional(nats_server: NatsServer) -> None:
+    async with _catalog(nats_server.url) as (_, broker):
+        bucket = broker.topology.endpoint_configs_bucket
+        first = await broker.kv_create(bucket, "k", b"1")
+        assert first is not None
+        assert await broker.kv_create(bucket, "k", b"2") is None  # exists: refused by the server
+        second = await broker.kv_update(bucket, "k", b"3", first)
+        assert second is not None and second > first
+        assert await broker.kv_update(bucket, "k", b"4", first) is None  # stale revision
+        assert await broker.kv_delete(bucket, "k", first) is None
+        stored = await broker.kv_get(bucket, "k")
+        assert stored is not None and (stored.value, stored.revision) == (b"3", second)
+        assert await broker.kv_delete(bucket, "k", second) is not None
+        assert await broker.kv_get(bucket, "k") is None
+        assert await broker.kv_create(bucket, "k", b"5") is not None  # a deleted key can be created again
+        topology = broker.topology
+        assert await broker.delete_consumer(topology.deliveries_stream, "endpoint-nobody") is False
