@@ -99,7 +99,7 @@ async def run(
         transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
         router = Router(broker, hooks, config.routes, set(catalog.config_entries), transforms)
         delivery_log = DeliveryLog(broker, states, size_bytes(config.log.body_excerpt))
-        replayer = Replayer(broker, delivery_log, router.event_for)
+        replayer = Replayer(broker, delivery_log, router.event_for, lambda name: name in catalog)
         app = App(
             Ingress(sources, hooks, broker, max_body, metrics, tracing),
             Api(

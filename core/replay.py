@@ -80,11 +80,18 @@ Rebuild = Callable[[Event, str], Awaitable[Event]]
 
 
 class Replayer:
-    def __init__(self, broker: Broker, dlog: DeliveryLog, rebuild: Rebuild):
+    def __init__(
+        self,
+        broker: Broker,
+        dlog: DeliveryLog,
+        rebuild: Rebuild,
+        endpoint_exists: Callable[[str], bool] = lambda name: True,
+    ):
         self.broker = broker
         self.t = broker.topology
         self.dlog = dlog
         self.rebuild = rebuild  # the event as an endpoint gets it now (its route's transform)
+        self.endpoint_exists = endpoint_exists
         self._nursery: trio.Nursery | None = None
 
     async def run(
@@ -104,6 +111,12 @@ class Replayer:
         state = await self.dlog.delivery_state(delivery_id)
         if state is None:
             raise ReplayError(404, "not_found", f"no delivery {delivery_id} (or it is past retention)")
+        if not self.endpoint_exists(state.created.endpoint):
+            raise ReplayError(
+                409,
+                "endpoint_gone",
+                f"delivery {delivery_id} was for endpoint {state.created.endpoint!r}, which no longer exists",
+            )
         if state.view.status in ACTIVE:
             when = f"; next attempt at {state.view.next_attempt_at}" if state.view.next_attempt_at else ""
             raise ReplayError(
