@@ -15,7 +15,7 @@ from hookgate.asgi import (
     Receive,
     Scope,
     Send,
-    read_body_or_answer,
+    read_json_or_answer,
     scope_header,
     send_error,
     send_json,
@@ -126,16 +126,10 @@ class Api:
         await send_json(send, 200, {"endpoint": name, "disabled": disable})
 
     async def _publish(self, scope: Scope, receive: Receive, send: Send, span: Span = NO_SPAN) -> None:
-        body = await read_body_or_answer(scope, receive, send, self.max_body)
-        if body is None:
-            return
-        try:
-            request = _publish_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            await send_error(send, 422, "invalid_event", str(exc))
-            return
-        except msgspec.DecodeError as exc:
-            await send_error(send, 400, "malformed_body", f"the body is not valid JSON: {exc}")
+        request = await read_json_or_answer(
+            scope, receive, send, self.max_body, _publish_decoder, "invalid_event"
+        )
+        if request is None:
             return
         if request.to is not None:
             unknown = [name for name in request.to if name not in self.endpoints]

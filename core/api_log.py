@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from hookgate.asgi import Receive, Scope, Send, read_body_or_answer, send_error, send_json
+from hookgate.asgi import Receive, Scope, Send, read_json_or_answer, send_error, send_json
 from hookgate.bridge import BrokerUnavailable
 from hookgate.deliverylog import STATUSES
 from hookgate.logquery import BadQuery, DeliveryLog
@@ -140,22 +140,20 @@ class LogApi:
         if not self.endpoint_exists(endpoint):
             await send_error(send, 404, "not_found", f"no endpoint named {endpoint!r}")
             return
-        body = await read_body_or_answer(scope, receive, send, 64 * 1024)
-        if body is None:
-            return
-        try:
-            request = _recover_decoder.decode(body or b"{}")
-        except msgspec.ValidationError as exc:
-            await send_error(send, 422, "invalid_request", str(exc))
-            return
-        except msgspec.DecodeError as exc:
-            await send_error(send, 400, "malformed_body", f"the body is not valid JSON: {exc}")
+        request = await read_json_or_answer(
+            scope, receive, send, 64 * 1024, _recover_decoder, "invalid_request"
+        )
+        if request is None:
             return
         try:
             since = parse_time(request.since)
+        except ValueError as exc:
+            await send_error(send, 422, "invalid_request", f"{exc} - at `$.since`")
+            return
+        try:
             until = parse_time(request.until) if request.until else time.time()
         except ValueError as exc:
-            await send_error(send, 422, "invalid_request", f"{exc} - at `$.since` or `$.until`")
+            await send_error(send, 422, "invalid_request", f"{exc} - at `$.until`")
             return
         unknown = [s for s in request.status or [] if s not in STATUSES]
         if unknown:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -13,6 +13,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _json = msgspec.json.Encoder()
+T = TypeVar("T")
 
 
 class BodyTooLarge(Exception):
@@ -90,4 +91,26 @@ async def read_body_or_answer(scope: Scope, receive: Receive, send: Send, limit:
         await send_error(send, 413, "body_too_large", f"the body is larger than {limit} bytes")
     except ClientGone:
         pass
+    return None
+
+
+async def read_json_or_answer(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    limit: int,
+    decoder: msgspec.json.Decoder[T],
+    invalid_code: str,
+) -> T | None:
+    """The body decoded, or None once the error was answered: 413 too large, 400 not JSON, 422 not
+    the expected shape (msgspec's message names the path, such as `$.to`)."""
+    body = await read_body_or_answer(scope, receive, send, limit)
+    if body is None:
+        return None
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        await send_error(send, 422, invalid_code, str(exc))
+    except msgspec.DecodeError as exc:
+        await send_error(send, 400, "malformed_body", f"the body is not valid JSON: {exc}")
     return None
