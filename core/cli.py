@@ -1,4 +1,4 @@
-"""The `hookgate` command: run, check, plugins, schema."""
+"""The `hookgate` command: run, check, plugins, schema, and the API commands (see `commands`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import httpx
 import trio
 
-from hookgate import __version__, config, gateway, hookspecs, logs
+from hookgate import __version__, client, commands, config, gateway, hookspecs, logs
 from hookgate.hooks import Hooks
 from hookgate.types import ComponentKind
 from hookgate.units import format_duration, seconds
@@ -25,7 +24,7 @@ DEFAULT_CONFIG = "hookgate.yaml"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hookgate", description="A webhook gateway on NATS JetStream.")
     parser.add_argument("--version", action="version", version=f"hookgate {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -35,28 +34,19 @@ def _parser() -> argparse.ArgumentParser:
             help=f"config file (default: $HOOKGATE_CONFIG or {DEFAULT_CONFIG})",
         )
 
-    run = commands.add_parser("run", help="run the gateway: ingress, API, router and dispatcher")
+    run = sub.add_parser("run", help="run the gateway: ingress, API, router and dispatcher")
     with_config(run)
     run.add_argument("--log-level", default=os.environ.get("HOOKGATE_LOG_LEVEL"), help="default: log.level")
-    check = commands.add_parser("check", help="validate a config file and summarise it")
+    check = sub.add_parser("check", help="validate a config file and summarise it")
     with_config(check)
-    commands.add_parser("plugins", help="list loaded plugins, their hooks and components")
-    endpoint = commands.add_parser("endpoint", help="enable or disable an endpoint (through the API)")
-    with_config(endpoint)
-    endpoint.add_argument("action", choices=["enable", "disable"])
-    endpoint.add_argument("name")
-    endpoint.add_argument(
-        "--url", default=os.environ.get("HOOKGATE_URL"), help="API base URL (default: from the config)"
-    )
-    endpoint.add_argument(
-        "--token", default=os.environ.get("HOOKGATE_API_TOKEN"), help="API token (default: from the config)"
-    )
-    key = commands.add_parser(
+    sub.add_parser("plugins", help="list loaded plugins, their hooks and components")
+    _api_commands(sub)
+    key = sub.add_parser(
         "endpoint-key", help="print the public key(s) receivers verify an endpoint's signatures with"
     )
     with_config(key)
     key.add_argument("endpoint")
-    schema = commands.add_parser("schema", help="print the JSON Schema of the config")
+    schema = sub.add_parser("schema", help="print the JSON Schema of the config")
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
     schema.add_argument(
         "--builtin-only",
@@ -66,14 +56,107 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+API_COMMANDS: dict[str, Callable[[client.ApiClient, argparse.Namespace], int]] = {
+    "events": commands.events,
+    "event": commands.event,
+    "deliveries": commands.deliveries,
+    "delivery": commands.delivery,
+    "retry": commands.retry,
+    "recover": commands.recover,
+    "redrive": commands.redrive,
+    "job": commands.job,
+    "send": commands.send,
+    "endpoints": commands.endpoints,
+    "endpoint": commands.endpoint_state,
+}
+
+
+def _connection() -> argparse.ArgumentParser:
+    """The options every API command takes to find the API."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection")
+    group.add_argument(
+        "--url", help=f"the gateway's base URL (default: ${client.URL_ENV}, else the config's server.listen)"
+    )
+    group.add_argument(
+        "--token",
+        help=f"an API token (default: ${client.TOKEN_ENV}, else the config's first server.api_tokens)",
+    )
+    group.add_argument(
+        "-c",
+        "--config",
+        help=f"the gateway's config, for URL and token (default: ${client.CONFIG_ENV} or {DEFAULT_CONFIG})",
+    )
+    return parent
+
+
+def _api_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    conn = [_connection()]
+
+    def command(name: str, help: str, *, json_output: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, parents=conn)
+        if json_output:
+            p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+        return p
+
+    def paging(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--since", help='RFC 3339, unix seconds, or a duration ago like "1h"')
+        p.add_argument("--until", help="as --since")
+        p.add_argument("--limit", type=int, help="rows per page (API default 50, at most 500)")
+        p.add_argument("--cursor", help="continue from a previous page's cursor")
+        p.add_argument("--all", action="store_true", help="follow the pages to the end")
+
+    events = command("events", "list events (oldest first)")
+    events.add_argument("--source", help='only this source ("internal" for your services\' events)')
+    paging(events)
+    event = command("event", "show one event with its headers and body")
+    event.add_argument("id")
+
+    deliveries = command("deliveries", "list deliveries with their status and attempts")
+    deliveries.add_argument("--endpoint")
+    deliveries.add_argument("--status", help="one or more, comma-separated: e.g. failed,dead")
+    deliveries.add_argument("--event", help="only the deliveries of this event id")
+    paging(deliveries)
+    delivery = command("delivery", "show one delivery and every attempt")
+    delivery.add_argument("id")
+
+    retry = command("retry", "send one delivery again now (a new attempt, fresh retry schedule)")
+    retry.add_argument("id")
+    recover = command("recover", "re-enqueue an endpoint's failed and dead deliveries in a time range")
+    recover.add_argument("endpoint")
+    recover.add_argument("--since", required=True, help='RFC 3339, unix seconds, or a duration ago like "1h"')
+    recover.add_argument("--until", help="as --since (default: now)")
+    recover.add_argument(
+        "--status", help="the statuses to re-enqueue, comma-separated (default: failed,dead)"
+    )
+    recover.add_argument("--no-wait", action="store_true", help="print the job and return at once")
+    redrive = command("redrive", "re-enqueue every dead letter of an endpoint")
+    redrive.add_argument("endpoint")
+    redrive.add_argument("--no-wait", action="store_true", help="print the job and return at once")
+    job = command("job", "show a recover or redrive job")
+    job.add_argument("id")
+    job.add_argument("--wait", action="store_true", help="wait until it ends, showing its progress")
+
+    send = command("send", "publish an internal event (POST /api/v1/events)")
+    send.add_argument("type", help="the event type, e.g. order.created")
+    send.add_argument("--data", required=True, help="JSON, @file.json, or - for stdin")
+    send.add_argument("--id", help="the event id (an idempotency key); default: a new one")
+    send.add_argument("--to", help="only these endpoints, comma-separated, instead of the routes")
+
+    command("endpoints", "list endpoints and whether each is enabled")
+    endpoint = command("endpoint", "enable or disable an endpoint", json_output=False)
+    endpoint.add_argument("action", choices=["enable", "disable"])
+    endpoint.add_argument("name")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args.config, args.log_level)
     if args.command == "check":
         return _check(args.config)
-    if args.command == "endpoint":
-        return _endpoint_state(args.config, args.action, args.name, args.url, args.token)
+    if args.command in API_COMMANDS:
+        return _call_api(args)
     if args.command == "endpoint-key":
         return _endpoint_key(args.config, args.endpoint)
     if args.command == "plugins":
@@ -144,33 +227,14 @@ def _check(path: str) -> int:
     return 0
 
 
-def _endpoint_state(path: str, action: str, name: str, url: str | None, token: str | None) -> int:
-    if url is None or token is None:
-        loaded = _load(path, Hooks())
-        if loaded is None:
-            return 1
-        server = loaded.config.server
-        scheme = "https" if server.tls else "http"
-        url = url or f"{scheme}://{server.listen.replace('0.0.0.0', '127.0.0.1')}"
-        token = token or (server.api_tokens[0] if server.api_tokens else "")
+def _call_api(args: argparse.Namespace) -> int:
     try:
-        response = httpx.post(
-            f"{url.rstrip('/')}/api/v1/endpoints/{name}/{action}",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        )
-    except httpx.HTTPError as exc:
-        print(f"hookgate: cannot reach the API at {url}: {exc}", file=sys.stderr)
+        target = client.resolve(args.url, args.token, args.config)
+        with client.ApiClient(target) as api:
+            return API_COMMANDS[args.command](api, args)
+    except client.ApiError as exc:
+        print(f"hookgate: {exc}", file=sys.stderr)
         return 1
-    if response.status_code != 200:
-        try:
-            message = response.json().get("message", response.text)
-        except ValueError:
-            message = response.text
-        print(f"hookgate: {action} {name}: {response.status_code} {message}", file=sys.stderr)
-        return 1
-    print(f"endpoint {name} {action}d")
-    return 0
 
 
 def _endpoint_key(path: str, endpoint: str) -> int:

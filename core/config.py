@@ -747,15 +747,37 @@ def load(
 ) -> LoadedConfig:
     """Load and validate a config file; raise ConfigError listing every problem found."""
     file = str(path)
+    return loads(_read(path), registry, file=file, env=env)
+
+
+def load_server(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> ServerConfig:
+    """Only the `server` section, checked as `load` checks it, for the command line to find the API.
+
+    Variables used only in other sections need not be set: an operator's shell rarely holds the
+    gateway's secrets, and the API's address and token are all the command line needs.
+    """
+    file = str(path)
+    loader, raw = _parse(_read(path), file, env)
+    section = _drop_nulls(raw.get("server") or {}, ServerConfig)
+    server = _Converter(loader).convert(section, ServerConfig, "$.server")
+    if server is not None:
+        _check_server(loader.problem, server)
+    problems = [p for p in loader.problems if p.path == "$.server" or p.path.startswith("$.server.")]
+    if problems or server is None:
+        raise ConfigError(problems or [Problem(file, None, "$.server", "cannot be read")])
+    return server
+
+
+def _read(path: str | os.PathLike[str]) -> str:
+    file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem(file, None, "$", f"cannot read config: {exc.strerror}")]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(
             [Problem(file, None, "$", f"cannot read config: not UTF-8 ({exc.reason})")]
         ) from None
-    return loads(text, registry, file=file, env=env)
 
 
 def loads(
@@ -766,30 +788,7 @@ def loads(
     env: dict[str, str] | None = None,
 ) -> LoadedConfig:
     """Validate config text; `file` names it in errors, `env` replaces os.environ for `${VAR}`."""
-    loader = _Loader(file, dict(os.environ) if env is None else env)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
-        reason = problem or str(exc)
-        if context and problem and problem.startswith("but "):  # "expected a single document ..."
-            reason = f"{context} {problem}"
-        reason += f" (column {mark.column + 1})" if mark is not None else ""
-        lines = text.splitlines()
-        if line is not None and 0 < line <= len(lines) and "${" in lines[line - 1]:
-            # `{` is YAML syntax inside [...] and {...}: the commonest cause there.
-            reason += '; inside [...] or {...}, quote values that use variables: "${VAR}"'
-        raise ConfigError([Problem(file, line, "$", f"invalid YAML: {reason}")]) from None
-    try:
-        raw: Any = loader.value(node, "$") if node is not None else None
-    except _TooLarge:
-        raise ConfigError([Problem(file, None, "$", "too many values once aliases are expanded")]) from None
-    if raw is None:  # an empty file, or only comments: every default
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError([Problem(file, 1, "$", f"expected a mapping of sections, got {_show(raw)}")])
+    loader, raw = _parse(text, file, env)
 
     for pattern, feature in UNSUPPORTED.items():
         for mapping, key, found in list(_unsupported(raw, pattern)):
@@ -814,6 +813,35 @@ def loads(
         unique = list(dict.fromkeys(loader.problems))
         raise ConfigError(sorted(unique, key=lambda p: p.line or 0))
     return loaded
+
+
+def _parse(text: str, file: str, env: dict[str, str] | None) -> tuple[_Loader, dict[str, Any]]:
+    """The YAML as plain values with variables interpolated; syntax errors raise ConfigError."""
+    loader = _Loader(file, dict(os.environ) if env is None else env)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
+        reason = problem or str(exc)
+        if context and problem and problem.startswith("but "):  # "expected a single document ..."
+            reason = f"{context} {problem}"
+        reason += f" (column {mark.column + 1})" if mark is not None else ""
+        lines = text.splitlines()
+        if line is not None and 0 < line <= len(lines) and "${" in lines[line - 1]:
+            # `{` is YAML syntax inside [...] and {...}: the commonest cause there.
+            reason += '; inside [...] or {...}, quote values that use variables: "${VAR}"'
+        raise ConfigError([Problem(file, line, "$", f"invalid YAML: {reason}")]) from None
+    try:
+        raw: Any = loader.value(node, "$") if node is not None else None
+    except _TooLarge:
+        raise ConfigError([Problem(file, None, "$", "too many values once aliases are expanded")]) from None
+    if raw is None:  # an empty file, or only comments: every default
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem(file, 1, "$", f"expected a mapping of sections, got {_show(raw)}")])
+    return loader, raw
 
 
 def _convert_sections(conv: _Converter, raw: dict[str, Any]) -> tuple[Config, set[str], list[int]]:

@@ -20,6 +20,7 @@ from hookgate.config import (
     LoadedConfig,
     json_schema,
     load,
+    load_server,
     loads,
 )
 from hookgate.hooks import Hooks
@@ -980,3 +981,22 @@ def test_a_typo_of_a_required_key_is_reported_once(registry: ComponentRegistry) 
     assert problems(registry, "routes:\n  - {too: [a]}\n") == [
         'hookgate.yaml:2: $.routes[0].too: unknown key; did you mean "to"?'
     ]
+
+
+def test_load_server_reads_only_the_server_section(tmp_path: Path) -> None:
+    path = tmp_path / "hookgate.yaml"
+    path.write_text(
+        "server:\n  listen: 0.0.0.0:9000\n  api_tokens: ['${TOKEN}']\n"
+        "sources:\n  acme: {verify: {type: hmac, header: X, secret: '${UNSET_SECRET}'}}\n"
+        "endpoints:\n  a: {timeout: soon}\n"
+    )
+    server = load_server(path, env={"TOKEN": "t"})
+    assert (server.listen, server.api_tokens) == ("0.0.0.0:9000", ["t"])
+    with pytest.raises(ConfigError) as raised:
+        load_server(path, env={})
+    assert [str(p) for p in raised.value.problems] == [
+        f"{path}:3: $.server.api_tokens[0]: environment variable TOKEN is not set"
+    ]
+    path.write_text("server:\n  listen: nowhere\n")
+    with pytest.raises(ConfigError, match=r":2: \$\.server\.listen: expected host:port"):
+        load_server(path, env={})
