@@ -48,7 +48,10 @@ class EndpointOut(msgspec.Struct, kw_only=True):
 
 
 class EndpointList(msgspec.Struct):
-    endpoints: list[EndpointOut]
+    """The same shape as the log's pages (`{"data", "next"}`), all in one page."""
+
+    data: list[EndpointOut]
+    next: str | None = None
 
 
 def new_signing_secret() -> str:

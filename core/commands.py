@@ -108,8 +108,8 @@ def endpoints(client: ApiClient, args: argparse.Namespace) -> int:
 
 
 def endpoint_rows(body: Any) -> list[dict[str, Any]]:
-    """The endpoints in a list answer: a bare list, or a page `{"data": [...]}`."""
-    items = body.get("data") if isinstance(body, dict) else body
+    """The endpoints in `GET /api/v1/endpoints`'s answer, `{"data": [...]}`."""
+    items = body.get("data") if isinstance(body, dict) else None
     if not isinstance(items, list):
         raise ApiError("GET /api/v1/endpoints: the answer is not a list of endpoints")
     return [item for item in items if isinstance(item, dict)]

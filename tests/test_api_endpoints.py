@@ -121,7 +121,7 @@ async def test_crud_answers_with_the_documented_statuses_and_bodies(
 
     assert shown.status_code == 200
     assert shown.json()["config"]["signing"] == {"scheme": "standard-webhooks", "secret": "whsec_***"}
-    by_name = {e["name"]: e for e in listed.json()["endpoints"]}
+    by_name = {e["name"]: e for e in listed.json()["data"]}
     assert set(by_name) == {"fixed", "orders"}
     assert by_name["fixed"]["source"] == "config" and by_name["fixed"]["read_only"] is True
     assert by_name["fixed"]["config"]["auth"] == {"type": "bearer", "token": "***"}

@@ -153,7 +153,14 @@ async def test_deliveries_and_attempts_after_a_mix_of_outcomes(
         event = await hg(capsys, gw, "event", "order-2")
         missing = await hg(capsys, gw, "delivery", "dlv_nope")
         bad_since = await hg(capsys, gw, "deliveries", "--since", "yesterday")
-        no_list = await hg(capsys, gw, "endpoints")
+        created = await gw.http.post(
+            f"{gw.url}/api/v1/endpoints",
+            json={"name": "extra", "subject": "orders.extra"},
+            headers=AUTH,
+        )
+        await gw.http.post(f"{gw.url}/api/v1/endpoints/ok/disable", headers=AUTH)
+        endpoint_table = await hg(capsys, gw, "endpoints")
+        endpoint_json = await hg(capsys, gw, "endpoints", "--json")
 
     assert [s.code for s in sent] == [0, 0] and piped.returncode == 0, (sent, piped.stderr)
     assert sent[0].out.strip() == "event order-0 accepted (order.created)"
@@ -207,9 +214,15 @@ async def test_deliveries_and_attempts_after_a_mix_of_outcomes(
     assert missing.code == 1 and missing.out == ""
     assert missing.err.startswith("hookgate: GET /api/v1/deliveries/dlv_nope: 404 not_found: no delivery")
     assert bad_since.code == 1 and "422" in bad_since.err and "yesterday" in bad_since.err
-    # GET /api/v1/endpoints is not on this gateway yet: a clear message, not a traceback.
-    assert no_list.code == 1 and "does not list endpoints" in no_list.err and "404" in no_list.err
-    for result in (missing, bad_since, no_list):
+    # The YAML endpoints and the one created through the API, with their state.
+    assert created.status_code == 201, created.text
+    table_rows = [line.split() for line in endpoint_table.out.splitlines()]
+    assert table_rows[0] == ["NAME", "TARGET", "FROM", "STATE"]
+    assert [row[0] for row in table_rows[1:]] == ["ok", "flaky", "dead", "extra"]
+    assert table_rows[1][-2:] == ["config", "disabled"] and table_rows[2][-2:] == ["config", "enabled"]
+    assert table_rows[4] == ["extra", "subject", "orders.extra", "api", "enabled"]
+    assert [e["name"] for e in endpoint_json.json()["data"]] == ["ok", "flaky", "dead", "extra"]
+    for result in (missing, bad_since):
         assert "Traceback" not in result.err and len(result.err.splitlines()) == 1
 
 
@@ -376,22 +389,28 @@ def test_resolve_reports_config_problems_and_missing_tokens(tmp_path: Path) -> N
         client.resolve(None, None, str(config), {})
 
 
-def test_endpoints_table_takes_either_list_shape_and_missing_fields() -> None:
+def test_endpoints_table_shows_missing_fields_as_dashes() -> None:
     sample = [
         {"name": "billing", "url": "https://billing.example/hooks", "source": "config", "disabled": False},
         {"name": "audit", "subject": "audit.events", "read_only": False, "disabled": True},
         {"name": "bare"},
     ]
-    for body in (sample, {"data": sample, "next": None}):
-        rows = commands.endpoint_rows(body)
-        assert tables.endpoints(rows).splitlines() == [
-            "NAME     TARGET                         FROM    STATE",
-            "billing  https://billing.example/hooks  config  enabled",
-            "audit    subject audit.events           api     disabled",
-            "bare     -                              -       -",
-        ]
+    rows = commands.endpoint_rows({"data": sample, "next": None})
+    assert tables.endpoints(rows).splitlines() == [
+        "NAME     TARGET                         FROM    STATE",
+        "billing  https://billing.example/hooks  config  enabled",
+        "audit    subject audit.events           api     disabled",
+        "bare     -                              -       -",
+    ]
     with pytest.raises(client.ApiError, match="not a list"):
         commands.endpoint_rows({"error": "x"})
+
+
+async def test_endpoints_from_a_server_without_the_list_is_explained() -> None:
+    async with receiver(lambda r, n: 404) as older:
+        result = await hg_process("endpoints", "--url", older.url, "--token", "t")
+    assert result.code == 1 and "does not list endpoints" in result.err and "404" in result.err
+    assert "Traceback" not in result.err and len(result.err.splitlines()) == 1
 
 
 def test_tables_shorten_times_and_errors() -> None:
