@@ -274,6 +274,7 @@ class NatsBridge:
         self._ack_waiters: dict[str, asyncio.Future[PubResult]] = {}
         self._ack_counter = 0
         self._consumers: list[PullConsumer] = []
+        self._closing = False
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -322,7 +323,8 @@ class NatsBridge:
             log.warning("nats: %s", exc)
 
         async def on_disconnect() -> None:
-            log.warning("disconnected from NATS; reconnecting")
+            if not self._closing:  # nats-py reports its own close as a disconnect too
+                log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
             for consumer in self._consumers:
@@ -360,6 +362,7 @@ class NatsBridge:
         self._js = self._nc.jetstream(timeout=5)
 
     async def _close(self) -> None:
+        self._closing = True
         if self._nc is not None and not self._nc.is_closed:
             # Acks were flushed as they were sent; draining pull subscriptions would only wait.
             with contextlib.suppress(Exception):
