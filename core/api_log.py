@@ -4,6 +4,7 @@ redrive, and the jobs those start. Authentication is done by `hookgate.api.Api` 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,8 @@ from hookgate.replay import Replayer, ReplayError
 from hookgate.units import parse_time
 
 log = logging.getLogger("hookgate.api")
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 class RecoverRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,6 +55,10 @@ class LogApi:
         methods = routes.get(shape)
         if methods is None:
             return False
+        if parts[0] in ("deliveries", "endpoints") and len(parts) > 1 and not _TOKEN.fullmatch(parts[1]):
+            # Names and delivery ids become NATS subject tokens: '.', '*' or '>' would widen a lookup.
+            await send_error(send, 404, "not_found", f"no {parts[0][:-1]} {parts[1]!r}")
+            return True
         handler = methods.get(method)
         try:
             if handler is None:
@@ -80,7 +87,7 @@ class LogApi:
     async def _list_events(self, scope: Scope, send: Send) -> None:
         q = _Query(scope, {"source", "since", "until", "cursor", "limit"})
         page = await self.dlog.list_events(
-            source=q.text("source"),
+            source=q.name("source"),
             since=q.time("since"),
             until=q.time("until"),
             cursor=q.text("cursor"),
@@ -104,7 +111,7 @@ class LogApi:
         if unknown:
             raise BadQuery(f"unknown status {', '.join(unknown)}; expected one of {', '.join(STATUSES)}")
         page = await self.dlog.list_deliveries(
-            endpoint=q.text("endpoint"),
+            endpoint=q.name("endpoint"),
             statuses=frozenset(statuses) if statuses else None,
             event_id=q.text("event"),
             since=q.time("since"),
@@ -155,6 +162,9 @@ class LogApi:
         except ValueError as exc:
             await send_error(send, 422, "invalid_request", f"{exc} - at `$.until`")
             return
+        if until < since:
+            await send_error(send, 422, "invalid_request", "`until` is before `since` - at `$.until`")
+            return
         unknown = [s for s in request.status or [] if s not in STATUSES]
         if unknown:
             await send_error(
@@ -201,6 +211,13 @@ class _Query:
         if not values:
             return None
         return [v for value in values for v in value.split(",") if v]
+
+    def name(self, name: str) -> str | None:
+        """An endpoint or source name (letters, digits, '-' and '_', as in the config)."""
+        value = self.text(name)
+        if value is not None and not _TOKEN.fullmatch(value):
+            raise BadQuery(f"{name}: {value!r} is not a name (letters, digits, '-' and '_')")
+        return value
 
     def time(self, name: str) -> float | None:
         value = self.text(name)

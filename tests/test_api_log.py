@@ -107,6 +107,12 @@ async def test_statuses_attempts_and_pagination(tmp_path: Path, nats_server: Nat
         bad_status = await gw.http.get(f"{gw.url}/api/v1/deliveries?status=lost", headers=AUTH)
         bad_param = await gw.http.get(f"{gw.url}/api/v1/deliveries?endpiont=ok", headers=AUTH)
         no_token = await gw.http.get(f"{gw.url}/api/v1/deliveries")
+        # Names and ids become NATS subject tokens: wildcards must not widen a lookup.
+        wildcard_id = await gw.http.get(f"{gw.url}/api/v1/deliveries/*", headers=AUTH)
+        dotted_id = await gw.http.get(f"{gw.url}/api/v1/deliveries/a.b", headers=AUTH)
+        wildcard_endpoint = await gw.http.get(f"{gw.url}/api/v1/deliveries?endpoint=>", headers=AUTH)
+        wildcard_source = await gw.http.get(f"{gw.url}/api/v1/events?source=*", headers=AUTH)
+        wildcard_retry = await gw.http.post(f"{gw.url}/api/v1/deliveries/*/retry", headers=AUTH)
 
     rows = everything["data"]
     assert {(d["endpoint"], d["status"], d["attempts"]) for d in rows} == {
@@ -146,6 +152,8 @@ async def test_statuses_attempts_and_pagination(tmp_path: Path, nats_server: Nat
     assert bad_status.status_code == 422 and "lost" in bad_status.json()["message"]
     assert bad_param.status_code == 422 and "endpiont" in bad_param.json()["message"]
     assert no_token.status_code == 401
+    assert wildcard_id.status_code == dotted_id.status_code == wildcard_retry.status_code == 404
+    assert wildcard_endpoint.status_code == wildcard_source.status_code == 422
 
 
 async def test_retry_recover_and_redrive(tmp_path: Path, nats_server: NatsServer) -> None:
@@ -218,6 +226,9 @@ async def test_retry_recover_and_redrive(tmp_path: Path, nats_server: NatsServer
         bad = await gw.http.post(
             f"{gw.url}/api/v1/endpoints/dead/recover", json={"since": "yesterday"}, headers=AUTH
         )
+        backwards = await gw.http.post(
+            f"{gw.url}/api/v1/endpoints/dead/recover", json={"since": "1h", "until": "2h"}, headers=AUTH
+        )
 
     assert retried.status_code == 202 and retried.json()["attempt"] == 3
     assert a["attempts"] == 3
@@ -238,6 +249,7 @@ async def test_retry_recover_and_redrive(tmp_path: Path, nats_server: NatsServer
 
     assert unknown.status_code == 404
     assert bad.status_code == 422 and "$.since" in bad.json()["message"]
+    assert backwards.status_code == 422 and "$.until" in backwards.json()["message"]
 
 
 async def test_retry_of_a_delivery_on_its_way_is_refused(tmp_path: Path, nats_server: NatsServer) -> None:
