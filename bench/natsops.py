@@ -123,6 +123,25 @@ def settled_rss(pid: int, seconds: float = 3.0, interval: float = 0.25) -> int:
     return min(samples) if samples else rss_bytes(pid)
 
 
+def stream_numbers(url: str, stream: str) -> dict[str, int]:
+    """A stream's state as the server reports it: messages, bytes, first_seq, last_seq, num_subjects.
+
+    Asked with a raw `$JS.API.STREAM.INFO` request: nats-py's StreamState has no `num_subjects`.
+    """
+
+    async def go() -> dict[str, int]:
+        nc = await nats.connect(url, name="hookgate-bench")
+        try:
+            reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=10)
+        finally:
+            await nc.close()
+        state = json.loads(reply.data)["state"]
+        keys = ("messages", "bytes", "first_seq", "last_seq", "num_subjects")
+        return {k: int(state.get(k) or 0) for k in keys}
+
+    return asyncio.run(go())
+
+
 def stream_state(url: str, stream: str) -> tuple[float, int]:
     """(duplicate window in seconds, messages stored) of a stream."""
 
