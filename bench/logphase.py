@@ -10,18 +10,21 @@ records the gateway itself writes, msgspec-encoded as it encodes them, on the su
 - per dead delivery: a `DeadLetter` on `<p>.dead.<endpoint>.<id>`, as the dispatcher leaves it.
 
 Of every hundred deliveries, 98 succeeded at the first attempt, one is retrying after one failed
-attempt and one is dead after three. The gateway is paused (SIGSTOP) while the records are
-published, so the server does nothing else; its RSS is read before and after. A control gateway
-gets the same messages, byte for byte, on one fixed subject per record kind, so the difference is
-what the per-subject index costs.
+attempt and one is dead after three. The gateway is paused (SIGSTOP) before the records are
+published and stays paused, so its server does nothing else. The server's RSS is read before and
+4 s after. With GODEBUG=gctrace=1 the server logs every garbage collection; the one Go forces after
+2 idle minutes gives the live heap, without the garbage and caches of the busy minute. A control
+gateway gets the same messages, byte for byte, on one fixed subject per record kind, so the
+difference is what the per-subject index costs.
 
-Then the gateway is resumed and its HTTP API is timed at that size: listing pages, a status filter
-that matches 1 row in 100, single deliveries, events (a few real events routed through the gateway:
-the synthetic routing records point at no stored event), and a recover job.
+Meanwhile a third gateway gets the same log and its HTTP API is timed at that size: listing pages,
+a status filter that matches 1 row in 100, single deliveries, events (a few real events routed
+through the gateway: the synthetic routing records point at no stored event), and a recover job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import uuid
@@ -41,7 +44,17 @@ from phases import (
     _stored_event,
     _wait_count,
 )
-from procs import HTTP, Hookgate, Server, free_port, hookgate_config, paused, start_hookgate, start_receiver
+from procs import (
+    HTTP,
+    Hookgate,
+    Server,
+    cpu_seconds,
+    free_port,
+    hookgate_config,
+    paused,
+    start_hookgate,
+    start_receiver,
+)
 
 from hookgate.deliverylog import DeadLetter, DeliveryCreated, event_key
 from hookgate.ids import delivery_id
@@ -57,6 +70,8 @@ EVERY, DEAD_AT, RETRYING_AT = 100, 37, 73
 DEAD_ATTEMPTS = 3  # the endpoint's retry schedule below has two delays
 EXTRAPOLATE_RATE, EXTRAPOLATE_HOURS = 100, 72  # deliveries/s, the issue's retention
 REAL_EVENTS = 5
+GCTRACE = {"GODEBUG": "gctrace=1"}  # the embedded nats-server logs each collection and its live heap
+GC_WAIT = 150.0  # Go collects an idle heap 2 minutes after the last collection
 
 ROUTED, CREATED, ATTEMPT, DEAD = range(4)
 KIND_NAMES = ("routed", "created", "attempt", "dead letter")
@@ -221,40 +236,65 @@ def _config(ctx: Context, name: str, receiver: Server) -> dict[str, Any]:
 
 
 def delivery_log(ctx: Context) -> dict[str, Any]:
-    """RSS per delivery in the log (net of a control on few subjects), then API latency at that size."""
+    """Memory per delivery in the log (net of a control on few subjects), then API latency at that size.
+
+    Three gateways: the control and the measured one stay paused after their records are stored,
+    so their servers are idle until Go's periodic collection (every 2 minutes) shows the live heap;
+    the API is timed meanwhile on a third gateway that holds the same log.
+    """
     o = ctx.options
     n = o.log_deliveries
     span = max(EVERY, n // 10)  # the recover job's range: the first tenth of the deliveries
     receiver = start_receiver(ctx.procs, "receiver-log")
+    memory: dict[str, dict[str, Any]] = {}
+    gateways: dict[str, Hookgate] = {}
+    with contextlib.ExitStack() as stack:
+        for name in ("control", "log"):
+            gw = start_hookgate(
+                ctx.procs,
+                f"hookgate-log-{name}",
+                ctx.work_dir,
+                _config(ctx, f"log-{name}", receiver),
+                "WARNING",
+                env=GCTRACE,
+            )
+            stack.enter_context(paused(gw.proc.pid))
+            gateways[name] = gw
+            records = LogRecords(n, time.time(), control=name == "control")
+            memory[name] = _measured(gw, records, span)
 
-    control_records = LogRecords(n, time.time(), control=True)
-    control_gw = start_hookgate(
-        ctx.procs, "hookgate-log-control", ctx.work_dir, _config(ctx, "log-control", receiver), "WARNING"
-    )
-    control, _ = _build(control_gw, control_records, span)
-    ctx.procs.stop(control_gw.proc)
+        hookgate = start_hookgate(
+            ctx.procs, "hookgate-log-api", ctx.work_dir, _config(ctx, "log-api", receiver), o.log_level
+        )
+        records = LogRecords(n, time.time(), control=False)
+        nats = natsops.embedded_server(hookgate.data_dir)
+        published, window = _publish(nats.url, records, span)
+        api, recover = _api(ctx, hookgate, receiver, records, span, window)
+        ctx.procs.stop(hookgate.proc)
 
-    records = LogRecords(n, time.time(), control=False)
-    hookgate = start_hookgate(
-        ctx.procs, "hookgate-log", ctx.work_dir, _config(ctx, "log", receiver), o.log_level
-    )
-    built, window = _build(hookgate, records, span)
-    api, recover = _api(ctx, hookgate, receiver, records, span, window)
-    ctx.procs.stop(hookgate.proc)
+        for name, gw in gateways.items():
+            published_at = memory[name].pop("published_at")
+            if not o.quick:  # a quick run does not wait for the idle servers' collection
+                memory[name].update(_idle_heap(gw, published_at, memory[name]))
+    for gw in gateways.values():
+        ctx.procs.stop(gw.proc)
     ctx.procs.stop(receiver.proc)
 
+    built, control = memory["log"], memory["control"]
     subjects = built["log_stream"]["num_subjects"] + built["dead_stream"]["num_subjects"]
-    raw = built["rss_growth"] / n
-    net = (built["rss_growth"] - control["rss_growth"]) / n
     extrapolated = EXTRAPOLATE_RATE * EXTRAPOLATE_HOURS * 3600
+    rss = (built["rss_growth"] - control["rss_growth"]) / n
+    live = None
+    if built.get("idle_live_heap") is not None and control.get("idle_live_heap") is not None:
+        live = (built["idle_live_heap"] - control["idle_live_heap"]) / n
     stored = built["log_stream"]["bytes"] + built["dead_stream"]["bytes"]
     return {
         "setup": (
             f"{n:,} deliveries to one endpoint ({len(records.plan):,} records: "
             + ", ".join(f"{records.count(k):,} {name}" for k, name in enumerate(KIND_NAMES))
             + f"; 1 in {EVERY} dead after {DEAD_ATTEMPTS} attempts, 1 in {EVERY} retrying) published with "
-            f"nats-py into {TOPOLOGY.log_stream} and {TOPOLOGY.dead_stream} of a paused gateway; control: "
-            "the same messages on one subject per kind; then the API timed at that size"
+            f"nats-py into {TOPOLOGY.log_stream} and {TOPOLOGY.dead_stream} of paused gateways; control: "
+            "the same messages on one subject per kind; API timed on a third gateway holding the same log"
         ),
         "deliveries": n,
         "records": len(records.plan),
@@ -262,51 +302,73 @@ def delivery_log(ctx: Context) -> dict[str, Any]:
         "subjects_per_delivery": round(subjects / n, 2),
         "log": built,
         "control_few_subjects": control,
-        "bytes_per_delivery": round(net, 1),
-        "bytes_per_delivery_raw": round(raw, 1),
-        "bytes_per_subject": round((built["rss_growth"] - control["rss_growth"]) / max(1, subjects - 4), 1),
+        "live_bytes_per_delivery": round(live, 1) if live is not None else None,
+        "live_bytes_per_subject": round(live * n / (subjects - 4), 1) if live is not None else None,
+        "rss_bytes_per_delivery": round(rss, 1),
+        "rss_bytes_per_delivery_raw": round(built["rss_growth"] / n, 1),
         "stored_bytes_per_delivery": round(stored / n, 1),
         "extrapolated_deliveries": extrapolated,
-        "extrapolated_bytes": round(net * extrapolated),
+        "extrapolated_live_bytes": round(live * extrapolated) if live is not None else None,
+        "extrapolated_rss_bytes": round(rss * extrapolated),
         "extrapolated_note": f"{EXTRAPOLATE_HOURS}h retention at {EXTRAPOLATE_RATE} deliveries/s",
+        "api_gateway_publish_per_s": round(published.count / published.seconds, 1),
         "api": api,
         "recover": recover,
     }
 
 
-def _build(hookgate: Hookgate, records: LogRecords, span: int) -> tuple[dict[str, Any], tuple[float, float]]:
-    """Publish the records into the paused gateway's server; RSS before and after, and the time
-    window (since, until) that holds exactly the first `span` deliveries."""
-    nats = natsops.embedded_server(hookgate.data_dir)
-    split = records.first[span]
-    total = len(records.plan)
-    with paused(hookgate.proc.pid):
-        before = natsops.settled_rss(nats.pid, 2.0)
-        since = time.time()
-        head = natsops.publish_bulk(nats.url, split, records.subject, records.payload, msg_id=None)
-        until = time.time()
-        time.sleep(0.05)  # nothing of the rest is stored before `until`
-        tail = natsops.publish_bulk(
-            nats.url,
-            total - split,
-            lambda i: records.subject(split + i),
-            lambda i: records.payload(split + i),
-            msg_id=None,
-        )
-        after = natsops.settled_rss(nats.pid, 4.0)
-        log_stream = natsops.stream_numbers(nats.url, TOPOLOGY.log_stream)
-        dead_stream = natsops.stream_numbers(nats.url, TOPOLOGY.dead_stream)
-    seconds = head.seconds + tail.seconds
+def _publish(url: str, records: LogRecords, span: int) -> tuple[natsops.Published, tuple[float, float]]:
+    """Publish every record; the time window (since, until) that holds the first `span` deliveries."""
+    split, total = records.first[span], len(records.plan)
+    since = time.time()
+    head = natsops.publish_pipelined(url, split, records.subject, records.payload)
+    until = time.time()
+    time.sleep(0.05)  # nothing of the rest is stored before `until`
+    tail = natsops.publish_pipelined(
+        url, total - split, lambda i: records.subject(split + i), lambda i: records.payload(split + i)
+    )
+    if head.errors or tail.errors:
+        raise RuntimeError(f"{head.errors + tail.errors} of {total} log records were not stored")
+    both = natsops.Published(total, 0, 0, head.seconds + tail.seconds)
+    return both, (since, until)
+
+
+def _measured(gw: Hookgate, records: LogRecords, span: int) -> dict[str, Any]:
+    """Publish into a paused gateway's server and read its RSS before and after."""
+    nats = natsops.embedded_server(gw.data_dir)
+    before = natsops.settled_rss(nats.pid, 2.0)
+    heap_before = natsops.gc_traces(gw.data_dir / "nats-server.log")
+    published, _ = _publish(nats.url, records, span)
+    after = natsops.settled_rss(nats.pid, 4.0)
+    traces = natsops.gc_traces(gw.data_dir / "nats-server.log")
     return {
         "rss_before": before,
         "rss_after": after,
         "rss_growth": after - before,
-        "published": total,
-        "publish_errors": head.errors + tail.errors,
-        "publish_per_s": round(total / seconds, 1),
-        "log_stream": log_stream,
-        "dead_stream": dead_stream,
-    }, (since, until)
+        "live_heap_before": heap_before[-1].live_bytes if heap_before else None,
+        "collections_after_publishing": len(traces),
+        "published": published.count,
+        "publish_per_s": round(published.count / published.seconds, 1),
+        "published_at": time.monotonic() - 4.0,  # monotonic; popped before reporting
+        "log_stream": natsops.stream_numbers(nats.url, TOPOLOGY.log_stream),
+        "dead_stream": natsops.stream_numbers(nats.url, TOPOLOGY.dead_stream),
+    }
+
+
+def _idle_heap(gw: Hookgate, published_at: float, measured: dict[str, Any]) -> dict[str, Any]:
+    """The live heap found by the idle server's next collection (Go forces one every 2 minutes)."""
+    log_file = gw.data_dir / "nats-server.log"
+    deadline = published_at + GC_WAIT
+    seen = measured["collections_after_publishing"]
+    while time.monotonic() < deadline:
+        traces = natsops.gc_traces(log_file)
+        if len(traces) > seen:
+            return {
+                "idle_live_heap": traces[seen].live_bytes,
+                "idle_collection_after_s": round(time.monotonic() - published_at, 1),
+            }
+        time.sleep(0.5)
+    return {"idle_live_heap": None}
 
 
 # --- the API at that size ----------------------------------------------------------------------
@@ -350,8 +412,9 @@ def _api(
             ),
             ("event (routed by the gateway)", lambda k: f"/api/v1/events/{events[k % len(events)]}"),
         ]
+        pids = {"hookgate": hookgate.proc.pid, "nats-server": nats.pid}
         for label, path in queries:
-            timed[label] = _timed(client, [path(k) for k in range(reps)])
+            timed[label] = _timed(client, [path(k) for k in range(reps)], pids)
         recover = _recover(client, receiver, records, span, window)
     finally:
         client.close()
@@ -378,9 +441,11 @@ def _route_real_events(hookgate: Hookgate, client: httpx.Client, receiver: Serve
     return ids
 
 
-def _timed(client: httpx.Client, paths: list[str]) -> dict[str, Any]:
-    """One GET per path; median and max in ms, and how many rows the last page held."""
+def _timed(client: httpx.Client, paths: list[str], pids: dict[str, int]) -> dict[str, Any]:
+    """One GET per path: median and max in ms, how many rows the last page held, and the CPU the
+    gateway and its server spent per request (where the time goes)."""
     took: list[float] = []
+    cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
     body: Any = None
     for path in paths:
         started = time.perf_counter()
@@ -393,6 +458,9 @@ def _timed(client: httpx.Client, paths: list[str]) -> dict[str, Any]:
         "median_ms": round(statistics.median(took), 1),
         "max_ms": round(max(took), 1),
         "reps": len(took),
+        "cpu_ms_per_request": {
+            name: round((cpu_seconds(pid) - cpu[name]) * 1000 / len(took), 1) for name, pid in pids.items()
+        },
     }
     if isinstance(body, dict) and "data" in body:
         out["rows"] = len(body["data"])

@@ -169,12 +169,18 @@ def render(r: dict[str, Any]) -> str:
             f"  dedup    {d['bytes_per_id']:.0f} B per id -> {d['extrapolated_bytes'] / 2**30:.2f} GiB "
             f"for {d['extrapolated_ids']:,} ids ({d['extrapolated_note']})"
         )
-    if "bytes_per_delivery" in r.get("log", {}):
+    if "rss_bytes_per_delivery" in r.get("log", {}):
         g = r["log"]
         first, dead = g["api"]["list, first page"], g["api"][next(k for k in g["api"] if "status=dead" in k)]
+        per = g["live_bytes_per_delivery"]
+        memory = (
+            f"{per:.0f} B live heap per delivery -> {g['extrapolated_live_bytes'] / 2**30:.2f} GiB"
+            if per is not None
+            else f"{g['rss_bytes_per_delivery']:.0f} B RSS per delivery -> "
+            f"{g['extrapolated_rss_bytes'] / 2**30:.2f} GiB"
+        )
         out.append(
-            f"  log      {g['bytes_per_delivery']:.0f} B per delivery -> "
-            f"{g['extrapolated_bytes'] / 2**30:.2f} GiB for {g['extrapolated_deliveries']:,} deliveries "
+            f"  log      {memory} for {g['extrapolated_deliveries']:,} deliveries "
             f"({g['extrapolated_note']}); first page {first['median_ms']:.0f} ms, "
             f"status=dead page {dead['median_ms']:.0f} ms (medians)"
         )
@@ -276,28 +282,57 @@ def _dedup_rows(d: dict[str, Any]) -> list[str]:
 
 def _log_rows(d: dict[str, Any]) -> list[str]:
     mib = 2**20
+
+    def heap(x: int | None) -> float | None:
+        return None if x is None else x / mib
+
     rows = [
-        [label, s["rss_before"] / mib, s["rss_after"] / mib, s["rss_growth"] / mib, s["published"]]
+        [
+            label,
+            s["rss_before"] / mib,
+            s["rss_after"] / mib,
+            s["rss_growth"] / mib,
+            heap(s.get("idle_live_heap")),
+            s["published"],
+        ]
         for label, s in (
             (f"log, {d['subjects']:,} subjects", d["log"]),
             ("control, 4 subjects", d["control_few_subjects"]),
         )
     ]
-    lines = report.table(rows, ["", "RSS before MiB", "after MiB", "growth MiB", "messages"]).splitlines()
+    headers = ["", "RSS before MiB", "after MiB", "growth MiB", "idle live heap MiB", "messages"]
+    lines = report.table(rows, headers).splitlines()
+    gib, n = 2**30, d["extrapolated_deliveries"]
+    if d["live_bytes_per_delivery"] is not None:
+        lines.append(
+            f"live heap: {d['live_bytes_per_delivery']:.0f} B per delivery net of the control "
+            f"({d['subjects_per_delivery']:.2f} subjects per delivery, "
+            f"{d['live_bytes_per_subject']:.0f} B each) "
+            f"-> {d['extrapolated_live_bytes'] / gib:.2f} GiB for {n:,} deliveries ({d['extrapolated_note']})"
+        )
+    else:
+        lines.append("live heap: not measured (--quick does not wait for the idle collection)")
     lines.append(
-        f"{d['bytes_per_delivery']:.0f} B per delivery net of the control "
-        f"({d['bytes_per_delivery_raw']:.0f} B raw; {d['subjects_per_delivery']:.2f} subjects per delivery, "
-        f"{d['bytes_per_subject']:.0f} B each); "
-        f"{d['extrapolated_deliveries']:,} deliveries -> {d['extrapolated_bytes'] / 2**30:.2f} GiB of RSS "
-        f"({d['extrapolated_note']}); stored {d['stored_bytes_per_delivery']:.0f} B per delivery on disk"
+        f"RSS while busy: {d['rss_bytes_per_delivery']:.0f} B per delivery net of the control "
+        f"({d['rss_bytes_per_delivery_raw']:.0f} B raw) -> {d['extrapolated_rss_bytes'] / gib:.2f} GiB; "
+        f"stored {d['stored_bytes_per_delivery']:.0f} B per delivery on disk; "
+        f"published at {d['log']['publish_per_s']:,.0f} messages/s"
     )
-    lines.append(f"published at {d['log']['publish_per_s']:,.0f} messages/s")
     more = {True: "yes", False: "no"}
     api = [
-        [label, a["median_ms"], a["max_ms"], a["reps"], a.get("rows"), more.get(a.get("more"))]
+        [
+            label,
+            a["median_ms"],
+            a["max_ms"],
+            a["reps"],
+            a.get("rows"),
+            more.get(a.get("more")),
+            a["cpu_ms_per_request"]["hookgate"],
+            a["cpu_ms_per_request"]["nats-server"],
+        ]
         for label, a in d["api"].items()
     ]
-    headers = ["GET /api/v1/...", "median ms", "max ms", "reps", "rows", "next"]
+    headers = ["GET /api/v1/...", "median ms", "max ms", "reps", "rows", "next", "CPU ms: gw", "nats"]
     lines += report.table(api, headers).splitlines()
     rc = d["recover"]
     lines.append(
