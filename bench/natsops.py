@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 
@@ -74,6 +76,48 @@ def publish_bulk(
     return asyncio.run(go())
 
 
+def publish_pipelined(
+    url: str,
+    count: int,
+    subject: Callable[[int], str],
+    payload: Callable[[int], bytes],
+    window: int = 4000,
+) -> Published:
+    """Like `publish_bulk` without message ids, several times faster: plain publishes with a reply
+    inbox, every PubAck on one wildcard subscription, at most `window` unacknowledged at a time."""
+
+    async def go() -> Published:
+        nc = await nats.connect(url, name="hookgate-bench", pending_size=64 * 2**20)
+        acked, errors = 0, 0
+        room = asyncio.Semaphore(window)
+        done = asyncio.Event()
+
+        async def on_ack(msg: Msg) -> None:
+            nonlocal acked, errors
+            acked += 1
+            if not msg.data or b'"error"' in msg.data:
+                errors += 1
+            room.release()
+            if acked == count:
+                done.set()
+
+        try:
+            inbox = f"_INBOX.bench{nc._nuid.next().decode()}."
+            await nc.subscribe(inbox + "*", cb=on_ack, pending_msgs_limit=window * 4)
+            started = time.perf_counter()
+            for i in range(count):
+                await room.acquire()
+                await nc.publish(subject(i), payload(i), reply=f"{inbox}{i:x}")
+            if count:
+                await asyncio.wait_for(done.wait(), 60)
+            elapsed = time.perf_counter() - started
+        finally:
+            await nc.close()
+        return Published(count, errors, 0, elapsed)
+
+    return asyncio.run(go())
+
+
 def consumer_backlog(url: str, stream: str, durable: str) -> tuple[int, int]:
     """(messages not yet delivered, messages delivered but not yet acked) of a durable consumer."""
 
@@ -123,6 +167,25 @@ def settled_rss(pid: int, seconds: float = 3.0, interval: float = 0.25) -> int:
     return min(samples) if samples else rss_bytes(pid)
 
 
+def stream_numbers(url: str, stream: str) -> dict[str, int]:
+    """A stream's state as the server reports it: messages, bytes, first_seq, last_seq, num_subjects.
+
+    Asked with a raw `$JS.API.STREAM.INFO` request: nats-py's StreamState has no `num_subjects`.
+    """
+
+    async def go() -> dict[str, int]:
+        nc = await nats.connect(url, name="hookgate-bench")
+        try:
+            reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=10)
+        finally:
+            await nc.close()
+        state = json.loads(reply.data)["state"]
+        keys = ("messages", "bytes", "first_seq", "last_seq", "num_subjects")
+        return {k: int(state.get(k) or 0) for k in keys}
+
+    return asyncio.run(go())
+
+
 def stream_state(url: str, stream: str) -> tuple[float, int]:
     """(duplicate window in seconds, messages stored) of a stream."""
 
@@ -135,3 +198,25 @@ def stream_state(url: str, stream: str) -> tuple[float, int]:
         return float(info.config.duplicate_window or 0), info.state.messages
 
     return asyncio.run(go())
+
+
+# With GODEBUG=gctrace=1 the Go runtime logs each collection to stderr (the embedded server's log):
+#   gc 21 @126.111s 0%: ..., 97->97->46 MB, 162 MB goal, ...
+# heap at start -> heap at end -> live heap after marking, in MiB.
+_GC_LINE = re.compile(rb"^gc (\d+) @([\d.]+)s .*?(\d+)->(\d+)->(\d+) MB", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class GcTrace:
+    number: int
+    at: float  # seconds since the process started
+    live_bytes: int  # the live heap the collection found
+
+
+def gc_traces(log_file: Path) -> list[GcTrace]:
+    """Every collection a Go process run with GODEBUG=gctrace=1 logged to `log_file`, in order."""
+    try:
+        text = log_file.read_bytes()
+    except OSError:
+        return []
+    return [GcTrace(int(m[1]), float(m[2]), int(m[5]) * 2**20) for m in _GC_LINE.finditer(text)]

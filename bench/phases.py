@@ -1,4 +1,7 @@
-"""The four measurements. Each starts the processes it needs and stops them before returning."""
+"""The first four measurements (the fifth, the delivery log, is in logphase.py).
+
+Each starts the processes it needs and stops them before returning.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class Options:
     e2e_rate: float
     e2e_seconds: float
     dedup_ids: int
+    log_deliveries: int  # log: deliveries kept in the delivery log
     log_level: str
     profile: bool
 

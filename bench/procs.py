@@ -90,8 +90,13 @@ class Processes:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self, name: str, argv: Sequence[str], *, capture: bool = False) -> subprocess.Popen[bytes]:
-        """Start a process; its stderr (and stdout unless captured) go to `<log_dir>/<name>.log`."""
+    def start(
+        self, name: str, argv: Sequence[str], *, capture: bool = False, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a process; its stderr (and stdout unless captured) go to `<log_dir>/<name>.log`.
+
+        `env`: variables added to this process's environment for it (and its children).
+        """
         log: IO[bytes] = (self.log_dir / f"{name}.log").open("ab")
         try:
             proc = subprocess.Popen(
@@ -100,6 +105,7 @@ class Processes:
                 stdout=subprocess.PIPE if capture else log,
                 stderr=log,
                 cwd=BENCH.parent,
+                env={**os.environ, **env} if env else None,
             )
         finally:
             log.close()
@@ -229,14 +235,22 @@ def hookgate_config(
 
 
 def start_hookgate(
-    procs: Processes, name: str, work_dir: Path, config: dict[str, Any], log_level: str
+    procs: Processes,
+    name: str,
+    work_dir: Path,
+    config: dict[str, Any],
+    log_level: str,
+    env: dict[str, str] | None = None,
 ) -> Hookgate:
-    """`python -m hookgate.cli run -c <yaml>` with an embedded NATS in `broker.data_dir`; wait for /readyz."""
+    """`python -m hookgate.cli run -c <yaml>` with an embedded NATS in `broker.data_dir`; wait for /readyz.
+
+    The embedded nats-server inherits the gateway's environment, `env` included (e.g. GODEBUG).
+    """
     path = work_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     port = int(config["server"]["listen"].rsplit(":", 1)[1])
     argv = [PYTHON, "-m", "hookgate.cli", "run", "-c", str(path), "--log-level", log_level]
-    proc = procs.start(name, argv)
+    proc = procs.start(name, argv, env=env)
     server = Hookgate(proc, port, Path(config["broker"]["data_dir"]))
     wait_http(f"{server.url}/readyz", proc, timeout=60)
     return server

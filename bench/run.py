@@ -1,6 +1,6 @@
-"""hookgate's benchmark harness: one command, four measurements, ratios against bare baselines.
+"""hookgate's benchmark harness: one command, five measurements, ratios against bare baselines.
 
-    python bench/run.py [--quick] [--json PATH] [--only ingress,delivery,e2e,dedup] [--profile]
+    python bench/run.py [--quick] [--json PATH] [--only ingress,delivery,e2e,dedup,log] [--profile]
 
 Everything runs on this machine over 127.0.0.1: hookgate as a subprocess (`python -m hookgate.cli
 run`) with its embedded NATS in a temp dir, a trio+h11 receiver, a bare hypercorn-trio app, and a
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import logphase
 import phases
 import report
 from procs import BENCH, Processes
@@ -32,6 +33,7 @@ PHASES: dict[str, Callable[[phases.Context], dict[str, Any]]] = {
     "delivery": phases.delivery,
     "e2e": phases.end_to_end,
     "dedup": phases.dedup_memory,
+    "log": logphase.delivery_log,
 }
 
 
@@ -48,6 +50,7 @@ def options(args: argparse.Namespace) -> phases.Options:
             e2e_rate=100,
             e2e_seconds=5,
             dedup_ids=50_000,
+            log_deliveries=20_000,
             log_level=args.log_level,
             profile=args.profile,
         )
@@ -62,6 +65,7 @@ def options(args: argparse.Namespace) -> phases.Options:
         e2e_rate=200,
         e2e_seconds=10,
         dedup_ids=100_000,
+        log_deliveries=100_000,
         log_level=args.log_level,
         profile=args.profile,
     )
@@ -147,6 +151,9 @@ def render(r: dict[str, Any]) -> str:
         out += _section("3. end-to-end latency: ingress request -> receiver", r["e2e"], _e2e_rows)
     if "dedup" in r:
         out += _section("4. dedup memory: nats-server RSS per stored event id", r["dedup"], _dedup_rows)
+    if "log" in r:
+        title = "5. delivery log: nats-server RSS per delivery kept, API latency at that size"
+        out += _section(title, r["log"], _log_rows)
     out.append("\nRATIOS (quote these; absolute numbers on a shared machine are noisy)")
     if "ratio" in r.get("ingress", {}):
         out.append(
@@ -161,6 +168,21 @@ def render(r: dict[str, Any]) -> str:
         out.append(
             f"  dedup    {d['bytes_per_id']:.0f} B per id -> {d['extrapolated_bytes'] / 2**30:.2f} GiB "
             f"for {d['extrapolated_ids']:,} ids ({d['extrapolated_note']})"
+        )
+    if "rss_bytes_per_delivery" in r.get("log", {}):
+        g = r["log"]
+        first, dead = g["api"]["list, first page"], g["api"][next(k for k in g["api"] if "status=dead" in k)]
+        per = g["live_bytes_per_delivery"]
+        memory = (
+            f"{per:.0f} B live heap per delivery -> {g['extrapolated_live_bytes'] / 2**30:.2f} GiB"
+            if per is not None
+            else f"{g['rss_bytes_per_delivery']:.0f} B RSS per delivery -> "
+            f"{g['extrapolated_rss_bytes'] / 2**30:.2f} GiB"
+        )
+        out.append(
+            f"  log      {memory} for {g['extrapolated_deliveries']:,} deliveries "
+            f"({g['extrapolated_note']}); first page {first['median_ms']:.0f} ms, "
+            f"status=dead page {dead['median_ms']:.0f} ms (medians)"
         )
     return "\n".join(out)
 
@@ -254,6 +276,70 @@ def _dedup_rows(d: dict[str, Any]) -> list[str]:
         f"{d['extrapolated_ids']:,} ids -> {d['extrapolated_bytes'] / 2**30:.2f} GiB "
         f"({d['extrapolated_note']}); with the deliveries stream's ids for one endpoint: "
         f"{d['extrapolated_bytes_with_one_endpoint'] / 2**30:.2f} GiB"
+    )
+    return lines
+
+
+def _log_rows(d: dict[str, Any]) -> list[str]:
+    mib = 2**20
+
+    def heap(x: int | None) -> float | None:
+        return None if x is None else x / mib
+
+    rows = [
+        [
+            label,
+            s["rss_before"] / mib,
+            s["rss_after"] / mib,
+            s["rss_growth"] / mib,
+            heap(s.get("idle_live_heap")),
+            s["published"],
+        ]
+        for label, s in (
+            (f"log, {d['subjects']:,} subjects", d["log"]),
+            ("control, 4 subjects", d["control_few_subjects"]),
+        )
+    ]
+    headers = ["", "RSS before MiB", "after MiB", "growth MiB", "idle live heap MiB", "messages"]
+    lines = report.table(rows, headers).splitlines()
+    gib, n = 2**30, d["extrapolated_deliveries"]
+    if d["live_bytes_per_delivery"] is not None:
+        lines.append(
+            f"live heap: {d['live_bytes_per_delivery']:.0f} B per delivery net of the control "
+            f"({d['subjects_per_delivery']:.2f} subjects per delivery, "
+            f"{d['live_bytes_per_subject']:.0f} B each) "
+            f"-> {d['extrapolated_live_bytes'] / gib:.2f} GiB for {n:,} deliveries ({d['extrapolated_note']})"
+        )
+    else:
+        lines.append("live heap: not measured (--quick does not wait for the idle collection)")
+    lines.append(
+        f"RSS while busy: {d['rss_bytes_per_delivery']:.0f} B per delivery net of the control "
+        f"({d['rss_bytes_per_delivery_raw']:.0f} B raw) -> {d['extrapolated_rss_bytes'] / gib:.2f} GiB; "
+        f"stored {d['stored_bytes_per_delivery']:.0f} B per delivery on disk; "
+        f"published at {d['log']['publish_per_s']:,.0f} messages/s"
+    )
+    more = {True: "yes", False: "no"}
+    api = [
+        [
+            label,
+            a["median_ms"],
+            a["max_ms"],
+            a["reps"],
+            a.get("rows"),
+            more.get(a.get("more")),
+            a["cpu_ms_per_request"]["hookgate"],
+            a["cpu_ms_per_request"]["nats-server"],
+        ]
+        for label, a in d["api"].items()
+    ]
+    headers = ["GET /api/v1/...", "median ms", "max ms", "reps", "rows", "next", "CPU ms: gw", "nats"]
+    lines += report.table(api, headers).splitlines()
+    rc = d["recover"]
+    lines.append(
+        f"recover over {rc['deliveries_in_range']:,} deliveries ({rc['dead_in_range']} dead): "
+        f"job {rc['state']} in {rc['seconds']:.2f} s, scanned {rc['scanned']:,}, "
+        f"requeued {rc['requeued']:,}, skipped {rc['skipped']}; "
+        f"the receiver then got {rc['delivered_after']:,}"
     )
     return lines
 
