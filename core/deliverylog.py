@@ -29,6 +29,8 @@ STATUSES: tuple[Status, ...] = ("pending", "delivering", "retrying", "succeeded"
 ACTIVE: frozenset[str] = frozenset({"pending", "delivering", "retrying", "held"})
 # What a recover re-enqueues when the caller names no status.
 RECOVERABLE: tuple[Status, ...] = ("failed", "dead")
+# The statuses whose deliveries are in the dead-letter stream (and nowhere else, once replayed).
+DEAD_LETTER_STATUSES: frozenset[str] = frozenset({"failed", "dead"})
 
 
 class DeliveryCreated(msgspec.Struct, kw_only=True, tag="created", tag_field="record"):

@@ -17,6 +17,7 @@ import msgspec
 
 from hookgate.broker import Broker, StoredMsg
 from hookgate.deliverylog import (
+    DEAD_LETTER_STATUSES,
     DeadLetter,
     DeliveryCreated,
     DeliveryMarker,
@@ -113,15 +114,16 @@ class BadQuery(ValueError):
     """A query parameter the caller must fix (answered 422)."""
 
 
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+def encode_cursor(seq: int, kind: str = "seq") -> str:
+    """`kind` names the stream the sequence is in, so a cursor is not used against another."""
+    return base64.urlsafe_b64encode(f"{kind}:{seq}".encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> int:
+def decode_cursor(cursor: str, expected_kind: str = "seq") -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, value = text.partition(":")
-        if kind == "seq" and value.isdigit():
+        if kind == expected_kind and value.isdigit():
             return int(value)
     except (ValueError, UnicodeDecodeError):
         pass
@@ -159,7 +161,9 @@ class DeliveryLog:
             routing = await self._routing([e.id for _, e in readable])
             return [(seq, self._summary(e, routing.get(e.id))) for seq, e in readable]
 
-        return await self._paged(self.t.events_stream, subjects, since, until, cursor, limit, keep)
+        return await self._paged(
+            self.t.events_stream, subjects, since, until, cursor, limit, keep, filtered=False
+        )
 
     async def get_event(self, event_id: str) -> EventDetail | None:
         record = (await self._routing([event_id])).get(event_id)
@@ -254,8 +258,63 @@ class DeliveryLog:
                 if statuses is None or view.status in statuses
             ]
 
+        if statuses is not None and statuses <= DEAD_LETTER_STATUSES:
+            return await self._dead_deliveries(endpoint, statuses, since, until, cursor, limit)
         subjects = [self.t.delivery_log_subject(endpoint or "*", "*")]
-        return await self._paged(self.t.log_stream, subjects, since, until, cursor, limit, keep)
+        return await self._paged(
+            self.t.log_stream, subjects, since, until, cursor, limit, keep, filtered=statuses is not None
+        )
+
+    async def _dead_deliveries(
+        self,
+        endpoint: str | None,
+        statuses: frozenset[str],
+        since: float | None,
+        until: float | None,
+        cursor: str | None,
+        limit: int,
+    ) -> Page[DeliveryView]:
+        """Failed and dead deliveries, read from the dead-letter stream: it holds exactly those (a
+        replay removes its dead letter), so a sparse status is found without reading the whole log.
+        Rows come in the order they died; `since` and `until` still apply to creation."""
+
+        async def keep(msgs: list[StoredMsg]) -> list[tuple[int, DeliveryView]]:
+            rows = []
+            for m in msgs:
+                letter = _decode_dead_letter(m)
+                if letter is None:
+                    continue
+                created = letter.delivery.created_at
+                if (since is not None and created < since) or (until is not None and created > until):
+                    continue
+                view = self._dead_view(letter)
+                if view.status in statuses:
+                    rows.append((m.seq, view))
+            return rows
+
+        subjects = [self.t.dead_subject(endpoint or "*", "*")]
+        # A delivery dies after it was created, so nothing stored before `since` can match; `until`
+        # cannot end the scan early (a delivery created in time may die later).
+        return await self._paged(
+            self.t.dead_stream, subjects, since, None, cursor, limit, keep, filtered=True, cursor_kind="dead"
+        )
+
+    def _dead_view(self, letter: DeadLetter) -> DeliveryView:
+        delivery, last = letter.delivery, letter.last_attempt
+        return DeliveryView(
+            id=delivery.id,
+            event_id=delivery.event.id,
+            endpoint=delivery.endpoint,
+            source=delivery.event.source,
+            type=delivery.event.type,
+            status="failed" if last.outcome == "failed" else "dead",
+            attempts=last.attempt,
+            created_at=rfc3339(delivery.created_at),
+            updated_at=rfc3339(last.started_at + last.latency),
+            next_attempt_at=None,
+            last_status=last.status,
+            last_error=last.error,
+        )
 
     async def _deliveries_of_event(
         self, event_id: str, endpoint: str | None, statuses: frozenset[str] | None
@@ -294,17 +353,20 @@ class DeliveryLog:
     async def _history(
         self, delivery_id: str
     ) -> tuple[DeliveryCreated, DeliveryMarker | None, list[Attempt]] | None:
-        subjects = [self.t.delivery_log_subject("*", delivery_id), self.t.attempt_subject("*", delivery_id)]
-        msgs, _ = await self.broker.scan(self.t.log_stream, subjects, limit=10_000)
+        # One filter per scan: with two, nats-server walks the whole stream to count what matches,
+        # while one subject with a wildcard for the endpoint is found through its subject index.
+        entries, _ = await self.broker.scan(
+            self.t.log_stream, [self.t.delivery_log_subject("*", delivery_id)], limit=10_000
+        )
+        if not entries:
+            return None
+        records, _ = await self.broker.scan(
+            self.t.log_stream, [self.t.attempt_subject("*", delivery_id)], limit=10_000
+        )
         created: DeliveryCreated | None = None
         marker: DeliveryMarker | None = None
-        attempts: list[Attempt] = []
-        for m in msgs:
-            if ".log.attempts." in m.subject:
-                attempt = _decode_attempt(m)
-                if attempt is not None:
-                    attempts.append(attempt)
-                continue
+        attempts = [a for a in map(_decode_attempt, records) if a is not None]
+        for m in entries:
             entry = _decode_entry(m)
             if isinstance(entry, DeliveryCreated):
                 created = entry
@@ -352,12 +414,8 @@ class DeliveryLog:
     async def dead_letter(self, endpoint: str, delivery_id: str) -> tuple[int, DeadLetter] | None:
         subject = self.t.dead_subject(endpoint, delivery_id)
         msg = (await self.broker.last_msgs(self.t.dead_stream, [subject])).get(subject)
-        if msg is None:
-            return None
-        try:
-            return msg.seq, dead_letter_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
+        letter = _decode_dead_letter(msg) if msg is not None else None
+        return (msg.seq, letter) if msg is not None and letter is not None else None
 
     # --- paging --------------------------------------------------------------------------------
 
@@ -370,30 +428,36 @@ class DeliveryLog:
         cursor: str | None,
         limit: int,
         keep: Callable[[list[StoredMsg]], Awaitable[list[tuple[int, T]]]],
+        *,
+        filtered: bool,
+        cursor_kind: str = "seq",
     ) -> Page[T]:
+        """`filtered`: `keep` drops rows by a condition, so read in large chunks; otherwise read about
+        as many as the page still needs (each row read costs lookups in `keep`)."""
         if not 1 <= limit <= MAX_LIMIT:
             raise BadQuery(f"limit must be between 1 and {MAX_LIMIT}")
-        seq = decode_cursor(cursor) if cursor else 0
+        seq = decode_cursor(cursor, cursor_kind) if cursor else 0
         out: list[T] = []
         budget = SCAN_BUDGET
         while budget > 0:
+            want = CHUNK if filtered else min(CHUNK, limit - len(out))
             msgs, more = await self.broker.scan(
                 stream,
                 subjects,
                 start_seq=seq,
                 start_time=since if seq == 0 else None,
-                limit=min(CHUNK, budget),
+                limit=min(want, budget),
             )
             budget -= len(msgs)
             in_range = [m for m in msgs if until is None or m.timestamp <= until]
             for row_seq, row in await keep(in_range):
                 out.append(row)
                 if len(out) == limit:
-                    return Page(out, encode_cursor(row_seq + 1))
+                    return Page(out, encode_cursor(row_seq + 1, cursor_kind))
             if not msgs or len(in_range) < len(msgs) or not more:
                 return Page(out, None)
             seq = msgs[-1].seq + 1
-        return Page(out, encode_cursor(seq))
+        return Page(out, encode_cursor(seq, cursor_kind))
 
 
 def _decode_entry(msg: StoredMsg) -> DeliveryCreated | DeliveryMarker | None:
@@ -401,6 +465,14 @@ def _decode_entry(msg: StoredMsg) -> DeliveryCreated | DeliveryMarker | None:
         return entry_decoder.decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         log.warning("unreadable delivery log record at %s", msg.subject)
+        return None
+
+
+def _decode_dead_letter(msg: StoredMsg) -> DeadLetter | None:
+    try:
+        return dead_letter_decoder.decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        log.warning("unreadable dead letter at %s", msg.subject)
         return None
 
 

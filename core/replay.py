@@ -28,7 +28,9 @@ import trio
 from hookgate.broker import Broker, Commit, OutMsg
 from hookgate.deliverylog import (
     ACTIVE,
+    DEAD_LETTER_STATUSES,
     RECOVERABLE,
+    DeadLetter,
     DeliveryCreated,
     DeliveryMarker,
     dead_letter_decoder,
@@ -280,6 +282,14 @@ class Replayer:
         await self.broker.publish(OutMsg(self.t.job_subject(key), _encode_json(job)))
 
     async def _recover(self, job: Job, since: float, until: float, statuses: frozenset[str]) -> None:
+        if statuses <= DEAD_LETTER_STATUSES:
+            # Failed and dead deliveries are exactly the dead letters: read those, not the whole log.
+            def wanted(letter: DeadLetter) -> bool:
+                outcome = "failed" if letter.last_attempt.outcome == "failed" else "dead"
+                return since <= letter.delivery.created_at <= until and outcome in statuses
+
+            await self._replay_dead_letters(job, wanted, since)
+            return
         subjects = [self.t.delivery_log_subject(job.endpoint, "*")]
         seq, saved = 0, time.monotonic()
         while True:
@@ -318,11 +328,24 @@ class Replayer:
             seq = msgs[-1].seq + 1
 
     async def _redrive(self, job: Job) -> None:
+        await self._replay_dead_letters(job, lambda letter: True)
+
+    async def _replay_dead_letters(
+        self, job: Job, wanted: Callable[[DeadLetter], bool], since: float | None = None
+    ) -> None:
+        """Requeue the endpoint's dead letters that `wanted` picks (each removed once requeued)."""
         subjects = [self.t.dead_subject(job.endpoint, "*")]
         seq, saved = 0, time.monotonic()
         done: set[str] = set()
         while True:
-            msgs, more = await self.broker.scan(self.t.dead_stream, subjects, start_seq=seq, limit=CHUNK)
+            msgs, more = await self.broker.scan(
+                self.t.dead_stream,
+                subjects,
+                start_seq=seq,
+                # A delivery dies after it was created: nothing stored before `since` can match.
+                start_time=since if seq == 0 else None,
+                limit=CHUNK,
+            )
             for m in msgs:
                 job.scanned += 1
                 try:
@@ -330,10 +353,10 @@ class Replayer:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     job.skipped += 1
                     continue
-                if letter.delivery.id in done:
-                    continue  # an older dead letter of a delivery already redriven
+                if letter.delivery.id in done or not wanted(letter):
+                    continue  # not asked for, or an older dead letter of one already requeued
                 done.add(letter.delivery.id)
-                await self._enqueue(letter.delivery, letter.last_attempt.attempt, f"redriven by job {job.id}")
+                await self._enqueue(letter.delivery, letter.last_attempt.attempt, f"{job.kind} job {job.id}")
                 job.requeued += 1
             if time.monotonic() - saved >= PROGRESS_EVERY:
                 saved = time.monotonic()

@@ -97,6 +97,22 @@ async def test_statuses_attempts_and_pagination(tmp_path: Path, nats_server: Nat
             cursor = page["next"]
             if cursor is None:
                 break
+        dead_pages, dead_cursor = [], None
+        while True:
+            dead_params: dict[str, Any] = {"status": "dead", "limit": 1}
+            if dead_cursor:
+                dead_params["cursor"] = dead_cursor
+            dead_page = await _get(gw, "/deliveries", **dead_params)
+            dead_pages.append(dead_page)
+            dead_cursor = dead_page["next"]
+            if dead_cursor is None:
+                break
+        dead_later = await _get(gw, "/deliveries", status="dead", since=str(time.time() + 60))
+        dead_earlier = await _get(gw, "/deliveries", status="dead", until=str(time.time() - 3600))
+        mixed = await _get(gw, "/deliveries", status="dead,succeeded", endpoint="dead")
+        wrong_cursor = await gw.http.get(
+            f"{gw.url}/api/v1/deliveries", params={"cursor": dead_pages[0]["next"]}, headers=AUTH
+        )
         flaky_row = next(d for d in by_event["data"] if d["endpoint"] == "flaky")
         flaky_detail = await _get(gw, f"/deliveries/{flaky_row['id']}")
         dead_row = next(d for d in by_event["data"] if d["endpoint"] == "dead")
@@ -123,6 +139,13 @@ async def test_statuses_attempts_and_pagination(tmp_path: Path, nats_server: Nat
     assert sorted(d["event_id"] for d in rows) == sorted(ids * 3)
     assert _statuses(by_event) == {"ok": "succeeded", "flaky": "succeeded", "dead": "dead"}
     assert [d["endpoint"] for d in dead_only["data"]] == ["dead"] * 3
+    # Dead deliveries come from the dead-letter stream: paged once each, filtered by creation time.
+    dead_paged = [d["id"] for page in dead_pages for d in page["data"]]
+    assert sorted(dead_paged) == sorted(d["id"] for d in dead_only["data"]) and len(dead_paged) == 3
+    assert all(d["attempts"] == 2 and d["last_status"] == 500 for d in dead_only["data"])
+    assert dead_later["data"] == [] and dead_earlier["data"] == []
+    assert [d["status"] for d in mixed["data"]] == ["dead"] * 3
+    assert wrong_cursor.status_code == 422
     assert [d["endpoint"] for d in ok_only["data"]] == ["ok"] * 3
 
     # Pagination: every row exactly once, in creation order.
