@@ -124,9 +124,10 @@ def ingress_request(
     method: str = "POST",
     query: bytes = b"",
     url: str | None = None,
+    path: str | None = None,
     client: str | None = "127.0.0.1",
 ) -> IngressRequest:
-    """A request to /webhooks/{source} as ingress hands it over: header names in lower case."""
+    """A request to /webhooks/{source} (or `path`) as ingress hands it over: header names in lower case."""
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     if url is None:
         url = f"http://127.0.0.1/webhooks/{source}" + ("?" + query.decode("latin-1") if query else "")
@@ -134,7 +135,7 @@ def ingress_request(
         source=source,
         method=method,
         url=url,
-        path=f"/webhooks/{source}",
+        path=path or f"/webhooks/{source}",
         query_string=query,
         headers=[(k.lower(), v) for k, v in pairs],
         body=body,
