@@ -62,6 +62,15 @@ def load_verifier(hooks: Hooks, source: str, verify: Mapping[str, Any], now: flo
     return build(hooks, ComponentKind.VERIFIER, load(hooks, text).verifiers[source], **with_clock(now))
 
 
+AUTH_ENDPOINT = "endpoints:\n  ep:\n    url: https://example.com/in\n"
+
+
+def load_auth(hooks: Hooks, auth: Mapping[str, Any]) -> Any:
+    """The endpoint auth of `endpoints: {ep: {url: https://example.com/in, auth: auth}}`."""
+    component = load(hooks, AUTH_ENDPOINT + f"    auth: {json.dumps(auth)}\n").endpoint_auth["ep"]
+    return build(hooks, ComponentKind.ENDPOINT_AUTH, component)
+
+
 ENDPOINT = "endpoints:\n  billing:\n    url: http://127.0.0.1:9/hooks\n"
 
 
