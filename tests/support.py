@@ -28,6 +28,8 @@ from hookgate import config as config_mod
 from hookgate import gateway
 from hookgate.embedded import find_server_binary
 from hookgate.hooks import Hooks
+from hookgate.intake import decode_event
+from hookgate.types import Event
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -302,6 +304,11 @@ async def stream_messages(nats_url: str, stream: str, subject: str = ">") -> lis
     import asyncio
 
     return await trio.to_thread.run_sync(lambda: asyncio.run(read()))
+
+
+async def stored_events(nats_url: str) -> list[Event]:
+    """The events in HOOKGATE_EVENTS, decoded, oldest first."""
+    return [decode_event(m.data) for m in await stream_messages(nats_url, "HOOKGATE_EVENTS")]
 
 
 def hookgate_command(*args: str) -> list[str]:

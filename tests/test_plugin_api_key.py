@@ -7,18 +7,27 @@ and combined with `ip_allow`.
 
 from __future__ import annotations
 
-import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from hookgate.config import ConfigError, loads
+from hookgate.config import ConfigError
 from hookgate.hooks import Hooks
-from hookgate.types import ComponentKind, IngressRequest, Rejection
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from hookgate.types import IngressRequest
+from tests.plugin_support import (
+    assert_forbidden,
+    assert_http_error,
+    assert_problem,
+    ingress_request,
+    load_access_rule,
+    load_error,
+    nested,
+    sources_config,
+    the_problem,
+)
+from tests.support import NatsServer, receiver, run_gateway, stream_messages
 
 
 @pytest.fixture(scope="module")
@@ -27,31 +36,11 @@ def hooks() -> Hooks:
 
 
 def make_rule(hooks: Hooks, **options: Any) -> Any:
-    """Load a one-source config with `auth: [{type: api_key, **options}]` and build its rule."""
-    text = "sources:\n  acme:\n    auth: [" + json.dumps({"type": "api_key", **options}) + "]\n"
-    (component,) = loads(text, hooks.registry, file="x.yaml", env={}).access_rules["acme"]
-    ctype = hooks.registry.get(ComponentKind.ACCESS_RULE, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_access_rule(hooks, "api_key", **options)
 
 
 def request(headers: list[tuple[str, str]] | None = None, query: bytes = b"") -> IngressRequest:
-    return IngressRequest(
-        source="acme",
-        method="POST",
-        url="http://127.0.0.1/webhooks/acme" + ("?" + query.decode("latin-1") if query else ""),
-        path="/webhooks/acme",
-        query_string=query,
-        headers=[(k.lower(), v) for k, v in headers or []],
-        body=b"{}",
-        client="127.0.0.1",
-    )
-
-
-def assert_forbidden(result: Rejection | None, *words: str) -> None:
-    assert isinstance(result, Rejection), f"expected a refusal, got {result!r}"
-    assert (result.status, result.code) == (403, "forbidden")
-    assert all(w.lower() in result.message.lower() for w in words), result.message
+    return ingress_request("acme", headers=headers or [], query=query)
 
 
 # --- header ------------------------------------------------------------------------------------
@@ -129,12 +118,7 @@ def test_garbage_query_strings_are_refused_not_raised(hooks: Hooks) -> None:
 
 
 def config_error(hooks: Hooks, rule: str) -> ConfigError:
-    text = "sources:\n  acme:\n    auth:\n      - type: api_key\n" + textwrap.indent(
-        textwrap.dedent(rule), "        "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
+    return load_error(hooks, nested("sources:\n  acme:\n    auth:\n      - type: api_key\n", rule, 8))
 
 
 @pytest.mark.parametrize(
@@ -159,24 +143,19 @@ def config_error(hooks: Hooks, rule: str) -> ConfigError:
 def test_bad_options_are_refused_with_file_line_and_path(
     hooks: Hooks, rule: str, where: str, message: str
 ) -> None:
-    (problem,) = config_error(hooks, rule).problems
-    assert str(problem).startswith(where + ": "), str(problem)
-    assert message in str(problem)
+    assert_problem(config_error(hooks, rule), where, message, ignore_case=False)
 
 
 def test_an_unset_key_variable_is_named(hooks: Hooks) -> None:
-    (problem,) = config_error(hooks, 'header: X-K\nkey: "${ACME_KEY}"\n').problems
-    assert str(problem) == "x.yaml:6: $.sources.acme.auth[0].key: environment variable ACME_KEY is not set"
+    problem = the_problem(config_error(hooks, 'header: X-K\nkey: "${ACME_KEY}"\n'))
+    assert problem == "x.yaml:6: $.sources.acme.auth[0].key: environment variable ACME_KEY is not set"
 
 
 def test_an_unknown_rule_type_lists_the_installed_ones(hooks: Hooks) -> None:
-    text = "sources:\n  acme:\n    auth:\n      - type: apikey\n"
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    (problem,) = info.value.problems
-    assert str(problem).startswith("x.yaml:4: $.sources.acme.auth[0].type: unknown access rule")
+    problem = the_problem(load_error(hooks, "sources:\n  acme:\n    auth:\n      - type: apikey\n"))
+    assert problem.startswith("x.yaml:4: $.sources.acme.auth[0].type: unknown access rule")
     for name in ("api_key", "basic", "bearer_jwt", "ip_allow"):
-        assert name in str(problem)
+        assert name in problem
 
 
 # --- through the gateway -----------------------------------------------------------------------
@@ -187,19 +166,14 @@ async def test_gateway_delivers_with_the_right_key_and_refuses_and_stores_nothin
 ) -> None:
     with trio.fail_after(30):
         async with receiver() as rx:
-            text = base_config(
+            text = sources_config(
                 nats_server.url,
-                f"""
-                sources:
-                  acme:
-                    auth: [{{type: api_key, header: X-Api-Key, key: [k-new, k-old]}}]
-                endpoints:
-                  internal:
-                    url: {rx.url}/hooks
-                routes:
-                  - from: [acme]
-                    to: [internal]
+                rx.url,
+                """
+                acme:
+                  auth: [{type: api_key, header: X-Api-Key, key: [k-new, k-old]}]
                 """,
+                route="{from: [acme], to: [internal]}",
             )
             async with run_gateway(tmp_path, text) as gw:
                 url = f"{gw.url}/webhooks/acme"
@@ -209,8 +183,7 @@ async def test_gateway_delivers_with_the_right_key_and_refuses_and_stores_nothin
                 old = await gw.http.post(url, content=b'{"n": 4}', headers={"X-Api-Key": "k-old"})
                 (got,) = await rx.wait_for(1)
     for refused in (wrong, missing, in_query):
-        assert refused.status_code == 403
-        assert refused.json()["error"] == "forbidden"
+        assert_http_error(refused, 403, "forbidden")
         assert "k-new" not in refused.text and "k-old" not in refused.text and "k-guess" not in refused.text
     assert old.status_code == 202
     assert got.body == b'{"n": 4}'
@@ -224,23 +197,18 @@ async def test_gateway_needs_every_rule_to_pass_api_key_and_ip_allow(
 ) -> None:
     with trio.fail_after(30):
         async with receiver() as rx:
-            text = base_config(
+            text = sources_config(
                 nats_server.url,
-                f"""
-                sources:
-                  local:
-                    auth:
-                      - {{type: api_key, header: X-Api-Key, key: k}}
-                      - {{type: ip_allow, networks: [127.0.0.0/8, "::1/128"]}}
-                  remote:
-                    auth:
-                      - {{type: ip_allow, networks: [10.0.0.0/8]}}
-                      - {{type: api_key, header: X-Api-Key, key: k}}
-                endpoints:
-                  internal:
-                    url: {rx.url}/hooks
-                routes:
-                  - to: [internal]
+                rx.url,
+                """
+                local:
+                  auth:
+                    - {type: api_key, header: X-Api-Key, key: k}
+                    - {type: ip_allow, networks: [127.0.0.0/8, "::1/128"]}
+                remote:
+                  auth:
+                    - {type: ip_allow, networks: [10.0.0.0/8]}
+                    - {type: api_key, header: X-Api-Key, key: k}
                 """,
             )
             async with run_gateway(tmp_path, text) as gw:
@@ -259,7 +227,6 @@ async def test_gateway_needs_every_rule_to_pass_api_key_and_ip_allow(
     assert local_ok.status_code == 202
     assert got.body == b"1"
     for refused in (local_bad_key, remote, spoofed):
-        assert refused.status_code == 403
-        assert refused.json()["error"] == "forbidden"
+        assert_http_error(refused, 403, "forbidden")
     assert "127.0.0.1" in remote.json()["message"]  # the peer, not the spoofed header
     assert len(await stream_messages(nats_server.url, "HOOKGATE_EVENTS")) == 1

@@ -7,8 +7,6 @@ Authorization values are built here with `base64` directly (and checked against 
 from __future__ import annotations
 
 import base64
-import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +14,20 @@ import httpx
 import pytest
 import trio
 
-from hookgate.config import ConfigError, loads
+from hookgate.config import ConfigError
 from hookgate.hooks import Hooks
-from hookgate.types import ComponentKind, IngressRequest, Rejection
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from hookgate.types import IngressRequest
+from tests.plugin_support import (
+    assert_forbidden,
+    assert_http_error,
+    assert_problem,
+    ingress_request,
+    load_access_rule,
+    load_error,
+    nested,
+    sources_config,
+)
+from tests.support import NatsServer, receiver, run_gateway, stream_messages
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +36,7 @@ def hooks() -> Hooks:
 
 
 def make_rule(hooks: Hooks, **options: Any) -> Any:
-    text = "sources:\n  acme:\n    auth: [" + json.dumps({"type": "basic", **options}) + "]\n"
-    (component,) = loads(text, hooks.registry, file="x.yaml", env={}).access_rules["acme"]
-    ctype = hooks.registry.get(ComponentKind.ACCESS_RULE, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_access_rule(hooks, "basic", **options)
 
 
 def basic(credentials: bytes, scheme: str = "Basic") -> str:
@@ -40,22 +44,8 @@ def basic(credentials: bytes, scheme: str = "Basic") -> str:
 
 
 def request(authorization: str | None = None) -> IngressRequest:
-    return IngressRequest(
-        source="acme",
-        method="POST",
-        url="http://127.0.0.1/webhooks/acme",
-        path="/webhooks/acme",
-        query_string=b"",
-        headers=[("authorization", authorization)] if authorization is not None else [],
-        body=b"{}",
-        client="127.0.0.1",
-    )
-
-
-def assert_forbidden(result: Rejection | None, *words: str) -> None:
-    assert isinstance(result, Rejection), f"expected a refusal, got {result!r}"
-    assert (result.status, result.code) == (403, "forbidden")
-    assert all(w.lower() in result.message.lower() for w in words), result.message
+    headers = [("authorization", authorization)] if authorization is not None else []
+    return ingress_request("acme", headers=headers)
 
 
 def test_right_credentials_pass(hooks: Hooks) -> None:
@@ -127,12 +117,7 @@ def test_malformed_headers_are_forbidden_never_an_exception(hooks: Hooks, author
 
 
 def config_error(hooks: Hooks, rule: str) -> ConfigError:
-    text = "sources:\n  acme:\n    auth:\n      - type: basic\n" + textwrap.indent(
-        textwrap.dedent(rule), "        "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
+    return load_error(hooks, nested("sources:\n  acme:\n    auth:\n      - type: basic\n", rule, 8))
 
 
 @pytest.mark.parametrize(
@@ -151,9 +136,7 @@ def config_error(hooks: Hooks, rule: str) -> ConfigError:
 def test_bad_options_are_refused_with_file_line_and_path(
     hooks: Hooks, rule: str, where: str, message: str
 ) -> None:
-    (problem,) = config_error(hooks, rule).problems
-    assert str(problem).startswith(where + ": "), str(problem)
-    assert message in str(problem)
+    assert_problem(config_error(hooks, rule), where, message, ignore_case=False)
 
 
 # --- through the gateway -----------------------------------------------------------------------
@@ -164,17 +147,12 @@ async def test_gateway_delivers_with_the_right_credentials_only(
 ) -> None:
     with trio.fail_after(30):
         async with receiver() as rx:
-            text = base_config(
+            text = sources_config(
                 nats_server.url,
-                f"""
-                sources:
-                  acme:
-                    auth: [{{type: basic, username: acme, password: "${{ACME_PASSWORD}}"}}]
-                endpoints:
-                  internal:
-                    url: {rx.url}/hooks
-                routes:
-                  - to: [internal]
+                rx.url,
+                """
+                acme:
+                  auth: [{type: basic, username: acme, password: "${ACME_PASSWORD}"}]
                 """,
             )
             async with run_gateway(tmp_path, text, env={"ACME_PASSWORD": "s3cret"}) as gw:
@@ -185,8 +163,7 @@ async def test_gateway_delivers_with_the_right_credentials_only(
                 good = await gw.http.post(url, content=b"4", auth=("acme", "s3cret"))
                 (got,) = await rx.wait_for(1)
     for refused in (wrong, garbage, missing):
-        assert refused.status_code == 403
-        assert refused.json()["error"] == "forbidden"
+        assert_http_error(refused, 403, "forbidden")
         assert "s3cret" not in refused.text and "guess" not in refused.text
     assert good.status_code == 202
     assert got.body == b"4"

@@ -22,10 +22,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from hookgate.config import ConfigError, loads
+from hookgate.config import ConfigError
 from hookgate.hooks import Hooks
-from hookgate.types import ComponentKind, IngressRequest, Rejection
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from hookgate.types import ComponentKind, IngressRequest
+from tests.plugin_support import (
+    assert_forbidden,
+    assert_http_error,
+    assert_problem,
+    build,
+    ingress_request,
+    load,
+    load_access_rule,
+    load_error,
+    nested,
+    sources_config,
+)
+from tests.support import NatsServer, receiver, run_gateway, stream_messages
 
 SECRET = "an-hs256-secret-of-at-least-32-bytes!"
 OTHER_SECRET = "another-hs256-secret-of-32-bytes-or-more"
@@ -104,34 +116,16 @@ def hand_signed_hs256(secret: bytes, header: dict[str, Any] | None = None, **ove
 
 def make_rule(hooks: Hooks, **options: Any) -> Any:
     """Load a one-source config with `auth: [{type: bearer_jwt, **options}]` and build its rule."""
-    text = "sources:\n  acme:\n    auth: [" + json.dumps({"type": "bearer_jwt", **options}) + "]\n"
-    (component,) = loads(text, hooks.registry, file="x.yaml", env={}).access_rules["acme"]
-    ctype = hooks.registry.get(ComponentKind.ACCESS_RULE, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_access_rule(hooks, "bearer_jwt", **options)
 
 
 def request(authorization: str | None) -> IngressRequest:
-    return IngressRequest(
-        source="acme",
-        method="POST",
-        url="http://127.0.0.1/webhooks/acme",
-        path="/webhooks/acme",
-        query_string=b"",
-        headers=[("authorization", authorization)] if authorization is not None else [],
-        body=b"{}",
-        client="127.0.0.1",
-    )
+    headers = [("authorization", authorization)] if authorization is not None else []
+    return ingress_request("acme", headers=headers)
 
 
 def bearer(value: str) -> IngressRequest:
     return request(f"Bearer {value}")
-
-
-def assert_forbidden(result: Rejection | None, *words: str) -> None:
-    assert isinstance(result, Rejection), f"expected a refusal, got {result!r}"
-    assert (result.status, result.code) == (403, "forbidden")
-    assert all(w.lower() in result.message.lower() for w in words), result.message
 
 
 # --- HS256 -------------------------------------------------------------------------------------
@@ -389,19 +383,7 @@ def test_malformed_authorization_is_forbidden_never_an_exception(
 
 
 def config_error(hooks: Hooks, rule: str) -> ConfigError:
-    text = "sources:\n  acme:\n    auth:\n      - type: bearer_jwt\n" + textwrap.indent(
-        textwrap.dedent(rule), "        "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
-
-
-def assert_problem(error: ConfigError, where: str, *words: str) -> None:
-    (problem,) = error.problems
-    text = str(problem)
-    assert text.startswith(where + ": "), text
-    assert all(w.lower() in text.lower() for w in words), text
+    return load_error(hooks, nested("sources:\n  acme:\n    auth:\n      - type: bearer_jwt\n", rule, 8))
 
 
 SRC = "x.yaml:{line}: $.sources.acme.auth[0]"
@@ -498,13 +480,11 @@ def test_jwks_file_problems_are_refused(hooks: Hooks, tmp_path: Path, rsa_key: A
 
 def test_the_secret_can_come_from_the_environment(hooks: Hooks) -> None:
     text = 'sources:\n  acme:\n    auth: [{type: bearer_jwt, secret: "${JWT_SECRET}"}]\n'
-    (component,) = loads(text, hooks.registry, file="x.yaml", env={"JWT_SECRET": SECRET}).access_rules["acme"]
-    ctype = hooks.registry.get(ComponentKind.ACCESS_RULE, "bearer_jwt")
-    assert ctype is not None
-    assert ctype.factory(component.config).check(bearer(token(SECRET, aud=None))) is None
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    assert_problem(info.value, "x.yaml:3: $.sources.acme.auth[0].secret", "JWT_SECRET", "not set")
+    (component,) = load(hooks, text, env={"JWT_SECRET": SECRET}).access_rules["acme"]
+    rule = build(hooks, ComponentKind.ACCESS_RULE, component)
+    assert rule.check(bearer(token(SECRET, aud=None))) is None
+    error = load_error(hooks, text)
+    assert_problem(error, "x.yaml:3: $.sources.acme.auth[0].secret", "JWT_SECRET", "not set")
 
 
 # --- through the gateway -----------------------------------------------------------------------
@@ -517,21 +497,16 @@ async def test_gateway_delivers_with_a_valid_token_only(
     now = int(time.time())
     with trio.fail_after(30):
         async with receiver() as rx:
-            text = base_config(
+            text = sources_config(
                 nats_server.url,
+                rx.url,
                 f"""
-                sources:
-                  partner:
-                    auth:
-                      - type: bearer_jwt
-                        jwks_file: {jwks}
-                        issuer: {ISSUER}
-                        audience: {AUDIENCE}
-                endpoints:
-                  internal:
-                    url: {rx.url}/hooks
-                routes:
-                  - to: [internal]
+                partner:
+                  auth:
+                    - type: bearer_jwt
+                      jwks_file: {jwks}
+                      issuer: {ISSUER}
+                      audience: {AUDIENCE}
                 """,
             )
             async with run_gateway(tmp_path, text) as gw:
@@ -552,8 +527,7 @@ async def test_gateway_delivers_with_a_valid_token_only(
                 good = await post(b"7", "Bearer " + token(rsa_key2, "RS256", kid="next"))
                 (got,) = await rx.wait_for(1)
     for response in refused:
-        assert response.status_code == 403, response.text
-        assert response.json()["error"] == "forbidden"
+        assert_http_error(response, 403, "forbidden")
     assert good.status_code == 202
     assert got.body == b"7"
     assert len(await stream_messages(nats_server.url, "HOOKGATE_EVENTS")) == 1

@@ -36,10 +36,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hookgate import hookspecs
-from hookgate.config import ConfigError, json_schema, loads
+from hookgate.config import ConfigError, json_schema
 from hookgate.hooks import Hooks
 from hookgate.plugins import endpoint_auth
 from hookgate.types import ComponentKind, OutgoingRequest
+from tests.plugin_support import (
+    AUTH_ENDPOINT,
+    assert_problem,
+    load_auth,
+    load_error,
+    nested,
+    outgoing_request,
+)
 from tests.support import Gateway, NatsServer, Received, base_config, receiver, run_gateway, stream_messages
 
 PLUGINS = (endpoint_auth,)
@@ -63,23 +71,13 @@ def hooks() -> Hooks:
 
 
 def make_auth(hooks: Hooks, **options: Any) -> Any:
-    text = "endpoints:\n  ep:\n    url: https://example.com/in\n    auth: " + json.dumps(options) + "\n"
-    component = loads(text, hooks.registry, file="x.yaml", env={}).endpoint_auth["ep"]
-    ctype = hooks.registry.get(ComponentKind.ENDPOINT_AUTH, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_auth(hooks, options)
 
 
 def outgoing(headers: list[tuple[str, str]] | None = None) -> OutgoingRequest:
-    return OutgoingRequest(
-        method="POST",
-        url="https://example.com/in",
-        headers=headers if headers is not None else [("content-type", "application/json")],
-        body=b"{}",
-        delivery_id="dlv_1",
-        event_id="evt_1",
-        attempt=1,
-        timestamp=0,
+    headers = headers if headers is not None else [("content-type", "application/json")]
+    return outgoing_request(
+        b"{}", url="https://example.com/in", headers=headers, event_id="evt_1", timestamp=0
     )
 
 
@@ -157,12 +155,7 @@ def test_refresh_margin_is_ten_percent_at_most_30s() -> None:
 
 
 def config_error(hooks: Hooks, auth: str, env: dict[str, str] | None = None) -> ConfigError:
-    text = "endpoints:\n  ep:\n    url: https://example.com/in\n    auth:\n" + textwrap.indent(
-        textwrap.dedent(auth), "      "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env=env or {})
-    return info.value
+    return load_error(hooks, nested(AUTH_ENDPOINT + "    auth:\n", auth, 6), env)
 
 
 @pytest.mark.parametrize(
@@ -218,9 +211,7 @@ def config_error(hooks: Hooks, auth: str, env: dict[str, str] | None = None) -> 
     ],
 )
 def test_config_errors_name_the_line_and_path(hooks: Hooks, auth: str, where: str, message: str) -> None:
-    error = str(config_error(hooks, auth))
-    assert f"{where}: " in error, error
-    assert message in error, error
+    assert_problem(config_error(hooks, auth), where, message, ignore_case=False)
 
 
 def test_a_secret_with_a_stray_newline_is_refused_without_echoing_it(hooks: Hooks) -> None:
@@ -905,10 +896,7 @@ def test_mtls_file_problems_are_config_errors(
     paths = {k: str(v) for k, v in vars(pki).items()} | {"pki": str(pki.ca.parent)}
     spec = {"type": "mtls", "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
     spec |= {k: v.format(**paths) for k, v in options.items()}
-    text = "endpoints:\n  ep:\n    url: https://example.com/in\n    auth: " + json.dumps(spec) + "\n"
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    error = str(info.value)
+    error = str(load_error(hooks, AUTH_ENDPOINT + "    auth: " + json.dumps(spec) + "\n"))
     assert f"x.yaml:4: $.endpoints.ep.auth{where}: " in error, error
     assert message.format(**paths) in error, error
     assert "wrong" not in error.replace("is wrong", "")  # the password itself is not echoed

@@ -11,18 +11,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hookgate.config import ConfigError, loads
 from hookgate.hooks import Hooks
 from hookgate.ids import event_id_for
-from hookgate.intake import decode_event
-from hookgate.types import ComponentKind, HandshakeResponse, IngressRequest, Rejection
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from hookgate.types import HandshakeResponse, IngressRequest, Rejection
+from tests.plugin_support import (
+    assert_http_error,
+    assert_problem,
+    assert_rejection,
+    ingress_request,
+    load_error,
+    load_verifier,
+    nested,
+)
+from tests.support import NatsServer, base_config, receiver, run_gateway, stored_events
 
 SECRET = "gh-s3cret"
 BODY = b'{"ref": "refs/heads/main", "pusher": {"name": "Zo\xc3\xab"}, "commits": [1, 2]}\n'
@@ -39,26 +45,11 @@ def hooks() -> Hooks:
 
 
 def make_verifier(hooks: Hooks, **options: Any) -> Any:
-    """Load a one-source config with `verify: {type: github, **options}` and build its verifier."""
-    text = "sources:\n  gh:\n    verify: " + json.dumps({"type": "github", **options}) + "\n"
-    loaded = loads(text, hooks.registry, file="x.yaml", env={})
-    component = loaded.verifiers["gh"]
-    ctype = hooks.registry.get(ComponentKind.VERIFIER, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_verifier(hooks, "gh", {"type": "github", **options})
 
 
 def request(body: bytes = BODY, headers: dict[str, str] | None = None) -> IngressRequest:
-    return IngressRequest(
-        source="gh",
-        method="POST",
-        url="http://127.0.0.1/webhooks/gh",
-        path="/webhooks/gh",
-        query_string=b"",
-        headers=[(k.lower(), v) for k, v in (headers or {}).items()],
-        body=body,
-        client="127.0.0.1",
-    )
+    return ingress_request("gh", headers=headers or {}, body=body)
 
 
 def sha256(secret: str, body: bytes = BODY) -> str:
@@ -70,12 +61,8 @@ def sha1(secret: str, body: bytes = BODY) -> str:
 
 
 def assert_rejected(result: Rejection | None, code: str) -> None:
-    assert isinstance(result, Rejection), f"expected a {code} rejection, got {result!r}"
-    assert (result.status, result.code) == (401, code)
-    assert result.message
     # Never the secret, nor the signature the verifier expected.
-    assert SECRET not in result.message
-    assert sha256(SECRET).split("=")[1] not in result.message
+    assert_rejection(result, 401, code, never=[SECRET, sha256(SECRET).split("=")[1]])
 
 
 # --- accepted signatures ---------------------------------------------------------------------
@@ -210,14 +197,6 @@ def test_route_ping_leaves_ping_to_be_stored(hooks: Hooks) -> None:
 # --- config ------------------------------------------------------------------------------------
 
 
-def config_error(hooks: Hooks, verify_block: str) -> str:
-    text = "sources:\n  gh:\n    verify:\n" + textwrap.indent(textwrap.dedent(verify_block), "      ")
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    (problem,) = info.value.problems
-    return str(problem)
-
-
 @pytest.mark.parametrize(
     ("block", "where", "word"),
     [
@@ -240,9 +219,7 @@ def config_error(hooks: Hooks, verify_block: str) -> str:
 def test_bad_options_are_refused_with_file_line_and_path(
     hooks: Hooks, block: str, where: str, word: str
 ) -> None:
-    problem = config_error(hooks, block)
-    assert problem.startswith(where + ": "), problem
-    assert word in problem[len(where) :].lower(), problem
+    assert_problem(load_error(hooks, nested("sources:\n  gh:\n    verify:\n", block, 6)), where, word)
 
 
 # --- through the real gateway ------------------------------------------------------------------
@@ -295,7 +272,7 @@ async def test_signed_push_is_stored_once_per_delivery_and_forwarded_unchanged(
     push = next(r for r in got if r.body == BODY)
     assert push.headers["x-github-event"] == "push"
     assert push.headers["hookgate-event-id"] == event_id_for("github", "d-1")
-    stored = [decode_event(m.data) for m in await stream_messages(nats_server.url, "HOOKGATE_EVENTS")]
+    stored = await stored_events(nats_server.url)
     assert sorted((e.type, e.external_id, e.body) for e in stored) == sorted(
         [("push", "d-1", BODY), ("issues", "d-2", other)]
     )
@@ -315,12 +292,12 @@ async def test_wrongly_signed_or_unsigned_requests_get_401_and_nothing_is_stored
             headers={b"X-Hub-Signature-256": b"sha256=" + b"\xe9" * 8000, b"X-GitHub-Event": b"push"},
         )
         unsigned_ping = await gw.http.post(url, content=b"{}", headers={"X-GitHub-Event": "ping"})
-    assert [r.status_code for r in (wrong, unsigned, garbage, unsigned_ping)] == [401, 401, 401, 401]
-    assert wrong.json()["error"] == "invalid_signature"
-    assert unsigned.json()["error"] == unsigned_ping.json()["error"] == "missing_signature"
-    assert garbage.json()["error"] == "invalid_signature"
+    assert_http_error(wrong, 401, "invalid_signature")
+    assert_http_error(unsigned, 401, "missing_signature")
+    assert_http_error(garbage, 401, "invalid_signature")
+    assert_http_error(unsigned_ping, 401, "missing_signature")
     assert SECRET not in wrong.text
-    assert await stream_messages(nats_server.url, "HOOKGATE_EVENTS") == []
+    assert await stored_events(nats_server.url) == []
     assert rx.requests == []
 
 
@@ -339,7 +316,7 @@ async def test_a_signed_ping_is_answered_and_neither_stored_nor_routed(
     assert answer.json() == {"ok": True, "event": "ping"}
     assert push.status_code == 202
     assert got.body == BODY
-    stored = [decode_event(m.data) for m in await stream_messages(nats_server.url, "HOOKGATE_EVENTS")]
+    stored = await stored_events(nats_server.url)
     assert [e.type for e in stored] == ["push"]
 
 
@@ -354,5 +331,5 @@ async def test_route_ping_stores_and_routes_the_ping(tmp_path: Path, nats_server
             (got,) = await rx.wait_for(1)
     assert answer.status_code == 202
     assert got.body == ping
-    stored = [decode_event(m.data) for m in await stream_messages(nats_server.url, "HOOKGATE_EVENTS")]
+    stored = await stored_events(nats_server.url)
     assert [(e.type, e.external_id) for e in stored] == [("ping", "p-1")]

@@ -10,15 +10,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import textwrap
 from typing import Any
 
 import pytest
 from slack_sdk.signature import Clock, SignatureVerifier
 
-from hookgate.config import ConfigError, loads
+from hookgate.config import ConfigError
 from hookgate.hooks import Hooks
 from hookgate.types import ComponentKind, IngressRequest, Rejection
+from tests.plugin_support import (
+    assert_problem,
+    assert_rejection,
+    build,
+    ingress_request,
+    load,
+    load_error,
+    nested,
+    with_clock,
+)
 
 BODY = b'{"id": "evt_1", "amount": 1200, "note": "caf\xc3\xa9"}'
 HEADER = "X-Acme-Signature"
@@ -36,13 +45,7 @@ def make_verifier(hooks: Hooks, now: float | None = None, /, **options: Any) -> 
     """
     verify = {"type": "hmac", "header": HEADER, **options}
     text = "sources:\n  acme:\n    verify: " + _flow(verify) + "\n"
-    loaded = loads(text, hooks.registry, file="x.yaml", env={})
-    component = loaded.verifiers["acme"]
-    ctype = hooks.registry.get(ComponentKind.VERIFIER, component.type)
-    assert ctype is not None
-    if now is None:
-        return ctype.factory(component.config)
-    return ctype.factory(component.config, now=lambda: now)
+    return build(hooks, ComponentKind.VERIFIER, load(hooks, text).verifiers["acme"], **with_clock(now))
 
 
 def _flow(value: Any) -> str:
@@ -55,16 +58,7 @@ def _flow(value: Any) -> str:
 
 
 def request(body: bytes = BODY, headers: dict[str, str] | None = None) -> IngressRequest:
-    return IngressRequest(
-        source="acme",
-        method="POST",
-        url="http://127.0.0.1/webhooks/acme",
-        path="/webhooks/acme",
-        query_string=b"",
-        headers=[(k.lower(), v) for k, v in (headers or {}).items()],
-        body=body,
-        client="127.0.0.1",
-    )
+    return ingress_request("acme", headers=headers or {}, body=body)
 
 
 def expected(secret: str, body: bytes, algorithm: str, encoding: str) -> str:
@@ -72,23 +66,8 @@ def expected(secret: str, body: bytes, algorithm: str, encoding: str) -> str:
     return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
 
 
-def assert_problem(error: ConfigError, where: str, *words: str) -> None:
-    """One problem, at exactly `where` ("file:line: path"), whose message has all of `words`.
-
-    The wording itself is the config loader's; the location is the contract checked here.
-    """
-    (problem,) = error.problems
-    text = str(problem)
-    assert text.startswith(where + ": "), f"{text!r} is not at {where!r}"
-    message = text[len(where) + 2 :].lower()
-    assert all(word.lower() in message for word in words), f"{text!r} lacks one of {words}"
-
-
 def assert_rejected(result: Rejection | None, code: str) -> None:
-    assert isinstance(result, Rejection), f"expected a {code} rejection, got {result!r}"
-    assert result.status == 401
-    assert result.code == code
-    assert result.message
+    assert_rejection(result, 401, code)
 
 
 # --- accepted signatures ---------------------------------------------------------------------
@@ -218,10 +197,7 @@ def test_malformed_base64_is_invalid_signature(hooks: Hooks, value: str) -> None
 
 
 def config_error(hooks: Hooks, verify_block: str) -> ConfigError:
-    text = "sources:\n  acme:\n    verify:\n" + textwrap.indent(textwrap.dedent(verify_block), "      ")
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
+    return load_error(hooks, nested("sources:\n  acme:\n    verify:\n", verify_block, 6))
 
 
 @pytest.mark.parametrize(
@@ -324,11 +300,8 @@ def test_an_unset_secret_variable_is_named(hooks: Hooks) -> None:
 
 def test_the_secret_can_come_from_the_environment(hooks: Hooks) -> None:
     text = 'sources:\n  acme:\n    verify: {type: hmac, header: X-Sig, secret: "${ACME_SECRET}"}\n'
-    loaded = loads(text, hooks.registry, file="x.yaml", env={"ACME_SECRET": "from-env"})
-    config = loaded.verifiers["acme"].config
-    ctype = hooks.registry.get(ComponentKind.VERIFIER, "hmac")
-    assert ctype is not None
-    verifier = ctype.factory(config)
+    component = load(hooks, text, env={"ACME_SECRET": "from-env"}).verifiers["acme"]
+    verifier = build(hooks, ComponentKind.VERIFIER, component)
     signature = expected("from-env", BODY, "sha256", "hex")
     assert verifier.verify(request(headers={"X-Sig": signature})) is None
 

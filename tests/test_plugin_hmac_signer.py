@@ -8,20 +8,29 @@ import base64
 import hashlib
 import hmac
 import json
-import textwrap
 import time
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from hookgate.config import ConfigError, json_schema, loads
+from hookgate.config import ConfigError, json_schema
 from hookgate.hooks import Hooks
 from hookgate.plugins import hmac_signer
 from hookgate.plugins.hmac import HmacConfig, HmacVerifier
-from hookgate.types import ComponentKind, IngressRequest, OutgoingRequest
+from hookgate.types import OutgoingRequest
+from tests.plugin_support import (
+    ENDPOINT,
+    Clock,
+    as_ingress,
+    assert_problem,
+    load_error,
+    load_signer,
+    nested,
+    only_header,
+    outgoing_request,
+)
 from tests.support import NatsServer, base_config, receiver, run_gateway
 
 # Registered explicitly until pyproject lists the module as an entry point; then it loads as one
@@ -43,67 +52,20 @@ def hooks() -> Hooks:
     return Hooks(PLUGINS)
 
 
-class Clock:
-    def __init__(self, now: float):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_signer(hooks: Hooks, signing: str, now: Clock | None = None) -> Any:
-    text = "endpoints:\n  billing:\n    url: http://127.0.0.1:9/hooks\n    signing:\n" + textwrap.indent(
-        textwrap.dedent(signing), "      "
-    )
-    loaded = loads(text, hooks.registry, file="x.yaml", env={})
-    component = loaded.signers["billing"]
-    ctype = hooks.registry.get(ComponentKind.SIGNER, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config) if now is None else ctype.factory(component.config, now=now)
-
-
 def outgoing(
     body: bytes = BODY, event_id: str = "evt_123", timestamp: int = 1_700_000_000
 ) -> OutgoingRequest:
-    return OutgoingRequest(
-        method="POST",
-        url="http://127.0.0.1:9/hooks",
-        headers=[
-            ("content-type", "application/json"),
-            ("webhook-id", event_id),
-            ("webhook-timestamp", str(timestamp)),
-        ],
-        body=body,
-        delivery_id="dlv_1",
-        event_id=event_id,
-        attempt=1,
-        timestamp=timestamp,
-    )
+    return outgoing_request(body, event_id=event_id, timestamp=timestamp)
 
 
 def header(request: OutgoingRequest, name: str) -> str:
-    values = [v for k, v in request.headers if k.lower() == name.lower()]
-    assert len(values) == 1, values
-    return values[0]
+    return only_header(request.headers, name)
 
 
 def github_receiver_accepts(secret: str, body: bytes, signature_header: str) -> bool:
     """GitHub's documented check of X-Hub-Signature-256."""
     expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, signature_header)
-
-
-def ingress(request: OutgoingRequest) -> IngressRequest:
-    """The signed request as hookgate's ingress would see it."""
-    return IngressRequest(
-        source="s",
-        method="POST",
-        url="http://x/webhooks/s",
-        path="/webhooks/s",
-        query_string=b"",
-        headers=[(k.lower(), v) for k, v in request.headers],
-        body=request.body,
-    )
 
 
 GITHUB = f"""\
@@ -121,7 +83,7 @@ secret: "{SECRET}"
 
 @pytest.mark.parametrize("body", [BODY, b"", b"Hello, World!", '{"emoji": "\U0001f600"}'.encode()])
 def test_github_style_signature_is_what_a_github_receiver_expects(hooks: Hooks, body: bytes) -> None:
-    signer = make_signer(hooks, GITHUB)
+    signer = load_signer(hooks, GITHUB)
     request = outgoing(body)
     signer.sign(request)
     value = header(request, "x-hub-signature-256")
@@ -132,7 +94,7 @@ def test_github_style_signature_is_what_a_github_receiver_expects(hooks: Hooks, 
 
 def test_githubs_published_example_vector(hooks: Hooks) -> None:
     # From GitHub's "Validating webhook deliveries": secret and payload, and the signature they give.
-    signer = make_signer(hooks, GITHUB)
+    signer = load_signer(hooks, GITHUB)
     request = outgoing(b"Hello, World!")
     signer.sign(request)
     assert header(request, "X-Hub-Signature-256") == (
@@ -141,16 +103,16 @@ def test_githubs_published_example_vector(hooks: Hooks) -> None:
 
 
 def test_hookgates_own_hmac_verifier_accepts_what_the_signer_sends(hooks: Hooks) -> None:
-    signer = make_signer(hooks, GITHUB)
+    signer = load_signer(hooks, GITHUB)
     request = outgoing()
     signer.sign(request)
     verifier = HmacVerifier(HmacConfig(header="X-Hub-Signature-256", prefix="sha256=", secret=SECRET))
-    assert verifier.verify(ingress(request)) is None
+    assert verifier.verify(as_ingress(request)) is None
 
 
 @pytest.mark.parametrize("algorithm", ["sha1", "sha256", "sha512"])
 def test_base64_variant_shopify_style(hooks: Hooks, algorithm: str) -> None:
-    signer = make_signer(
+    signer = load_signer(
         hooks,
         f"scheme: hmac\nheader: X-Shopify-Hmac-Sha256\nencoding: base64\nalgorithm: {algorithm}\n"
         f"secret: {SECRET!r}\n",
@@ -162,7 +124,7 @@ def test_base64_variant_shopify_style(hooks: Hooks, algorithm: str) -> None:
 
 
 def test_a_template_with_the_timestamp_signs_the_webhook_timestamp_value(hooks: Hooks) -> None:
-    signer = make_signer(
+    signer = load_signer(
         hooks,
         f"""\
         scheme: hmac
@@ -188,7 +150,7 @@ def test_a_template_with_the_timestamp_signs_the_webhook_timestamp_value(hooks: 
             timestamp_header="webhook-timestamp",
         )
     )
-    assert verifier.verify(ingress(request)) is None
+    assert verifier.verify(as_ingress(request)) is None
     # Another timestamp gives another signature.
     later = outgoing(timestamp=now + 1)
     signer.sign(later)
@@ -196,7 +158,7 @@ def test_a_template_with_the_timestamp_signs_the_webhook_timestamp_value(hooks: 
 
 
 def test_a_template_with_the_id_and_literal_braces(hooks: Hooks) -> None:
-    signer = make_signer(
+    signer = load_signer(
         hooks,
         f"""\
         scheme: hmac
@@ -212,7 +174,7 @@ def test_a_template_with_the_id_and_literal_braces(hooks: Hooks) -> None:
 
 
 def test_sign_replaces_a_header_of_the_same_name(hooks: Hooks) -> None:
-    signer = make_signer(hooks, GITHUB)
+    signer = load_signer(hooks, GITHUB)
     request = outgoing()
     request.headers.append(("x-hub-signature-256", "sha256=forged"))
     signer.sign(request)
@@ -220,7 +182,7 @@ def test_sign_replaces_a_header_of_the_same_name(hooks: Hooks) -> None:
 
 
 def test_an_hmac_signer_has_no_public_keys(hooks: Hooks) -> None:
-    assert make_signer(hooks, GITHUB).public_keys() == []
+    assert load_signer(hooks, GITHUB).public_keys() == []
 
 
 # --- rotation --------------------------------------------------------------------------------
@@ -237,7 +199,7 @@ secrets:
 
 def test_rotation_signs_with_the_old_secret_until_it_expires_then_with_the_new_one(hooks: Hooks) -> None:
     clock = Clock(EXPIRES_AT - 1)
-    signer = make_signer(hooks, ROTATING, clock)
+    signer = load_signer(hooks, ROTATING, clock)
     request = outgoing()
     signer.sign(request)
     value = header(request, "X-Hub-Signature-256")  # one value: such receivers take one
@@ -255,7 +217,7 @@ def test_rotation_signs_with_the_old_secret_until_it_expires_then_with_the_new_o
 
 def test_three_secrets_are_used_in_turn(hooks: Hooks) -> None:
     clock = Clock(0)
-    signer = make_signer(
+    signer = load_signer(
         hooks,
         """\
         scheme: hmac
@@ -291,20 +253,7 @@ def test_schema_entry_of_its_own_next_to_the_hmac_verifiers(hooks: Hooks) -> Non
 
 
 def config_error(hooks: Hooks, signing_block: str) -> ConfigError:
-    text = "endpoints:\n  billing:\n    url: http://127.0.0.1:9/hooks\n    signing:\n" + textwrap.indent(
-        textwrap.dedent(signing_block), "      "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
-
-
-def assert_problem(error: ConfigError, where: str, *words: str) -> None:
-    (problem,) = error.problems
-    text = str(problem)
-    assert text.startswith(where + ": "), f"{text!r} is not at {where!r}"
-    message = text[len(where) + 2 :].lower()
-    assert all(word.lower() in message for word in words), f"{text!r} lacks one of {words}"
+    return load_error(hooks, nested(ENDPOINT + "    signing:\n", signing_block, 6))
 
 
 SIGNING = "x.yaml:4: $.endpoints.billing.signing"

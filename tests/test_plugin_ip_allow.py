@@ -5,18 +5,26 @@ The last test runs the real gateway, where the peer is the loopback address.
 
 from __future__ import annotations
 
-import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from hookgate.config import ConfigError, loads
+from hookgate.config import ConfigError
 from hookgate.hooks import Hooks
-from hookgate.types import ComponentKind, IngressRequest, Rejection
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from hookgate.types import IngressRequest
+from tests.plugin_support import (
+    assert_forbidden,
+    assert_http_error,
+    assert_problem,
+    ingress_request,
+    load_access_rule,
+    load_error,
+    nested,
+    sources_config,
+)
+from tests.support import NatsServer, receiver, run_gateway, stream_messages
 
 
 @pytest.fixture(scope="module")
@@ -25,30 +33,12 @@ def hooks() -> Hooks:
 
 
 def make_rule(hooks: Hooks, **options: Any) -> Any:
-    text = "sources:\n  acme:\n    auth: [" + json.dumps({"type": "ip_allow", **options}) + "]\n"
-    (component,) = loads(text, hooks.registry, file="x.yaml", env={}).access_rules["acme"]
-    ctype = hooks.registry.get(ComponentKind.ACCESS_RULE, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_access_rule(hooks, "ip_allow", **options)
 
 
 def request(client: str | None, *forwarded_for: str) -> IngressRequest:
-    return IngressRequest(
-        source="acme",
-        method="POST",
-        url="http://hookgate.example/webhooks/acme",
-        path="/webhooks/acme",
-        query_string=b"",
-        headers=[("x-forwarded-for", value) for value in forwarded_for],
-        body=b"{}",
-        client=client,
-    )
-
-
-def assert_forbidden(result: Rejection | None, *words: str) -> None:
-    assert isinstance(result, Rejection), f"expected a refusal, got {result!r}"
-    assert (result.status, result.code) == (403, "forbidden")
-    assert all(w.lower() in result.message.lower() for w in words), result.message
+    headers = [("x-forwarded-for", value) for value in forwarded_for]
+    return ingress_request("acme", headers=headers, client=client)
 
 
 # --- the peer address --------------------------------------------------------------------------
@@ -162,12 +152,7 @@ def test_garbage_left_of_the_client_is_never_read(hooks: Hooks) -> None:
 
 
 def config_error(hooks: Hooks, rule: str) -> ConfigError:
-    text = "sources:\n  acme:\n    auth:\n      - type: ip_allow\n" + textwrap.indent(
-        textwrap.dedent(rule), "        "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
+    return load_error(hooks, nested("sources:\n  acme:\n    auth:\n      - type: ip_allow\n", rule, 8))
 
 
 @pytest.mark.parametrize(
@@ -204,9 +189,7 @@ def config_error(hooks: Hooks, rule: str) -> ConfigError:
 def test_bad_options_are_refused_with_file_line_and_path(
     hooks: Hooks, rule: str, where: str, message: str
 ) -> None:
-    (problem,) = config_error(hooks, rule).problems
-    assert str(problem).startswith(where + ": "), str(problem)
-    assert message in str(problem)
+    assert_problem(config_error(hooks, rule), where, message, ignore_case=False)
 
 
 # --- through the gateway -----------------------------------------------------------------------
@@ -217,21 +200,16 @@ async def test_gateway_allows_by_peer_and_by_forwarded_for_from_a_trusted_proxy(
 ) -> None:
     with trio.fail_after(30):
         async with receiver() as rx:
-            text = base_config(
+            text = sources_config(
                 nats_server.url,
-                f"""
-                sources:
-                  direct:
-                    auth: [{{type: ip_allow, networks: [127.0.0.0/8, "::1"]}}]
-                  elsewhere:
-                    auth: [{{type: ip_allow, networks: [192.0.2.0/24]}}]
-                  proxied:
-                    auth: [{{type: ip_allow, networks: [192.0.2.0/24], trusted_proxies: [127.0.0.1/32]}}]
-                endpoints:
-                  internal:
-                    url: {rx.url}/hooks
-                routes:
-                  - to: [internal]
+                rx.url,
+                """
+                direct:
+                  auth: [{type: ip_allow, networks: [127.0.0.0/8, "::1"]}]
+                elsewhere:
+                  auth: [{type: ip_allow, networks: [192.0.2.0/24]}]
+                proxied:
+                  auth: [{type: ip_allow, networks: [192.0.2.0/24], trusted_proxies: [127.0.0.1/32]}]
                 """,
             )
             async with run_gateway(tmp_path, text) as gw:
@@ -252,8 +230,7 @@ async def test_gateway_allows_by_peer_and_by_forwarded_for_from_a_trusted_proxy(
     assert proxied.status_code == 202
     assert sorted(r.body for r in got) == [b"1", b"4"]
     for refused in (elsewhere, spoofed, proxy_itself, proxied_outsider, proxied_garbage):
-        assert refused.status_code == 403, refused.text
-        assert refused.json()["error"] == "forbidden"
+        assert_http_error(refused, 403, "forbidden")
     assert "127.0.0.1" in spoofed.json()["message"]
     assert "203.0.113.1" in proxied_outsider.json()["message"]
     assert len(await stream_messages(nats_server.url, "HOOKGATE_EVENTS")) == 2

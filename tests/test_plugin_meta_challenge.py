@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -13,10 +12,20 @@ from urllib.parse import urlencode
 import pytest
 import trio
 
-from hookgate.config import ConfigError, loads
+from hookgate.config import ConfigError
 from hookgate.hooks import Hooks
-from hookgate.types import ComponentKind, HandshakeResponse, IngressRequest
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from hookgate.types import HandshakeResponse, IngressRequest
+from tests.plugin_support import (
+    assert_http_error,
+    assert_problem,
+    ingress_request,
+    load_error,
+    load_handshake,
+    nested,
+    sources_config,
+    the_problem,
+)
+from tests.support import NatsServer, receiver, run_gateway, stream_messages
 
 TOKEN = "meta-verify-token"
 
@@ -27,25 +36,12 @@ def hooks() -> Hooks:
 
 
 def make_handshake(hooks: Hooks, **options: Any) -> Any:
-    text = "sources:\n  meta:\n    handshake: " + json.dumps({"type": "meta", **options}) + "\n"
-    component = loads(text, hooks.registry, file="x.yaml", env={}).handshakes["meta"]
-    ctype = hooks.registry.get(ComponentKind.HANDSHAKE, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_handshake(hooks, "meta", "meta", **options)
 
 
 def request(query: bytes | dict[str, str], method: str = "GET") -> IngressRequest:
     raw = urlencode(query).encode() if isinstance(query, dict) else query
-    return IngressRequest(
-        source="meta",
-        method=method,
-        url="http://127.0.0.1/webhooks/meta?" + raw.decode("latin-1"),
-        path="/webhooks/meta",
-        query_string=raw,
-        headers=[],
-        body=b"",
-        client="127.0.0.1",
-    )
+    return ingress_request("meta", method=method, query=raw, body=b"")
 
 
 def verification(
@@ -117,12 +113,7 @@ def test_posts_are_never_answered(hooks: Hooks) -> None:
 
 
 def config_error(hooks: Hooks, block: str) -> ConfigError:
-    text = "sources:\n  meta:\n    handshake:\n      type: meta\n" + textwrap.indent(
-        textwrap.dedent(block), "      "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
+    return load_error(hooks, nested("sources:\n  meta:\n    handshake:\n      type: meta\n", block, 6))
 
 
 @pytest.mark.parametrize(
@@ -137,17 +128,13 @@ def config_error(hooks: Hooks, block: str) -> ConfigError:
 def test_bad_options_are_refused_with_file_line_and_path(
     hooks: Hooks, block: str, where: str, message: str
 ) -> None:
-    (problem,) = config_error(hooks, block).problems
-    assert str(problem).startswith(where + ": "), str(problem)
-    assert message in str(problem)
+    assert_problem(config_error(hooks, block), where, message, ignore_case=False)
 
 
 def test_an_unknown_handshake_type_lists_the_installed_ones(hooks: Hooks) -> None:
-    with pytest.raises(ConfigError) as info:
-        loads("sources:\n  meta:\n    handshake: {type: facebook}\n", hooks.registry, file="x.yaml", env={})
-    (problem,) = info.value.problems
-    assert str(problem).startswith("x.yaml:3: $.sources.meta.handshake.type: unknown handshake")
-    assert "meta" in str(problem) and "twitter_crc" in str(problem)
+    problem = the_problem(load_error(hooks, "sources:\n  meta:\n    handshake: {type: facebook}\n"))
+    assert problem.startswith("x.yaml:3: $.sources.meta.handshake.type: unknown handshake")
+    assert "meta" in problem and "twitter_crc" in problem
 
 
 # --- through the gateway -----------------------------------------------------------------------
@@ -159,19 +146,14 @@ async def test_gateway_echoes_the_challenge_and_stores_only_real_events(
     app_secret = "meta-app-secret"
     with trio.fail_after(30):
         async with receiver() as rx:
-            text = base_config(
+            text = sources_config(
                 nats_server.url,
+                rx.url,
                 f"""
-                sources:
-                  whatsapp:
-                    handshake: {{type: meta, verify_token: {TOKEN}}}
-                    verify:
-                      {{type: hmac, header: X-Hub-Signature-256, prefix: "sha256=", secret: {app_secret}}}
-                endpoints:
-                  internal:
-                    url: {rx.url}/hooks
-                routes:
-                  - to: [internal]
+                whatsapp:
+                  handshake: {{type: meta, verify_token: {TOKEN}}}
+                  verify:
+                    {{type: hmac, header: X-Hub-Signature-256, prefix: "sha256=", secret: {app_secret}}}
                 """,
             )
             async with run_gateway(tmp_path, text) as gw:
@@ -186,8 +168,7 @@ async def test_gateway_echoes_the_challenge_and_stores_only_real_events(
     assert challenge.status_code == 200
     assert challenge.content == b"98765"
     assert challenge.headers["content-type"].startswith("text/plain")
-    assert wrong.status_code == 403
-    assert wrong.json()["error"] == "forbidden"
+    assert_http_error(wrong, 403, "forbidden")
     assert "guess" not in wrong.text and TOKEN not in wrong.text
     assert plain.status_code == 405
     assert event.status_code == 202

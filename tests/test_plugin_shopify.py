@@ -12,18 +12,24 @@ import base64
 import hashlib
 import hmac
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hookgate.config import ConfigError, loads
 from hookgate.hooks import Hooks
 from hookgate.ids import event_id_for
-from hookgate.intake import decode_event
-from hookgate.types import ComponentKind, IngressRequest, Rejection
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from hookgate.types import IngressRequest, Rejection
+from tests.plugin_support import (
+    assert_http_error,
+    assert_problem,
+    assert_rejection,
+    ingress_request,
+    load_error,
+    load_verifier,
+    nested,
+)
+from tests.support import NatsServer, base_config, receiver, run_gateway, stored_events
 
 SECRET = "shpss_0123456789abcdef"
 BODY = (
@@ -48,26 +54,11 @@ def hooks() -> Hooks:
 
 
 def make_verifier(hooks: Hooks, **options: Any) -> Any:
-    """Load a one-source config with `verify: {type: shopify, **options}` and build its verifier."""
-    text = "sources:\n  shop:\n    verify: " + json.dumps({"type": "shopify", **options}) + "\n"
-    loaded = loads(text, hooks.registry, file="x.yaml", env={})
-    component = loaded.verifiers["shop"]
-    ctype = hooks.registry.get(ComponentKind.VERIFIER, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_verifier(hooks, "shop", {"type": "shopify", **options})
 
 
 def request(body: bytes = BODY, headers: dict[str, str] | None = None) -> IngressRequest:
-    return IngressRequest(
-        source="shop",
-        method="POST",
-        url="http://127.0.0.1/webhooks/shop",
-        path="/webhooks/shop",
-        query_string=b"",
-        headers=[(k.lower(), v) for k, v in (headers or {}).items()],
-        body=body,
-        client="127.0.0.1",
-    )
+    return ingress_request("shop", headers=headers or {}, body=body)
 
 
 def signature(secret: str, body: bytes = BODY) -> str:
@@ -75,11 +66,7 @@ def signature(secret: str, body: bytes = BODY) -> str:
 
 
 def assert_rejected(result: Rejection | None, code: str) -> None:
-    assert isinstance(result, Rejection), f"expected a {code} rejection, got {result!r}"
-    assert (result.status, result.code) == (401, code)
-    assert result.message
-    assert SECRET not in result.message
-    assert signature(SECRET) not in result.message
+    assert_rejection(result, 401, code, never=[SECRET, signature(SECRET)])
 
 
 # --- accepted signatures ---------------------------------------------------------------------
@@ -190,12 +177,7 @@ def test_urlsafe_base64_is_refused(hooks: Hooks) -> None:
 def test_bad_options_are_refused_with_file_line_and_path(
     hooks: Hooks, block: str, where: str, word: str
 ) -> None:
-    text = "sources:\n  shop:\n    verify:\n" + textwrap.indent(block, "      ")
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    (problem,) = (str(p) for p in info.value.problems)
-    assert problem.startswith(where + ": "), problem
-    assert word in problem[len(where) :].lower(), problem
+    assert_problem(load_error(hooks, nested("sources:\n  shop:\n    verify:\n", block, 6)), where, word)
 
 
 # --- through the real gateway ------------------------------------------------------------------
@@ -249,7 +231,7 @@ async def test_signed_order_is_stored_once_per_webhook_id_and_routed_by_topic(
             url, content=product, headers=shopify_headers(product, "products/update", "w-3")
         )
         got = await rx.wait_for(2)
-        stored = [decode_event(m.data) for m in await stream_messages(nats_server.url, "HOOKGATE_EVENTS")]
+        stored = await stored_events(nats_server.url)
     assert [r.status_code for r in (first, again, rotated, other)] == [200, 200, 200, 200]
     assert first.json()["id"] == again.json()["id"] == event_id_for("shopify", "w-1")
     assert sorted(r.body for r in got) == sorted([BODY, paid])
@@ -281,13 +263,10 @@ async def test_wrongly_signed_or_unsigned_requests_get_401_and_nothing_is_stored
             content=b"\xff\x00",
             headers={HEADER.encode(): b"\xe9" * 8000, b"X-Shopify-Topic": b"orders/create"},
         )
-    assert [r.status_code for r in (wrong, tampered, unsigned, garbage)] == [401, 401, 401, 401]
-    assert [r.json()["error"] for r in (wrong, tampered, unsigned, garbage)] == [
-        "invalid_signature",
-        "invalid_signature",
-        "missing_signature",
-        "invalid_signature",
-    ]
+    assert_http_error(wrong, 401, "invalid_signature")
+    assert_http_error(tampered, 401, "invalid_signature")
+    assert_http_error(unsigned, 401, "missing_signature")
+    assert_http_error(garbage, 401, "invalid_signature")
     assert SECRET not in wrong.text
-    assert await stream_messages(nats_server.url, "HOOKGATE_EVENTS") == []
+    assert await stored_events(nats_server.url) == []
     assert rx.requests == []

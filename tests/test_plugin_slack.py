@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,13 +19,21 @@ from typing import Any
 import pytest
 from slack_sdk.signature import Clock, SignatureVerifier
 
-from hookgate.config import ConfigError, loads
 from hookgate.hooks import Hooks
 from hookgate.ids import event_id_for
-from hookgate.intake import decode_event
 from hookgate.plugins.slack import SlackVerifier
-from hookgate.types import ComponentKind, HandshakeResponse, IngressRequest, Rejection
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from hookgate.types import HandshakeResponse, IngressRequest, Rejection
+from tests.plugin_support import (
+    assert_http_error,
+    assert_problem,
+    assert_rejection,
+    ingress_request,
+    load,
+    load_error,
+    load_verifier,
+    nested,
+)
+from tests.support import NatsServer, base_config, receiver, run_gateway, stored_events
 
 SECRET = "e3b0c44298fc1c149afbf4c8996fb924"
 NOW = 1_700_000_000
@@ -62,25 +69,13 @@ def hooks() -> Hooks:
 
 def make_verifier(hooks: Hooks, now: float = NOW, **options: Any) -> Any:
     """Load `verify: {type: slack, **options}` and build the verifier with a fixed clock."""
-    text = "sources:\n  slack:\n    verify: " + json.dumps({"type": "slack", **options}) + "\n"
-    loaded = loads(text, hooks.registry, file="x.yaml", env={})
-    component = loaded.verifiers["slack"]
-    ctype = hooks.registry.get(ComponentKind.VERIFIER, component.type)
-    assert ctype is not None and ctype.factory is SlackVerifier
-    return SlackVerifier(component.config, now=lambda: now)
+    verifier = load_verifier(hooks, "slack", {"type": "slack", **options}, now=now)
+    assert isinstance(verifier, SlackVerifier)
+    return verifier
 
 
 def request(body: bytes = BODY, headers: dict[str, str] | None = None) -> IngressRequest:
-    return IngressRequest(
-        source="slack",
-        method="POST",
-        url="http://127.0.0.1/webhooks/slack",
-        path="/webhooks/slack",
-        query_string=b"",
-        headers=[(k.lower(), v) for k, v in (headers or {}).items()],
-        body=body,
-        client="127.0.0.1",
-    )
+    return ingress_request("slack", headers=headers or {}, body=body)
 
 
 def sdk_headers(secret: str, body: bytes = BODY, timestamp: int | str = NOW) -> dict[str, str]:
@@ -95,12 +90,8 @@ def sdk_accepts(secret: str, body: bytes, headers: dict[str, str], now: float = 
 
 
 def assert_rejected(result: Rejection | None, code: str) -> None:
-    assert isinstance(result, Rejection), f"expected a {code} rejection, got {result!r}"
-    assert (result.status, result.code) == (401, code)
-    assert result.message
-    assert SECRET not in result.message
-    for timestamp in (NOW, NOW - 3600):
-        assert sdk_headers(SECRET, timestamp=timestamp)["X-Slack-Signature"][3:] not in result.message
+    signatures = [sdk_headers(SECRET, timestamp=t)["X-Slack-Signature"][3:] for t in (NOW, NOW - 3600)]
+    assert_rejection(result, 401, code, never=[SECRET, *signatures])
 
 
 # --- accepted signatures ---------------------------------------------------------------------
@@ -171,7 +162,7 @@ def test_any_secret_of_a_rotation_list_is_accepted(hooks: Hooks) -> None:
 
 def test_the_clock_defaults_to_the_real_time(hooks: Hooks) -> None:
     text = "sources:\n  slack:\n    verify: {type: slack, secret: s}\n"
-    config = loads(text, hooks.registry, file="x.yaml", env={}).verifiers["slack"].config
+    config = load(hooks, text).verifiers["slack"].config
     verifier = SlackVerifier(config)
     assert verifier.verify(request(headers=sdk_headers("s", timestamp=int(time.time())))) is None
 
@@ -341,12 +332,7 @@ def test_anything_else_is_not_a_handshake(hooks: Hooks, body: bytes) -> None:
 def test_bad_options_are_refused_with_file_line_and_path(
     hooks: Hooks, block: str, where: str, word: str
 ) -> None:
-    text = "sources:\n  slack:\n    verify:\n" + textwrap.indent(block, "      ")
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    (problem,) = (str(p) for p in info.value.problems)
-    assert problem.startswith(where + ": "), problem
-    assert word in problem[len(where) :].lower(), problem
+    assert_problem(load_error(hooks, nested("sources:\n  slack:\n    verify:\n", block, 6)), where, word)
 
 
 # --- through the real gateway ------------------------------------------------------------------
@@ -392,7 +378,7 @@ async def test_signed_event_is_stored_once_per_event_id_and_forwarded_unchanged(
         retry = await gw.http.post(url, content=BODY, headers={**signed_now(BODY), "X-Slack-Retry-Num": "1"})
         rotated = await gw.http.post(url, content=other, headers=signed_now(other, "old-secret"))
         got = await rx.wait_for(2)
-        stored = [decode_event(m.data) for m in await stream_messages(nats_server.url, "HOOKGATE_EVENTS")]
+        stored = await stored_events(nats_server.url)
     assert [r.status_code for r in (first, retry, rotated)] == [200, 200, 200]
     assert sorted(r.body for r in got) == sorted([BODY, other])
     event = next(r for r in got if r.body == BODY)
@@ -420,12 +406,10 @@ async def test_url_verification_is_answered_only_when_signed_and_never_stored(
         # An event afterwards proves the pipeline was running while the challenge was not stored.
         event = await gw.http.post(url, content=BODY, headers=signed_now(BODY))
         (got,) = await rx.wait_for(1)
-        stored = [decode_event(m.data) for m in await stream_messages(nats_server.url, "HOOKGATE_EVENTS")]
-    assert [(r.status_code, r.json()["error"]) for r in (unsigned, wrong, stale)] == [
-        (401, "missing_signature"),
-        (401, "invalid_signature"),
-        (401, "timestamp_out_of_tolerance"),
-    ]
+        stored = await stored_events(nats_server.url)
+    assert_http_error(unsigned, 401, "missing_signature")
+    assert_http_error(wrong, 401, "invalid_signature")
+    assert_http_error(stale, 401, "timestamp_out_of_tolerance")
     assert answered.status_code == 200
     assert answered.headers["content-type"].startswith("application/json")
     assert answered.json() == {"challenge": "c-123"}
@@ -446,7 +430,7 @@ async def test_form_encoded_payloads_on_a_source_that_does_not_read_the_body(
         # On the events source the signature passes too; the default body selectors find nothing
         # in a form post, so it is stored with the generic type rather than refused.
         events_source = await gw.http.post(f"{gw.url}/webhooks/slack", content=form, headers=headers)
-        stored = [decode_event(m.data) for m in await stream_messages(nats_server.url, "HOOKGATE_EVENTS")]
+        stored = await stored_events(nats_server.url)
     assert accepted.status_code == 200
     assert got.body == form
     assert got.headers["content-type"] == "application/x-www-form-urlencoded"

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import json
 import os
-import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +22,19 @@ import standardwebhooks.webhooks
 import svix.webhooks
 import trio
 
-from hookgate.config import ConfigError, loads
+from hookgate.config import ConfigError
 from hookgate.hooks import Hooks
 from hookgate.types import ComponentKind, OutgoingRequest
+from tests.plugin_support import (
+    ENDPOINT,
+    assert_problem,
+    load_error,
+    load_signer,
+    nested,
+    only_header,
+    outgoing_request,
+)
+from tests.plugin_support import standard_webhooks_sdks_accept as sdk_accepts
 from tests.support import NatsServer, Received, base_config, receiver, run_gateway
 
 SECRET_A = "whsec_" + base64.b64encode(b"A" * 8 + os.urandom(24)).decode()
@@ -43,58 +52,25 @@ def hooks() -> Hooks:
 
 def make_signer(hooks: Hooks, secret: str | list[str]) -> Any:
     """Load an endpoint with `signing: {scheme: standard-webhooks}` and build its signer."""
-    text = (
-        "endpoints:\n  billing:\n    url: http://127.0.0.1:9/hooks\n"
-        f"    signing: {{scheme: standard-webhooks, secret: {json.dumps(secret)}}}\n"
-    )
-    loaded = loads(text, hooks.registry, file="x.yaml", env={})
-    component = loaded.signers["billing"]
-    ctype = hooks.registry.get(ComponentKind.SIGNER, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_signer(hooks, f"{{scheme: standard-webhooks, secret: {json.dumps(secret)}}}")
 
 
 def outgoing(body: bytes = BODY, event_id: str = "evt_123", timestamp: int | None = None) -> OutgoingRequest:
     ts = int(time.time()) if timestamp is None else timestamp
-    return OutgoingRequest(
-        method="POST",
-        url="http://127.0.0.1:9/hooks",
-        headers=[
-            ("content-type", "application/json"),
-            ("webhook-id", event_id),
-            ("webhook-timestamp", str(ts)),
-            ("hookgate-delivery-id", "dlv_1"),
-            ("hookgate-attempt", "1"),
-        ],
-        body=body,
-        delivery_id="dlv_1",
-        event_id=event_id,
-        attempt=1,
-        timestamp=ts,
-    )
+    headers = [
+        ("content-type", "application/json"),
+        ("webhook-id", event_id),
+        ("webhook-timestamp", str(ts)),
+        ("hookgate-delivery-id", "dlv_1"),
+        ("hookgate-attempt", "1"),
+    ]
+    return outgoing_request(body, event_id=event_id, timestamp=ts, headers=headers)
 
 
 def signed(signer: Any, request: OutgoingRequest) -> dict[str, str]:
     signer.sign(request)
-    names = [k.lower() for k, _ in request.headers]
-    assert names.count("webhook-signature") == 1
+    only_header(request.headers, "webhook-signature")
     return dict(request.headers)
-
-
-def sdk_accepts(secret: str, body: bytes, headers: dict[str, str]) -> bool:
-    """Both SDKs agree; raise if they disagree (which would make them useless as oracles)."""
-    verdicts = []
-    for verify in (
-        lambda: standardwebhooks.webhooks.Webhook(secret).verify(body, headers),
-        lambda: svix.webhooks.Webhook(secret).verify(body, headers),
-    ):
-        try:
-            verify()
-            verdicts.append(True)
-        except standardwebhooks.webhooks.WebhookVerificationError:
-            verdicts.append(False)
-    assert verdicts[0] == verdicts[1], f"standardwebhooks and svix disagree: {verdicts}"
-    return verdicts[0]
 
 
 # --- the signature itself --------------------------------------------------------------------
@@ -172,25 +148,8 @@ def test_secret_without_prefix_or_padding_is_accepted_like_the_sdks_accept_it(ho
 # --- config ------------------------------------------------------------------------------------
 
 
-def assert_problem(error: ConfigError, where: str, *words: str) -> None:
-    """One problem, at exactly `where` ("file:line: path"), whose message has all of `words`.
-
-    The wording itself is the config loader's; the location is the contract checked here.
-    """
-    (problem,) = error.problems
-    text = str(problem)
-    assert text.startswith(where + ": "), f"{text!r} is not at {where!r}"
-    message = text[len(where) + 2 :].lower()
-    assert all(word.lower() in message for word in words), f"{text!r} lacks one of {words}"
-
-
 def config_error(hooks: Hooks, signing_block: str) -> ConfigError:
-    text = "endpoints:\n  billing:\n    url: http://127.0.0.1:9/hooks\n    signing:\n" + textwrap.indent(
-        textwrap.dedent(signing_block), "      "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
+    return load_error(hooks, nested(ENDPOINT + "    signing:\n", signing_block, 6))
 
 
 SIGNING = "x.yaml:4: $.endpoints.billing.signing"

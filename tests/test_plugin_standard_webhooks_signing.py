@@ -10,23 +10,32 @@ from __future__ import annotations
 import base64
 import json
 import os
-import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import standardwebhooks.webhooks
-import svix.webhooks
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from hookgate.config import ConfigError, json_schema, loads
+from hookgate.config import ConfigError, json_schema
 from hookgate.hooks import Hooks
 from hookgate.plugins import standard_webhooks
 from hookgate.plugins.standard_webhooks import StandardWebhooksVerifier, StandardWebhooksVerifyConfig
-from hookgate.types import ComponentKind, IngressRequest, OutgoingRequest
+from hookgate.types import OutgoingRequest
+from tests.plugin_support import (
+    ENDPOINT,
+    Clock,
+    as_ingress,
+    assert_problem,
+    load_error,
+    load_signer,
+    nested,
+    only_header,
+    outgoing_request,
+)
+from tests.plugin_support import standard_webhooks_sdks_accept as sdk_accepts
 from tests.support import NatsServer, base_config, receiver, run_gateway
 
 
@@ -55,49 +64,15 @@ def hooks() -> Hooks:
     return Hooks()
 
 
-class Clock:
-    def __init__(self, now: float):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_signer(hooks: Hooks, signing: str, now: Clock | None = None) -> Any:
-    """Load `signing:` (YAML under it) for an endpoint and build its signer, on `now` if given."""
-    text = "endpoints:\n  billing:\n    url: http://127.0.0.1:9/hooks\n    signing:\n" + textwrap.indent(
-        textwrap.dedent(signing), "      "
-    )
-    loaded = loads(text, hooks.registry, file="x.yaml", env={})
-    component = loaded.signers["billing"]
-    ctype = hooks.registry.get(ComponentKind.SIGNER, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config) if now is None else ctype.factory(component.config, now=now)
-
-
 def outgoing(body: bytes = BODY, event_id: str = "evt_123", timestamp: int | None = None) -> OutgoingRequest:
+    """A first attempt, timestamped now unless `timestamp` is given."""
     ts = int(time.time()) if timestamp is None else timestamp
-    return OutgoingRequest(
-        method="POST",
-        url="http://127.0.0.1:9/hooks",
-        headers=[
-            ("content-type", "application/json"),
-            ("webhook-id", event_id),
-            ("webhook-timestamp", str(ts)),
-        ],
-        body=body,
-        delivery_id="dlv_1",
-        event_id=event_id,
-        attempt=1,
-        timestamp=ts,
-    )
+    return outgoing_request(body, event_id=event_id, timestamp=ts)
 
 
 def signatures(signer: Any, request: OutgoingRequest) -> list[str]:
     signer.sign(request)
-    values = [v for k, v in request.headers if k.lower() == "webhook-signature"]
-    assert len(values) == 1
-    return values[0].split(" ")
+    return only_header(request.headers, "webhook-signature").split(" ")
 
 
 def ed25519_verifies(whpk: str, entry: str, request: OutgoingRequest) -> bool:
@@ -112,18 +87,6 @@ def ed25519_verifies(whpk: str, entry: str, request: OutgoingRequest) -> bool:
     except InvalidSignature:
         return False
     return True
-
-
-def sdk_accepts(secret: str, body: bytes, headers: dict[str, str]) -> bool:
-    verdicts = []
-    for webhook in (standardwebhooks.webhooks.Webhook(secret), svix.webhooks.Webhook(secret)):
-        try:
-            webhook.verify(body, headers)
-            verdicts.append(True)
-        except standardwebhooks.webhooks.WebhookVerificationError:
-            verdicts.append(False)
-    assert verdicts[0] == verdicts[1], f"standardwebhooks and svix disagree: {verdicts}"
-    return verdicts[0]
 
 
 # --- v1a: ed25519 ------------------------------------------------------------------------------
@@ -147,7 +110,7 @@ def test_public_key_of_refuses_what_is_not_a_private_key(bad: str) -> None:
 def test_v1a_verifies_with_cryptography_under_the_whpk_key(
     hooks: Hooks, private_key: str, body: bytes
 ) -> None:
-    signer = make_signer(hooks, f"scheme: standard-webhooks\nprivate_key: {private_key}\n")
+    signer = load_signer(hooks, f"scheme: standard-webhooks\nprivate_key: {private_key}\n")
     request = outgoing(body)
     (entry,) = signatures(signer, request)
     assert entry.startswith("v1a,")
@@ -157,7 +120,7 @@ def test_v1a_verifies_with_cryptography_under_the_whpk_key(
 
 
 def test_v1a_does_not_verify_for_another_body_id_or_timestamp(hooks: Hooks) -> None:
-    signer = make_signer(hooks, f"scheme: standard-webhooks\nprivate_key: {WHSK_SVIX}\n")
+    signer = load_signer(hooks, f"scheme: standard-webhooks\nprivate_key: {WHSK_SVIX}\n")
     request = outgoing(BODY, "evt_1", 1_700_000_000)
     (entry,) = signatures(signer, request)
     assert ed25519_verifies(WHPK, entry, request)
@@ -170,24 +133,15 @@ def test_v1a_does_not_verify_for_another_body_id_or_timestamp(hooks: Hooks) -> N
 
 
 def test_hookgates_own_verifier_accepts_v1a_with_the_printed_public_key(hooks: Hooks) -> None:
-    signer = make_signer(hooks, f"scheme: standard-webhooks\nprivate_key: {WHSK_SEED}\n")
+    signer = load_signer(hooks, f"scheme: standard-webhooks\nprivate_key: {WHSK_SEED}\n")
     request = outgoing()
     signer.sign(request)
     verifier = StandardWebhooksVerifier(StandardWebhooksVerifyConfig(public_key=signer.public_keys()))
-    ingress = IngressRequest(
-        source="s",
-        method="POST",
-        url="http://x/webhooks/s",
-        path="/webhooks/s",
-        query_string=b"",
-        headers=[(k.lower(), v) for k, v in request.headers],
-        body=request.body,
-    )
-    assert verifier.verify(ingress) is None
+    assert verifier.verify(as_ingress(request)) is None
 
 
 def test_secret_and_private_key_together_give_a_v1_and_a_v1a_signature(hooks: Hooks) -> None:
-    signer = make_signer(
+    signer = load_signer(
         hooks, f"scheme: standard-webhooks\nsecret: {SECRET_NEW}\nprivate_key: [{WHSK_SVIX}, {WHSK_OTHER}]\n"
     )
     request = outgoing()
@@ -202,7 +156,7 @@ def test_secret_and_private_key_together_give_a_v1_and_a_v1a_signature(hooks: Ho
 
 
 def test_a_secret_alone_has_no_public_keys(hooks: Hooks) -> None:
-    assert make_signer(hooks, f"scheme: standard-webhooks\nsecret: {SECRET_NEW}\n").public_keys() == []
+    assert load_signer(hooks, f"scheme: standard-webhooks\nsecret: {SECRET_NEW}\n").public_keys() == []
 
 
 # --- rotation with expires ---------------------------------------------------------------------
@@ -217,7 +171,7 @@ secrets:
 
 def test_a_rotated_pair_signs_twice_until_the_old_secret_expires(hooks: Hooks) -> None:
     clock = Clock(EXPIRES_AT - 1)
-    signer = make_signer(hooks, ROTATING, clock)
+    signer = load_signer(hooks, ROTATING, clock)
     # The SDKs check the timestamp against the real clock, so the request is signed "now".
     request = outgoing()
     new, old = signatures(signer, request)
@@ -238,7 +192,7 @@ def test_a_rotated_pair_signs_twice_until_the_old_secret_expires(hooks: Hooks) -
 
 def test_rotation_between_ed25519_keys_and_the_public_keys_a_receiver_needs(hooks: Hooks) -> None:
     clock = Clock(EXPIRES_AT - 3600)
-    signer = make_signer(
+    signer = load_signer(
         hooks,
         f"""\
         scheme: standard-webhooks
@@ -265,7 +219,7 @@ def test_rotation_between_ed25519_keys_and_the_public_keys_a_receiver_needs(hook
 
 
 def test_the_simple_list_form_still_signs_with_every_secret(hooks: Hooks) -> None:
-    signer = make_signer(
+    signer = load_signer(
         hooks, f"scheme: standard-webhooks\nsecret: [{SECRET_NEW}, {SECRET_OLD}]\n", Clock(0)
     )
     request = outgoing()
@@ -281,9 +235,9 @@ def test_the_signer_reads_the_real_clock_by_default(hooks: Hooks) -> None:
           - {{secret: {SECRET_NEW}}}
           - {{secret: {SECRET_OLD}, expires: "2001-01-01T00:00:00Z"}}
         """
-    assert len(signatures(make_signer(hooks, past), outgoing())) == 1
+    assert len(signatures(load_signer(hooks, past), outgoing())) == 1
     future = past.replace("2001-01-01", "2999-01-01")
-    assert len(signatures(make_signer(hooks, future), outgoing())) == 2
+    assert len(signatures(load_signer(hooks, future), outgoing())) == 2
 
 
 def test_the_json_schema_describes_the_key_list(hooks: Hooks) -> None:
@@ -298,20 +252,7 @@ def test_the_json_schema_describes_the_key_list(hooks: Hooks) -> None:
 
 
 def config_error(hooks: Hooks, signing_block: str) -> ConfigError:
-    text = "endpoints:\n  billing:\n    url: http://127.0.0.1:9/hooks\n    signing:\n" + textwrap.indent(
-        textwrap.dedent(signing_block), "      "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
-
-
-def assert_problem(error: ConfigError, where: str, *words: str) -> None:
-    (problem,) = error.problems
-    text = str(problem)
-    assert text.startswith(where + ": "), f"{text!r} is not at {where!r}"
-    message = text[len(where) + 2 :].lower()
-    assert all(word.lower() in message for word in words), f"{text!r} lacks one of {words}"
+    return load_error(hooks, nested(ENDPOINT + "    signing:\n", signing_block, 6))
 
 
 SIGNING = "x.yaml:4: $.endpoints.billing.signing"

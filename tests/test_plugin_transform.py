@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,10 @@ import msgspec
 import pytest
 import trio
 
-from hookgate.config import ConfigError, loads
+from hookgate.config import ConfigError
 from hookgate.hooks import Hooks
 from hookgate.types import ComponentKind, Event
+from tests.plugin_support import build, load, load_error, nested
 from tests.support import NatsServer, base_config, receiver, run_gateway
 
 
@@ -30,10 +30,7 @@ def make_shape(hooks: Hooks, **options: Any) -> Any:
     """The transform as the gateway builds it from YAML (JSON is YAML)."""
     spec = json.dumps({"type": "shape", **options})
     text = f'endpoints:\n  a: {{url: "http://a.example/"}}\nroutes:\n  - to: [a]\n    transform: {spec}\n'
-    component = loads(text, hooks.registry, file="x.yaml", env={}).transforms[0]
-    ctype = hooks.registry.get(ComponentKind.TRANSFORM, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return build(hooks, ComponentKind.TRANSFORM, load(hooks, text).transforms[0])
 
 
 def internal(body: Any, type_: str = "invoice.paid") -> Event:
@@ -367,13 +364,9 @@ def test_the_component_is_registered_as_shape(hooks: Hooks) -> None:
 
 
 def config_error(hooks: Hooks, options: str) -> ConfigError:
-    text = (
-        'endpoints:\n  a: {url: "http://a.example/"}\nroutes:\n  - to: [a]\n    transform:\n'
-        "      type: shape\n" + textwrap.indent(textwrap.dedent(options), "      ")
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
+    head = 'endpoints:\n  a: {url: "http://a.example/"}\nroutes:\n  - to: [a]\n    transform:\n'
+    head += "      type: shape\n"
+    return load_error(hooks, nested(head, options, 6))
 
 
 T = "x.yaml:{line}: $.routes[0].transform"

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
-import textwrap
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -19,9 +17,17 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
-from hookgate.config import ConfigError, loads
 from hookgate.hooks import Hooks
-from hookgate.types import ComponentKind, IngressRequest, Rejection
+from hookgate.types import IngressRequest, Rejection
+from tests.plugin_support import (
+    assert_http_error,
+    assert_problem,
+    assert_rejection,
+    ingress_request,
+    load_error,
+    load_verifier,
+    nested,
+)
 from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -57,14 +63,8 @@ def hooks() -> Hooks:
 
 
 def make_verifier(hooks: Hooks, **options: Any) -> Any:
-    """Load a source with `verify: {type: twilio, **options}` and build its verifier as ingress does."""
-    verify = {"type": "twilio", "secret": TOKEN, **options}
-    text = f"sources:\n  twilio:\n    verify: {json.dumps(verify)}\n"
-    loaded = loads(text, hooks.registry, file="x.yaml", env={})
-    component = loaded.verifiers["twilio"]
-    ctype = hooks.registry.get(ComponentKind.VERIFIER, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    """The verifier of `verify: {type: twilio, secret: TOKEN, **options}`."""
+    return load_verifier(hooks, "twilio", {"type": "twilio", "secret": TOKEN, **options})
 
 
 def request(
@@ -83,17 +83,8 @@ def request(
         headers.append(("content-type", content_type))
     if signature is not None:
         headers.append(("x-twilio-signature", signature))
-    headers += [(k.lower(), v) for k, v in (extra or {}).items()]
-    return IngressRequest(
-        source="twilio",
-        method="POST",
-        url=url,
-        path=path,
-        query_string=query.encode(),
-        headers=headers,
-        body=body,
-        client="127.0.0.1",
-    )
+    headers += (extra or {}).items()
+    return ingress_request("twilio", headers=headers, body=body, query=query.encode(), url=url, path=path)
 
 
 class MultiDict(dict[str, list[str]]):
@@ -117,13 +108,7 @@ def form_signature(
 
 
 def assert_rejected(result: Rejection | None, code: str) -> None:
-    assert isinstance(result, Rejection), f"expected a {code} rejection, got {result!r}"
-    assert result.status == 401
-    assert result.code == code
-    assert result.message
-    for secret in (TOKEN, OTHER, VECTOR_TOKEN):
-        assert secret not in result.message
-    assert form_signature(URL, PARAMS) not in result.message
+    assert_rejection(result, 401, code, never=[TOKEN, OTHER, VECTOR_TOKEN, form_signature(URL, PARAMS)])
 
 
 # --- the documented vector and SDK-signed requests -----------------------------------------------
@@ -418,14 +403,6 @@ def test_the_default_event_id_is_the_idempotency_token(hooks: Hooks) -> None:
 # --- config --------------------------------------------------------------------------------------
 
 
-def config_error(hooks: Hooks, verify_block: str) -> str:
-    text = "sources:\n  twilio:\n    verify:\n" + textwrap.indent(textwrap.dedent(verify_block), "      ")
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    (problem,) = info.value.problems
-    return str(problem)
-
-
 @pytest.mark.parametrize(
     ("block", "where", "word"),
     [
@@ -460,9 +437,7 @@ def config_error(hooks: Hooks, verify_block: str) -> str:
 def test_bad_options_are_refused_with_file_line_and_path(
     hooks: Hooks, block: str, where: str, word: str
 ) -> None:
-    problem = config_error(hooks, block)
-    assert problem.startswith(where + ": "), problem
-    assert word in problem[len(where) :].lower()
+    assert_problem(load_error(hooks, nested("sources:\n  twilio:\n    verify:\n", block, 6)), where, word)
 
 
 # --- through the gateway -------------------------------------------------------------------------
@@ -513,8 +488,8 @@ async def test_through_the_gateway_signed_once_stored_once_and_forged_refused(
         wrong_url = await post(
             "tw", body, form_signature(f"{gw.url}/webhooks/tw?n=1", PARAMS), "tok-0", "?n=1"
         )
-        assert [forged.status_code, wrong_url.status_code] == [401, 401]
-        assert forged.json()["error"] == "invalid_signature"
+        assert_http_error(forged, 401, "invalid_signature")
+        assert wrong_url.status_code == 401
         assert await stream_messages(nats_server.url, "HOOKGATE_EVENTS") == []
 
         # Behind a proxy: signed for the public URL, with the request's query string.

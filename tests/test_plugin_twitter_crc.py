@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,17 @@ import trio
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from hookgate.config import ConfigError, loads
 from hookgate.hooks import Hooks
-from hookgate.types import ComponentKind, HandshakeResponse, IngressRequest
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from hookgate.types import HandshakeResponse, IngressRequest
+from tests.plugin_support import (
+    assert_problem,
+    ingress_request,
+    load_error,
+    load_handshake,
+    nested,
+    sources_config,
+)
+from tests.support import NatsServer, receiver, run_gateway, stream_messages
 
 SECRET = "twitter-consumer-secret"
 
@@ -33,24 +39,11 @@ def hooks() -> Hooks:
 
 
 def make_handshake(hooks: Hooks, **options: Any) -> Any:
-    text = "sources:\n  twitter:\n    handshake: " + json.dumps({"type": "twitter_crc", **options}) + "\n"
-    component = loads(text, hooks.registry, file="x.yaml", env={}).handshakes["twitter"]
-    ctype = hooks.registry.get(ComponentKind.HANDSHAKE, component.type)
-    assert ctype is not None
-    return ctype.factory(component.config)
+    return load_handshake(hooks, "twitter", "twitter_crc", **options)
 
 
 def request(query: bytes, method: str = "GET") -> IngressRequest:
-    return IngressRequest(
-        source="twitter",
-        method=method,
-        url="http://127.0.0.1/webhooks/twitter?" + query.decode("latin-1"),
-        path="/webhooks/twitter",
-        query_string=query,
-        headers=[],
-        body=b"",
-        client="127.0.0.1",
-    )
+    return ingress_request("twitter", method=method, query=query, body=b"")
 
 
 def expected_token(secret: str, crc_token: bytes) -> str:
@@ -106,15 +99,6 @@ def test_odd_bytes_in_the_token_are_signed_as_sent_never_raised(hooks: Hooks) ->
 # --- config ------------------------------------------------------------------------------------
 
 
-def config_error(hooks: Hooks, block: str) -> ConfigError:
-    text = "sources:\n  twitter:\n    handshake:\n      type: twitter_crc\n" + textwrap.indent(
-        textwrap.dedent(block), "      "
-    )
-    with pytest.raises(ConfigError) as info:
-        loads(text, hooks.registry, file="x.yaml", env={})
-    return info.value
-
-
 @pytest.mark.parametrize(
     ("block", "where", "message"),
     [
@@ -140,9 +124,8 @@ def config_error(hooks: Hooks, block: str) -> ConfigError:
 def test_bad_options_are_refused_with_file_line_and_path(
     hooks: Hooks, block: str, where: str, message: str
 ) -> None:
-    (problem,) = config_error(hooks, block).problems
-    assert str(problem).startswith(where + ": "), str(problem)
-    assert message in str(problem)
+    text = nested("sources:\n  twitter:\n    handshake:\n      type: twitter_crc\n", block, 6)
+    assert_problem(load_error(hooks, text), where, message, ignore_case=False)
 
 
 # --- through the gateway -----------------------------------------------------------------------
@@ -160,19 +143,14 @@ async def test_gateway_answers_the_crc_and_stores_only_real_events(
 ) -> None:
     with trio.fail_after(30):
         async with receiver() as rx:
-            text = base_config(
+            text = sources_config(
                 nats_server.url,
-                f"""
-                sources:
-                  twitter:
-                    handshake: {{type: twitter_crc, consumer_secret: "${{TWITTER_SECRET}}"}}
-                    verify: {{type: hmac, header: X-Twitter-Webhooks-Signature, encoding: base64,
-                              prefix: "sha256=", secret: "${{TWITTER_SECRET}}"}}
-                endpoints:
-                  internal:
-                    url: {rx.url}/hooks
-                routes:
-                  - to: [internal]
+                rx.url,
+                """
+                twitter:
+                  handshake: {type: twitter_crc, consumer_secret: "${TWITTER_SECRET}"}
+                  verify: {type: hmac, header: X-Twitter-Webhooks-Signature, encoding: base64,
+                           prefix: "sha256=", secret: "${TWITTER_SECRET}"}
                 """,
             )
             async with run_gateway(tmp_path, text, env={"TWITTER_SECRET": SECRET}) as gw:
