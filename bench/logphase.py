@@ -154,7 +154,7 @@ class LogRecords:
                     endpoint=ENDPOINT,
                     source=SOURCE,
                     type=EVENT_TYPE,
-                    created_at=self._at(j) + 0.002,
+                    created_at=self.created_at(j),
                     routes=[ROUTE],
                 )
             )
@@ -166,7 +166,7 @@ class LogRecords:
             endpoint=ENDPOINT,
             attempt=number,
             event=event,
-            created_at=self._at(j) + 0.002,
+            created_at=self.created_at(j),
             routes=[ROUTE],
         )
         return _msgpack(DeadLetter(delivery=delivery, last_attempt=self.attempt(j, number)))
@@ -212,6 +212,9 @@ class LogRecords:
             attempt.outcome = "retrying"
             attempt.next_attempt_at = self.now + 3600 if status == "retrying" else started + 1.0
         return attempt
+
+    def created_at(self, j: int) -> float:
+        return self._at(j) + 0.002
 
     def _at(self, j: int) -> float:
         """When delivery j's event arrived: the log spans the past n / 100 seconds."""
@@ -318,19 +321,13 @@ def delivery_log(ctx: Context) -> dict[str, Any]:
 
 
 def _publish(url: str, records: LogRecords, span: int) -> tuple[natsops.Published, tuple[float, float]]:
-    """Publish every record; the time window (since, until) that holds the first `span` deliveries."""
-    split, total = records.first[span], len(records.plan)
-    since = time.time()
-    head = natsops.publish_pipelined(url, split, records.subject, records.payload)
-    until = time.time()
-    time.sleep(0.05)  # nothing of the rest is stored before `until`
-    tail = natsops.publish_pipelined(
-        url, total - split, lambda i: records.subject(split + i), lambda i: records.payload(split + i)
-    )
-    if head.errors or tail.errors:
-        raise RuntimeError(f"{head.errors + tail.errors} of {total} log records were not stored")
-    both = natsops.Published(total, 0, 0, head.seconds + tail.seconds)
-    return both, (since, until)
+    """Publish every record; the creation times (since, until) of the first `span` deliveries, which
+    is what a recover's range selects."""
+    total = len(records.plan)
+    published = natsops.publish_pipelined(url, total, records.subject, records.payload)
+    if published.errors:
+        raise RuntimeError(f"{published.errors} of {total} log records were not stored")
+    return published, (records.created_at(0), records.created_at(span - 1))
 
 
 def _measured(gw: Hookgate, records: LogRecords, span: int) -> dict[str, Any]:

@@ -110,6 +110,21 @@ class DeliveryState(msgspec.Struct, kw_only=True):
     view: DeliveryView
 
 
+# The router stamps a delivery's creation just before storing its record; a record stored more
+# than this after `until` cannot hold a delivery created by then (a scan of creations ends there).
+STORE_DELAY = 60.0
+
+
+def created_within(created_at: float, since: float | None, until: float | None) -> bool:
+    """`since` and `until` select deliveries by when they were created, in every query and job."""
+    return (since is None or created_at >= since) and (until is None or created_at <= until)
+
+
+def stored_by(until: float | None) -> float | None:
+    """Where a scan of creation records in stream order can stop for `until`."""
+    return None if until is None else until + STORE_DELAY
+
+
 class BadQuery(ValueError):
     """A query parameter the caller must fix (answered 422)."""
 
@@ -249,7 +264,7 @@ class DeliveryLog:
             created = []
             for m in msgs:
                 entry = _decode_entry(m)
-                if isinstance(entry, DeliveryCreated):
+                if isinstance(entry, DeliveryCreated) and created_within(entry.created_at, since, until):
                     created.append((m.seq, entry))
             views = await self.delivery_views([c for _, c in created])
             return [
@@ -262,7 +277,14 @@ class DeliveryLog:
             return await self._dead_deliveries(endpoint, statuses, since, until, cursor, limit)
         subjects = [self.t.delivery_log_subject(endpoint or "*", "*")]
         return await self._paged(
-            self.t.log_stream, subjects, since, until, cursor, limit, keep, filtered=statuses is not None
+            self.t.log_stream,
+            subjects,
+            since,
+            stored_by(until),
+            cursor,
+            limit,
+            keep,
+            filtered=statuses is not None,
         )
 
     async def _dead_deliveries(
@@ -284,8 +306,7 @@ class DeliveryLog:
                 letter = _decode_dead_letter(m)
                 if letter is None:
                     continue
-                created = letter.delivery.created_at
-                if (since is not None and created < since) or (until is not None and created > until):
+                if not created_within(letter.delivery.created_at, since, until):
                     continue
                 view = self._dead_view(letter)
                 if view.status in statuses:

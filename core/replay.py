@@ -36,7 +36,7 @@ from hookgate.deliverylog import (
     dead_letter_decoder,
     entry_decoder,
 )
-from hookgate.logquery import DeliveryLog, DeliveryState
+from hookgate.logquery import DeliveryLog, DeliveryState, created_within, stored_by
 from hookgate.types import Delivery, Event
 from hookgate.units import rfc3339
 
@@ -286,12 +286,12 @@ class Replayer:
             # Failed and dead deliveries are exactly the dead letters: read those, not the whole log.
             def wanted(letter: DeadLetter) -> bool:
                 outcome = "failed" if letter.last_attempt.outcome == "failed" else "dead"
-                return since <= letter.delivery.created_at <= until and outcome in statuses
+                return created_within(letter.delivery.created_at, since, until) and outcome in statuses
 
             await self._replay_dead_letters(job, wanted, since)
             return
         subjects = [self.t.delivery_log_subject(job.endpoint, "*")]
-        seq, saved = 0, time.monotonic()
+        seq, saved, stop = 0, time.monotonic(), stored_by(until) or until
         while True:
             msgs, more = await self.broker.scan(
                 self.t.log_stream,
@@ -300,14 +300,14 @@ class Replayer:
                 start_time=since if seq == 0 else None,
                 limit=CHUNK,
             )
-            in_range = [m for m in msgs if m.timestamp <= until]
+            in_range = [m for m in msgs if m.timestamp <= stop]
             created = []
             for m in in_range:
                 try:
                     entry = entry_decoder.decode(m.data)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
-                if isinstance(entry, DeliveryCreated):
+                if isinstance(entry, DeliveryCreated) and created_within(entry.created_at, since, until):
                     created.append(entry)
             job.scanned += len(created)
             for c, view in zip(created, await self.dlog.delivery_views(created), strict=True):
