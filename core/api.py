@@ -1,4 +1,6 @@
-"""The internal API under `/api/v1`: publishing events from our services (bearer tokens)."""
+"""The management API under `/api/v1`: bearer tokens for every path, publishing events from our
+services, enabling and disabling endpoints. The delivery log and replays (`hookgate.api_log`) and
+endpoints through the API (`hookgate.api_endpoints`) are handed the requests they own."""
 
 from __future__ import annotations
 
