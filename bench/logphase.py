@@ -6,7 +6,7 @@ records the gateway itself writes, msgspec-encoded as it encodes them, on the su
 
 - per event (one endpoint, so per delivery): the router's `RoutingRecord` on `<p>.log.routed.<key>`;
 - per delivery: a `DeliveryCreated` on `<p>.log.deliveries.<endpoint>.<id>`, then one `Attempt` per
-  attempt on `<p>.log.attempts.<endpoint>.<id>`;
+  attempt on the same subject;
 - per dead delivery: a `DeadLetter` on `<p>.dead.<endpoint>.<id>`, as the dispatcher leaves it.
 
 Of every hundred deliveries, 98 succeeded at the first attempt, one is retrying after one failed
@@ -113,7 +113,7 @@ class LogRecords:
         self._fixed = {
             ROUTED: TOPOLOGY.routed_subject(key),
             CREATED: TOPOLOGY.delivery_log_subject(ENDPOINT, dlv),
-            ATTEMPT: TOPOLOGY.attempt_subject(ENDPOINT, dlv),
+            ATTEMPT: TOPOLOGY.delivery_log_subject(ENDPOINT, dlv),
             DEAD: TOPOLOGY.dead_subject(ENDPOINT, dlv),
         }
 
@@ -129,7 +129,7 @@ class LogRecords:
         if kind == CREATED:
             return TOPOLOGY.delivery_log_subject(ENDPOINT, self.delivery_ids[j])
         if kind == ATTEMPT:
-            return TOPOLOGY.attempt_subject(ENDPOINT, self.delivery_ids[j])
+            return TOPOLOGY.delivery_log_subject(ENDPOINT, self.delivery_ids[j])
         return TOPOLOGY.dead_subject(ENDPOINT, self.delivery_ids[j])
 
     def payload(self, i: int) -> bytes:

@@ -110,11 +110,13 @@ class Topology:
 
     # The delivery log (see hookgate.deliverylog). `endpoint` or `delivery_id` may be "*" in a filter.
 
-    def attempt_subject(self, endpoint: str, delivery_id: str) -> str:
-        return f"{self.prefix}.log.attempts.{endpoint}.{delivery_id}"
-
     def delivery_log_subject(self, endpoint: str, delivery_id: str) -> str:
+        """A delivery's creation record and its attempt records."""
         return f"{self.prefix}.log.deliveries.{endpoint}.{delivery_id}"
+
+    def marker_subject(self, endpoint: str, delivery_id: str) -> str:
+        """A delivery's state changes that are not attempts (few deliveries have any)."""
+        return f"{self.prefix}.log.markers.{endpoint}.{delivery_id}"
 
     def routed_subject(self, event_key: str) -> str:
         return f"{self.prefix}.log.routed.{event_key}"

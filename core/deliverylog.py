@@ -3,15 +3,19 @@
 Everything is kept in the log stream, under subjects that make each question one lookup:
 
 - `<p>.log.deliveries.<endpoint>.<delivery id>`: a `DeliveryCreated` record when the router fans an
-  event out, then `DeliveryMarker`s (in flight for a while, re-enqueued by a replay). Listing an
-  endpoint's deliveries scans `<p>.log.deliveries.<endpoint>.*`, in creation order, which never
-  changes: a cursor (the next stream sequence) returns every row exactly once.
-- `<p>.log.attempts.<endpoint>.<delivery id>`: one `Attempt` record per attempt.
+  event out, then one `Attempt` record per attempt. Listing an endpoint's deliveries scans
+  `<p>.log.deliveries.<endpoint>.*` for the creation records, in creation order, which never
+  changes: a cursor (the next stream sequence) returns every row exactly once. nats-server keeps
+  an index entry per subject (about 110 bytes of memory each), which is why attempts share the
+  creation record's subject.
+- `<p>.log.markers.<endpoint>.<delivery id>`: `DeliveryMarker`s (an attempt in flight for a while,
+  a replay). Few deliveries have any.
 - `<p>.log.routed.<event key>`: the router's `RoutingRecord` for an event (routes matched, where
   the event is in the events stream).
 
 A delivery's status follows from its last marker and its last attempt (see `derive_status`), so it
-takes two "last message on subject" reads and no scan. Retention is the stream's `max_age`.
+takes two "last message on subject" reads and no scan: the last record on the delivery's subject is
+its last attempt, or its creation record while it has none. Retention is the stream's `max_age`.
 """
 
 from __future__ import annotations
@@ -61,9 +65,9 @@ class DeliveryMarker(msgspec.Struct, kw_only=True, tag="marker", tag_field="reco
     reason: str = ""
 
 
-LogEntry = DeliveryCreated | DeliveryMarker
+LogEntry = DeliveryCreated | Attempt
 entry_decoder = msgspec.json.Decoder(LogEntry)
-attempt_decoder = msgspec.json.Decoder(Attempt)
+marker_decoder = msgspec.json.Decoder(DeliveryMarker)
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):

@@ -506,7 +506,7 @@ class EndpointWorker:
                     at=time.time(),
                     attempts=delivery.attempt,
                 )
-                subject = self.broker.topology.delivery_log_subject(self.endpoint.name, delivery.id)
+                subject = self.broker.topology.marker_subject(self.endpoint.name, delivery.id)
                 marks.append(OutMsg(subject, _encode_json(marker)))
         if marks:
             self.broker.commit_later(Commit(marks))
@@ -607,7 +607,7 @@ class EndpointWorker:
             response_headers=result.headers,
             response_body=result.body[:RESPONSE_EXCERPT],
         )
-        record_subject = self.broker.topology.attempt_subject(endpoint.name, delivery.id)
+        record_subject = self.broker.topology.delivery_log_subject(endpoint.name, delivery.id)
         retry_in: float | None = None
         if result.ok:
             self.broker.commit_later(Commit([OutMsg(record_subject, _encode_json(attempt))], ack=msg))
@@ -788,7 +788,7 @@ class EndpointWorker:
             {"Nats-Msg-Id": f"dead:{delivery.id}:{delivery.attempt}"},
         )
         attempt_record = OutMsg(
-            self.broker.topology.attempt_subject(self.endpoint.name, delivery.id), _encode_json(attempt)
+            self.broker.topology.delivery_log_subject(self.endpoint.name, delivery.id), _encode_json(attempt)
         )
         return Commit([dead, attempt_record], ack=msg, required=1)
 

@@ -22,11 +22,11 @@ from hookgate.deliverylog import (
     DeliveryCreated,
     DeliveryMarker,
     Status,
-    attempt_decoder,
     dead_letter_decoder,
     derive_status,
     entry_decoder,
     event_key,
+    marker_decoder,
 )
 from hookgate.endpoint_state import EndpointStates
 from hookgate.ids import delivery_id
@@ -381,34 +381,33 @@ class DeliveryLog:
         )
         if not entries:
             return None
-        records, _ = await self.broker.scan(
-            self.t.log_stream, [self.t.attempt_subject("*", delivery_id)], limit=10_000
+        markers, _ = await self.broker.scan(
+            self.t.log_stream, [self.t.marker_subject("*", delivery_id)], limit=10_000
         )
         created: DeliveryCreated | None = None
-        marker: DeliveryMarker | None = None
-        attempts = [a for a in map(_decode_attempt, records) if a is not None]
+        attempts: list[Attempt] = []
         for m in entries:
             entry = _decode_entry(m)
             if isinstance(entry, DeliveryCreated):
                 created = entry
-            elif isinstance(entry, DeliveryMarker):
-                marker = entry
+            elif isinstance(entry, Attempt):
+                attempts.append(entry)
         if created is None:
             return None
+        marker = _decode_marker(markers[-1]) if markers else None
         attempts.sort(key=lambda a: a.attempt)
         return created, marker, attempts
 
     async def delivery_views(self, created: list[DeliveryCreated]) -> list[DeliveryView]:
         """Each delivery's current view: two last-message reads per delivery, in one crossing."""
-        entry_subjects = [self.t.delivery_log_subject(c.endpoint, c.delivery_id) for c in created]
-        attempt_subjects = [self.t.attempt_subject(c.endpoint, c.delivery_id) for c in created]
-        last = await self.broker.last_msgs(self.t.log_stream, entry_subjects + attempt_subjects)
+        record_subjects = [self.t.delivery_log_subject(c.endpoint, c.delivery_id) for c in created]
+        marker_subjects = [self.t.marker_subject(c.endpoint, c.delivery_id) for c in created]
+        last = await self.broker.last_msgs(self.t.log_stream, record_subjects + marker_subjects)
         views = []
-        for c, es, asub in zip(created, entry_subjects, attempt_subjects, strict=True):
-            entry = _decode_entry(last[es]) if es in last else None
-            attempt = _decode_attempt(last[asub]) if asub in last else None
-            marker = entry if isinstance(entry, DeliveryMarker) else None
-            views.append(self._view(c, marker, attempt))
+        for c, rs, ms in zip(created, record_subjects, marker_subjects, strict=True):
+            record = _decode_entry(last[rs]) if rs in last else None
+            marker = _decode_marker(last[ms]) if ms in last else None
+            views.append(self._view(c, marker, record if isinstance(record, Attempt) else None))
         return views
 
     def _view(
@@ -481,7 +480,7 @@ class DeliveryLog:
         return Page(out, encode_cursor(seq, cursor_kind))
 
 
-def _decode_entry(msg: StoredMsg) -> DeliveryCreated | DeliveryMarker | None:
+def _decode_entry(msg: StoredMsg) -> DeliveryCreated | Attempt | None:
     try:
         return entry_decoder.decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -497,11 +496,11 @@ def _decode_dead_letter(msg: StoredMsg) -> DeadLetter | None:
         return None
 
 
-def _decode_attempt(msg: StoredMsg) -> Attempt | None:
+def _decode_marker(msg: StoredMsg) -> DeliveryMarker | None:
     try:
-        return attempt_decoder.decode(msg.data)
+        return marker_decoder.decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        log.warning("unreadable attempt record at %s", msg.subject)
+        log.warning("unreadable delivery marker at %s", msg.subject)
         return None
 
 

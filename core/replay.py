@@ -174,7 +174,7 @@ class Replayer:
                         {"Nats-Msg-Id": f"replay:{delivery.id}:{nxt}"},
                     ),
                     OutMsg(
-                        self.t.delivery_log_subject(delivery.endpoint, delivery.id),
+                        self.t.marker_subject(delivery.endpoint, delivery.id),
                         _encode_json(marker),
                         {"Nats-Msg-Id": f"requeued:{delivery.id}:{nxt}"},
                     ),

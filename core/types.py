@@ -107,8 +107,8 @@ ErrorKind = Literal["timeout", "connect", "tls", "http_status", "protocol", "des
 Outcome = Literal["succeeded", "retrying", "dead", "failed", "deferred"]
 
 
-class Attempt(msgspec.Struct, kw_only=True):
-    """The record of one delivery attempt."""
+class Attempt(msgspec.Struct, kw_only=True, tag="attempt", tag_field="record"):
+    """The record of one delivery attempt (tagged: it shares a log subject with the creation record)."""
 
     delivery_id: str
     event_id: str

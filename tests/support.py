@@ -311,5 +311,12 @@ async def stored_events(nats_url: str) -> list[Event]:
     return [decode_event(m.data) for m in await stream_messages(nats_url, "HOOKGATE_EVENTS")]
 
 
+async def attempt_records(nats_url: str, endpoint: str = "*") -> list[Any]:
+    """The attempt records in the delivery log, oldest first (each delivery's subject holds its
+    creation record, then its attempts)."""
+    msgs = await stream_messages(nats_url, "HOOKGATE_LOG", f"hookgate.log.deliveries.{endpoint}.>")
+    return [m for m in msgs if json.loads(m.data).get("record") == "attempt"]
+
+
 def hookgate_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "hookgate.cli", *args]

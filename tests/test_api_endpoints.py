@@ -12,7 +12,14 @@ import pytest
 import standardwebhooks.webhooks
 import trio
 
-from tests.support import Gateway, NatsServer, base_config, receiver, run_gateway, stream_messages
+from tests.support import (
+    Gateway,
+    NatsServer,
+    attempt_records,
+    base_config,
+    receiver,
+    run_gateway,
+)
 
 API = "/api/v1/endpoints"
 AUTH = {"Authorization": "Bearer test-token"}
@@ -259,7 +266,7 @@ async def test_secrets_appear_only_in_the_answer_to_the_create(
                 await _call(gw, "PATCH", "/orders", {"timeout": "5s"}),
             ]
             records = await _poll(
-                lambda: stream_messages(nats_server.url, "HOOKGATE_LOG", "hookgate.log.attempts.>"),
+                lambda: attempt_records(nats_server.url),
                 lambda found: len(found) >= 2,
             )
     # The receiver got them: they are in force.
@@ -311,7 +318,7 @@ async def test_a_change_lets_the_attempt_in_flight_finish_first(
         await gw.publish("a", {"n": 2}, to=["slow"])
         (second,) = await rx.wait_for(1, predicate=lambda r: r.headers.get("x-version") == "2")
         records = await _poll(
-            lambda: stream_messages(nats_server.url, "HOOKGATE_LOG", "hookgate.log.attempts.slow.>"),
+            lambda: attempt_records(nats_server.url, "slow"),
             lambda found: len(found) >= 2,
         )
     assert patched.status_code == 200

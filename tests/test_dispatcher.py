@@ -10,7 +10,15 @@ import trio
 from hookgate.deliverylog import DeadLetter
 from hookgate.dispatcher import request_body, rfc3339
 from hookgate.types import Event
-from tests.support import NatsServer, Received, base_config, receiver, run_gateway, stream_messages
+from tests.support import (
+    NatsServer,
+    Received,
+    attempt_records,
+    base_config,
+    receiver,
+    run_gateway,
+    stream_messages,
+)
 
 
 def endpoint_config(nats_url: str, endpoints: str, routes: str) -> str:
@@ -190,7 +198,7 @@ async def _attempt_records(nats_url: str, count: int) -> list[dict]:
     msgs = await _wait_for_stream(nats_url, "HOOKGATE_LOG", 0)
     with trio.fail_after(10):
         while True:
-            msgs = await stream_messages(nats_url, "HOOKGATE_LOG", "hookgate.log.attempts.>")
+            msgs = await attempt_records(nats_url)
             if len(msgs) >= count:
                 return [msgspec.json.decode(m.data) for m in msgs]
             await trio.sleep(0.05)

@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from tests.support import NatsServer, attempt_records, base_config, receiver, run_gateway, stream_messages
 
 LOOPBACK_ALLOWED = '  allow_networks: ["127.0.0.0/8", "::1/128"]   # receivers run on loopback\n'
 
@@ -15,7 +15,7 @@ LOOPBACK_ALLOWED = '  allow_networks: ["127.0.0.0/8", "::1/128"]   # receivers r
 async def _attempts(nats_url: str, count: int) -> list[dict]:
     with trio.fail_after(10):
         while True:
-            msgs = await stream_messages(nats_url, "HOOKGATE_LOG", "hookgate.log.attempts.>")
+            msgs = await attempt_records(nats_url)
             if len(msgs) >= count:
                 return [msgspec.json.decode(m.data) for m in msgs]
             await trio.sleep(0.05)

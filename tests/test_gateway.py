@@ -9,7 +9,14 @@ import pytest
 import trio
 
 from hookgate.embedded import find_server_binary
-from tests.support import NatsServer, Received, base_config, receiver, run_gateway, stream_messages
+from tests.support import (
+    NatsServer,
+    Received,
+    attempt_records,
+    base_config,
+    receiver,
+    run_gateway,
+)
 
 
 async def test_shutdown_lets_in_flight_deliveries_finish(tmp_path: Path, nats_server: NatsServer) -> None:
@@ -39,7 +46,7 @@ async def test_shutdown_lets_in_flight_deliveries_finish(tmp_path: Path, nats_se
             await gw.publish("after-restart", {})
             await rx.wait_for(2)
     assert [r.json()["type"] for r in rx.requests] == ["slow", "after-restart"]
-    attempts = await stream_messages(nats_server.url, "HOOKGATE_LOG", "hookgate.log.attempts.>")
+    attempts = await attempt_records(nats_server.url)
     assert len(attempts) == 2
 
 

@@ -43,7 +43,16 @@ from hookgate.types import (
     Rejection,
     SourceView,
 )
-from tests.support import ROOT, NatsServer, Received, base_config, receiver, run_gateway, stream_messages
+from tests.support import (
+    ROOT,
+    NatsServer,
+    Received,
+    attempt_records,
+    base_config,
+    receiver,
+    run_gateway,
+    stream_messages,
+)
 
 HMAC_SECRET = "acme-secret"
 
@@ -521,10 +530,7 @@ async def test_rate_limit_defers_a_delivery_without_using_an_attempt(
             await rx.wait_for(1)
             with trio.fail_after(10):
                 await plugin.outcome.wait()
-            topology = gw.running.broker.topology
-            attempts = await stream_messages(
-                nats_server.url, topology.log_stream, topology.attempt_subject("main", "*")
-            )
+            attempts = await attempt_records(nats_server.url, "main")
     assert published.status_code == 202
     (got,) = rx.requests
     assert got.headers["hookgate-attempt"] == "1"

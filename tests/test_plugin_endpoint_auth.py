@@ -48,7 +48,15 @@ from tests.plugin_support import (
     nested,
     outgoing_request,
 )
-from tests.support import Gateway, NatsServer, Received, base_config, receiver, run_gateway, stream_messages
+from tests.support import (
+    Gateway,
+    NatsServer,
+    Received,
+    attempt_records,
+    base_config,
+    receiver,
+    run_gateway,
+)
 
 PLUGINS = (endpoint_auth,)
 
@@ -613,11 +621,11 @@ def oauth2_endpoint(rx_url: str, token_port: int, schedule: str = "[200ms, 200ms
 """
 
 
-async def attempt_records(nats_url: str, count: int) -> list[dict[str, Any]]:
+async def wait_for_attempts(nats_url: str, count: int) -> list[dict[str, Any]]:
     with trio.fail_after(10):
         while True:
             with contextlib.suppress(Exception):  # the log stream may not exist yet
-                msgs = await stream_messages(nats_url, "HOOKGATE_LOG", "hookgate.log.attempts.>")
+                msgs = await attempt_records(nats_url)
                 if len(msgs) >= count:
                     return [msgspec.json.decode(m.data) for m in msgs]
             await trio.sleep(0.05)
@@ -659,7 +667,7 @@ async def test_oauth2_stale_token_is_refreshed_once_and_the_same_attempt_resent(
                 revoked.add("tok-1")  # the receiver now considers tok-1 stale
                 await gw.publish("order.created", {"n": 2})
                 got = await rx.wait_for(3)
-                records = await attempt_records(nats_server.url, 2)
+                records = await wait_for_attempts(nats_server.url, 2)
     first, refused, resent = got
     assert first.headers["authorization"] == refused.headers["authorization"] == "Bearer tok-1"
     assert resent.headers["authorization"] == "Bearer tok-2"
@@ -695,7 +703,7 @@ async def test_oauth2_token_server_down_fails_the_attempt_and_the_retry_succeeds
                 await rx.wait_for(2)  # two attempts, both without credentials
                 async with serve(issuer, port=port) as tokens:
                     (ok,) = await rx.wait_for(1, predicate=lambda r: "authorization" in r.headers)
-                    records = await attempt_records(nats_server.url, 3)
+                    records = await wait_for_attempts(nats_server.url, 3)
     failed = rx.requests[:2]
     assert all("authorization" not in r.headers for r in failed)
     assert [r.headers["hookgate-attempt"] for r in [*failed, ok]] == ["1", "2", "3"]
@@ -921,7 +929,7 @@ async def test_mtls_delivery_presents_the_client_certificate(
             text = gateway_config(nats_server.url, mtls_endpoint(server.port, auth), "vault")
             async with gateway(tmp_path, text) as gw:
                 published = await gw.publish("secret.rotated", {"n": 1})
-                (record,) = await attempt_records(nats_server.url, 1)
+                (record,) = await wait_for_attempts(nats_server.url, 1)
     assert record["outcome"] == "succeeded", record
     (request,) = server.requests
     assert request.headers["webhook-id"] == published.json()["id"]
@@ -948,7 +956,7 @@ async def test_mtls_delivery_without_a_trusted_client_certificate_fails(
             text = gateway_config(nats_server.url, endpoints, "nocert, intruder")
             async with gateway(tmp_path, text) as gw:
                 await gw.publish("secret.rotated", {"n": 1})
-                records = await attempt_records(nats_server.url, 2)
+                records = await wait_for_attempts(nats_server.url, 2)
     assert server.requests == []  # the server never saw a request
     assert len(server.errors) >= 2
     by_endpoint = {r["endpoint"]: r for r in records}
