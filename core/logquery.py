@@ -170,15 +170,13 @@ class DeliveryLog:
             if source == INTERNAL_SOURCE:
                 subjects.append(self.t.publish_prefix + ">")
 
-        async def keep(msgs: list[StoredMsg]) -> list[tuple[int, EventSummary]]:
+        async def keep(msgs: list[StoredMsg], room: int) -> list[tuple[int, EventSummary]]:
             events = [(m.seq, self._event(m)) for m in msgs]
-            readable = [(seq, e) for seq, e in events if e is not None]
+            readable = [(seq, e) for seq, e in events if e is not None][:room]
             routing = await self._routing([e.id for _, e in readable])
             return [(seq, self._summary(e, routing.get(e.id))) for seq, e in readable]
 
-        return await self._paged(
-            self.t.events_stream, subjects, since, until, cursor, limit, keep, filtered=False
-        )
+        return await self._paged(self.t.events_stream, subjects, since, until, cursor, limit, keep)
 
     async def get_event(self, event_id: str) -> EventDetail | None:
         record = (await self._routing([event_id])).get(event_id)
@@ -260,12 +258,14 @@ class DeliveryLog:
         if event_id is not None:
             return await self._deliveries_of_event(event_id, endpoint, statuses)
 
-        async def keep(msgs: list[StoredMsg]) -> list[tuple[int, DeliveryView]]:
+        async def keep(msgs: list[StoredMsg], room: int) -> list[tuple[int, DeliveryView]]:
             created = []
             for m in msgs:
                 entry = _decode_entry(m)
                 if isinstance(entry, DeliveryCreated) and created_within(entry.created_at, since, until):
                     created.append((m.seq, entry))
+            if statuses is None:
+                created = created[:room]  # no status to filter by: look up only the rows returned
             views = await self.delivery_views([c for _, c in created])
             return [
                 (seq, view)
@@ -284,7 +284,6 @@ class DeliveryLog:
             cursor,
             limit,
             keep,
-            filtered=statuses is not None,
         )
 
     async def _dead_deliveries(
@@ -300,7 +299,7 @@ class DeliveryLog:
         replay removes its dead letter), so a sparse status is found without reading the whole log.
         Rows come in the order they died; `since` and `until` still apply to creation."""
 
-        async def keep(msgs: list[StoredMsg]) -> list[tuple[int, DeliveryView]]:
+        async def keep(msgs: list[StoredMsg], room: int) -> list[tuple[int, DeliveryView]]:
             rows = []
             for m in msgs:
                 letter = _decode_dead_letter(m)
@@ -317,7 +316,7 @@ class DeliveryLog:
         # A delivery dies after it was created, so nothing stored before `since` can match; `until`
         # cannot end the scan early (a delivery created in time may die later).
         return await self._paged(
-            self.t.dead_stream, subjects, since, None, cursor, limit, keep, filtered=True, cursor_kind="dead"
+            self.t.dead_stream, subjects, since, None, cursor, limit, keep, cursor_kind="dead"
         )
 
     def _dead_view(self, letter: DeadLetter) -> DeliveryView:
@@ -447,30 +446,29 @@ class DeliveryLog:
         until: float | None,
         cursor: str | None,
         limit: int,
-        keep: Callable[[list[StoredMsg]], Awaitable[list[tuple[int, T]]]],
+        keep: Callable[[list[StoredMsg], int], Awaitable[list[tuple[int, T]]]],
         *,
-        filtered: bool,
         cursor_kind: str = "seq",
     ) -> Page[T]:
-        """`filtered`: `keep` drops rows by a condition, so read in large chunks; otherwise read about
-        as many as the page still needs (each row read costs lookups in `keep`)."""
+        """Read in chunks (each read is a consumer created on the server, the costly part) and let
+        `keep(records, room)` turn records into rows: it may drop records by a condition, and need
+        not build more than `room` rows (building one costs lookups)."""
         if not 1 <= limit <= MAX_LIMIT:
             raise BadQuery(f"limit must be between 1 and {MAX_LIMIT}")
         seq = decode_cursor(cursor, cursor_kind) if cursor else 0
         out: list[T] = []
         budget = SCAN_BUDGET
         while budget > 0:
-            want = CHUNK if filtered else min(CHUNK, limit - len(out))
             msgs, more = await self.broker.scan(
                 stream,
                 subjects,
                 start_seq=seq,
                 start_time=since if seq == 0 else None,
-                limit=min(want, budget),
+                limit=min(CHUNK, budget),
             )
             budget -= len(msgs)
             in_range = [m for m in msgs if until is None or m.timestamp <= until]
-            for row_seq, row in await keep(in_range):
+            for row_seq, row in await keep(in_range, limit - len(out)):
                 out.append(row)
                 if len(out) == limit:
                     return Page(out, encode_cursor(row_seq + 1, cursor_kind))
