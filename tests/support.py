@@ -296,6 +296,7 @@ async def stream_messages(nats_url: str, stream: str, subject: str = ">") -> lis
                 except nats.js.errors.NotFoundError:
                     break
                 out.append(msg)
+                assert msg.seq is not None, "a stored message has a sequence"
                 seq = msg.seq + 1
             return out
         finally:

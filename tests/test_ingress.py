@@ -150,7 +150,7 @@ async def test_bad_input_gets_4xx_never_500_and_is_not_stored(
             response = await gw.http.post(
                 f"{gw.url}/webhooks/acme",
                 content=b"{}",
-                headers={"X-Acme-Signature": value.encode("latin-1")},  # type: ignore[dict-item]
+                headers={"X-Acme-Signature": value.encode("latin-1")},  # type: ignore[arg-type]
             )
             statuses[name] = response.status_code
             assert response.json()["error"] in ("missing_signature", "invalid_signature")
