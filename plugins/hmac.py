@@ -38,50 +38,14 @@ from typing import Literal
 import msgspec
 
 from hookgate.hookspecs import hookimpl
+from hookgate.templates import HEADER_NAME, parse_template
 from hookgate.types import ComponentRegistry, IngressRequest, Rejection
 from hookgate.units import Duration, seconds
 
 DEFAULT_TOLERANCE = "5m"
 
 _TIMESTAMP = re.compile(r"[0-9]{1,15}")  # ASCII digits only (int() would take any Unicode digit)
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
-_TEMPLATE_PART = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]|[^{}]+")
-
-
-# A parsed template: literal bytes, or ("body",), ("timestamp",), ("header", name).
-Part = bytes | tuple[str, ...]
-
-
-def parse_template(template: str) -> list[Part]:
-    """The parts of a `signed_content` template; ValueError names what is wrong with it."""
-    parts: list[Part] = []
-    for match in _TEMPLATE_PART.finditer(template):
-        text = match.group(0)
-        placeholder = match.group(1)
-        if text in ("{{", "}}"):
-            part: Part = text[0].encode()
-        elif placeholder is not None:
-            if placeholder in ("body", "timestamp"):
-                part = (placeholder,)
-            elif placeholder.startswith("header.") and _TOKEN.fullmatch(placeholder[7:]):
-                part = ("header", placeholder[7:])
-            else:
-                raise ValueError(
-                    f"signed_content: unknown placeholder {{{placeholder}}}; "
-                    "use {body}, {timestamp} or {header.<Name>} (and {{ or }} for a literal brace)"
-                )
-        elif text in ("{", "}"):
-            raise ValueError(
-                f"signed_content: a stray {text!r} at character {match.start() + 1}; "
-                "write {{ or }} for a literal brace"
-            )
-        else:
-            part = text.encode()
-        if isinstance(part, bytes) and parts and isinstance(parts[-1], bytes):
-            parts[-1] += part
-        else:
-            parts.append(part)
-    return parts
+_PLACEHOLDERS = ("body", "timestamp")
 
 
 class HmacConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -106,12 +70,7 @@ class HmacConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not all(secrets):
             # An empty key (say, from an unset `${VAR:-}`) would let anyone compute a valid signature.
             raise ValueError("secret must not be empty")
-        parts = parse_template(self.signed_content)
-        if ("body",) not in parts:
-            raise ValueError(
-                "signed_content must hold {body}: a signature that does not cover the body lets "
-                "anyone replace it"
-            )
+        parts = parse_template(self.signed_content, _PLACEHOLDERS, headers=True)
         signs_timestamp = ("timestamp",) in parts
         if self.timestamp_header is None:
             if signs_timestamp:
@@ -119,7 +78,7 @@ class HmacConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             if self.tolerance is not None:
                 raise ValueError("tolerance applies to timestamp_header, which is not set")
         else:
-            if not _TOKEN.fullmatch(self.timestamp_header):
+            if not HEADER_NAME.fullmatch(self.timestamp_header):
                 raise ValueError(f"timestamp_header {self.timestamp_header!r} is not a header name")
             if not signs_timestamp:
                 raise ValueError(
@@ -141,7 +100,7 @@ class HmacVerifier:
         self.digest = getattr(hashlib, config.algorithm)
         secrets = [config.secret] if isinstance(config.secret, str) else config.secret
         self._keys = [s.encode() for s in secrets]
-        self._parts = parse_template(config.signed_content)
+        self._parts = parse_template(config.signed_content, _PLACEHOLDERS, headers=True)
         self._body_only = self._parts == [("body",)]
         self.timestamp_header = config.timestamp_header
         self.tolerance = seconds(config.tolerance or DEFAULT_TOLERANCE)

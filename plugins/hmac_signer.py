@@ -47,7 +47,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -56,10 +55,9 @@ from typing import Annotated, Literal
 import msgspec
 
 from hookgate.hookspecs import hookimpl
+from hookgate.templates import HEADER_NAME, parse_template
 from hookgate.types import ComponentRegistry, OutgoingRequest
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
-_TEMPLATE_PART = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]|[^{}]+")
 _PLACEHOLDERS = ("body", "timestamp", "id")
 # Headers that frame the request or that every delivery carries already: a signer must not replace them.
 _RESERVED_HEADERS = frozenset(
@@ -75,39 +73,6 @@ _RESERVED_HEADERS = frozenset(
         "hookgate-attempt",
     }
 )
-
-# A parsed template: literal bytes, or the name of a placeholder ("body", "timestamp", "id").
-Part = bytes | tuple[str]
-
-
-def parse_template(template: str) -> list[Part]:
-    """The parts of a `signed_content` template; ValueError names what is wrong with it."""
-    parts: list[Part] = []
-    for match in _TEMPLATE_PART.finditer(template):
-        text = match.group(0)
-        placeholder = match.group(1)
-        if text in ("{{", "}}"):
-            part: Part = text[0].encode()
-        elif placeholder is not None:
-            if placeholder not in _PLACEHOLDERS:
-                raise ValueError(
-                    f"signed_content: unknown placeholder {{{placeholder}}}; "
-                    "use {body}, {timestamp} or {id} (and {{ or }} for a literal brace)"
-                )
-            part = (placeholder,)
-        elif text in ("{", "}"):
-            raise ValueError(
-                f"signed_content: a stray {text!r} at character {match.start() + 1}; "
-                "write {{ or }} for a literal brace"
-            )
-        else:
-            part = text.encode()
-        if isinstance(part, bytes) and parts and isinstance(parts[-1], bytes):
-            parts[-1] += part
-        else:
-            parts.append(part)
-    return parts
-
 
 Secret = Annotated[str, msgspec.Meta(description="an HMAC key, used as written (its UTF-8 bytes)")]
 Expires = Annotated[
@@ -145,7 +110,7 @@ class HmacSignerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     signed_content: str = "{body}"
 
     def __post_init__(self) -> None:
-        if not _TOKEN.fullmatch(self.header):
+        if not HEADER_NAME.fullmatch(self.header):
             raise ValueError(f"header {self.header!r} is not a header name")
         if self.header.lower() in _RESERVED_HEADERS:
             raise ValueError(f"header {self.header!r} is set by hookgate itself: pick another header")
@@ -158,12 +123,7 @@ class HmacSignerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
             if self.secret is not None:
                 raise ValueError("give secret or secrets (the list with expiry times), not both")
             _check_rotation(self.secrets)
-        parts = parse_template(self.signed_content)
-        if ("body",) not in parts:
-            raise ValueError(
-                "signed_content must hold {body}: a signature that does not cover the body lets "
-                "anyone replace it"
-            )
+        parse_template(self.signed_content, _PLACEHOLDERS)
 
     def rotation(self) -> list[HmacSignerSecret]:
         """The secrets in the order they are used."""
@@ -209,7 +169,7 @@ class HmacSigner:
             (entry.secret.encode(), entry.expires.timestamp() if entry.expires is not None else None)
             for entry in config.rotation()
         ]
-        self._parts = parse_template(config.signed_content)
+        self._parts = parse_template(config.signed_content, _PLACEHOLDERS)
         self.now = now
 
     def current_secret(self) -> bytes:
