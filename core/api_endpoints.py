@@ -17,7 +17,16 @@ from typing import Any, Literal
 
 import msgspec
 
-from hookgate.asgi import Receive, Scope, Send, read_body_or_answer, send_bytes, send_error, send_json
+from hookgate.asgi import (
+    TOO_DEEP,
+    Receive,
+    Scope,
+    Send,
+    read_body_or_answer,
+    send_bytes,
+    send_error,
+    send_json,
+)
 from hookgate.broker import Broker
 from hookgate.catalog import Catalog, CatalogEntry, EndpointDocument
 from hookgate.config import ConfigError, EndpointConfig
@@ -268,6 +277,9 @@ class EndpointApi:
             value = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
             await send_error(send, 400, "malformed_body", f"the body is not valid JSON: {exc}")
+            return None
+        except RecursionError:
+            await send_error(send, 400, "malformed_body", TOO_DEEP)
             return None
         if not isinstance(value, dict):
             await send_error(send, 422, "invalid_endpoint", "$: expected a JSON object")

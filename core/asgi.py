@@ -13,6 +13,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _json = msgspec.json.Encoder()
+# msgspec raises RecursionError for JSON nested deeper than it decodes; that is the sender's fault.
+TOO_DEEP = "the body's JSON is nested too deeply"
 T = TypeVar("T")
 
 
@@ -113,4 +115,6 @@ async def read_json_or_answer(
         await send_error(send, 422, invalid_code, str(exc))
     except msgspec.DecodeError as exc:
         await send_error(send, 400, "malformed_body", f"the body is not valid JSON: {exc}")
+    except RecursionError:
+        await send_error(send, 400, "malformed_body", TOO_DEEP)
     return None

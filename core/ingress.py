@@ -122,6 +122,8 @@ class _Body:
             return msgspec.json.decode(self.raw)
         except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8 inside a JSON string
             raise MalformedBody("the body is not valid JSON") from None
+        except RecursionError:
+            raise MalformedBody("the body's JSON is nested too deeply") from None
 
     def get(self, path: str) -> Any:
         if self._parsed is _MISSING:
@@ -131,7 +133,7 @@ class _Body:
             if isinstance(value, str) and value[:1] in ("{", "["):
                 try:
                     value = msgspec.json.decode(value)
-                except (msgspec.DecodeError, ValueError):
+                except (msgspec.DecodeError, ValueError, RecursionError):
                     return None
             if isinstance(value, dict):
                 value = value.get(part)

@@ -29,7 +29,10 @@ def event_from_stream(
     """The event a message in the events stream holds (raises msgspec errors if unreadable)."""
     if subject.startswith(publish_prefix):
         # Published by one of our services straight to JetStream: the body is the event data.
-        msgspec.json.decode(data)  # must be JSON to be sent as Standard Webhooks `data`
+        try:
+            msgspec.json.decode(data)  # must be JSON to be sent as Standard Webhooks `data`
+        except RecursionError:
+            raise msgspec.DecodeError("JSON nested too deeply") from None
         return Event(
             id=headers.get("Nats-Msg-Id") or f"evt_s{seq}",
             source=INTERNAL_SOURCE,

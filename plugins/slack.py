@@ -112,7 +112,8 @@ class SlackVerifier:
             return None  # the cheap test first: this runs for every verified request
         try:
             payload = msgspec.json.decode(request.body)
-        except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError for invalid UTF-8 in a string
+        # msgspec.DecodeError, UnicodeDecodeError (invalid UTF-8 in a string), or nesting too deep.
+        except (ValueError, RecursionError):
             return None
         if not isinstance(payload, dict) or payload.get("type") != "url_verification":
             return None

@@ -312,6 +312,22 @@ async def stored_events(nats_url: str) -> list[Event]:
     return [decode_event(m.data) for m in await stream_messages(nats_url, "HOOKGATE_EVENTS")]
 
 
+async def publish_with_nats(url: str, subject: str, data: bytes, msg_id: str) -> int:
+    """Publish to JetStream with plain nats-py, as one of our services would; return the stream seq."""
+
+    import asyncio
+
+    async def publish() -> int:
+        nc = await nats.connect(url)
+        try:
+            ack = await nc.jetstream().publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+            return ack.seq
+        finally:
+            await nc.close()
+
+    return await trio.to_thread.run_sync(lambda: asyncio.run(publish()))
+
+
 async def attempt_records(nats_url: str, endpoint: str = "*") -> list[Any]:
     """The attempt records in the delivery log, oldest first (each delivery's subject holds its
     creation record, then its attempts)."""

@@ -45,9 +45,12 @@ async def test_invalid_events_get_4xx_with_the_path(tmp_path: Path, nats_server:
         unknown = await gw.http.post(
             f"{gw.url}/api/v1/events", json={"type": "a", "data": 1, "x": 2}, headers=auth
         )
+        deep = b'{"type": "a", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        too_deep = await gw.http.post(f"{gw.url}/api/v1/events", content=deep, headers=auth)
         wrong_method = await gw.http.delete(f"{gw.url}/api/v1/events", headers=auth)
         elsewhere = await gw.http.get(f"{gw.url}/nothing-here")
     assert not_json.status_code == 400
+    assert too_deep.status_code == 400 and "nested too deeply" in too_deep.json()["message"]
     assert no_type.status_code == 422 and "type" in no_type.json()["message"]
     assert bad_to.status_code == 422 and "$.to" in bad_to.json()["message"]
     assert unknown.status_code == 422 and "x" in unknown.json()["message"]

@@ -75,6 +75,7 @@ async def test_crud_answers_with_the_documented_statuses_and_bodies(
         no_name = await _call(gw, "POST", body={"url": "http://a.example"})
         unknown_key = await _call(gw, "POST", body={"name": "x", "url": "http://a.example", "colour": "red"})
         not_json = await gw.http.post(f"{gw.url}{API}", content=b"{nope", headers=AUTH)
+        too_deep = await gw.http.post(f"{gw.url}{API}", content=b"[" * 100_000 + b"]" * 100_000, headers=AUTH)
         wrong_method = await _call(gw, "PUT")
         shown = await _call(gw, "GET", "/orders")
         listed = await _call(gw, "GET")
@@ -124,6 +125,7 @@ async def test_crud_answers_with_the_documented_statuses_and_bodies(
         assert response.json()["error"] == "invalid_endpoint"
         assert path in response.json()["message"]
     assert not_json.status_code == 400
+    assert too_deep.status_code == 400 and "nested too deeply" in too_deep.json()["message"]
     assert wrong_method.status_code == 405
 
     assert shown.status_code == 200

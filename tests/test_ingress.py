@@ -140,6 +140,10 @@ async def test_bad_input_gets_4xx_never_500_and_is_not_stored(
             f"{gw.url}/webhooks/acme", content=not_utf8, headers=signed(not_utf8, "x")
         )
         statuses["signed non-JSON"] = signed_garbage.status_code
+        # JSON nested deeper than the decoder goes is malformed too: 400, never a 500.
+        deep = b"[" * 100_000 + b"]" * 100_000
+        signed_deep = await gw.http.post(f"{gw.url}/webhooks/acme", content=deep, headers=signed(deep, "y"))
+        statuses["signed non-JSON"] = max(statuses["signed non-JSON"], signed_deep.status_code)
         for name, value in {
             "empty": "",
             "no prefix": "deadbeef",
@@ -164,6 +168,7 @@ async def test_bad_input_gets_4xx_never_500_and_is_not_stored(
     assert statuses["non-utf8 unsigned"] == 401
     assert statuses["signed non-JSON"] == 400
     assert signed_garbage.json()["error"] == "malformed_body"
+    assert signed_deep.status_code == 400 and "nested too deeply" in signed_deep.json()["message"]
     assert all(
         status == 401
         for name, status in statuses.items()

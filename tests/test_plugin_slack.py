@@ -295,6 +295,7 @@ def test_url_verification_is_answered_with_its_challenge(hooks: Hooks) -> None:
         b'["url_verification"]',
         b'{"type":"event_callback","challenge":"x","note":"url_verification"}',
         b"payload=%7B%22type%22%3A%22url_verification%22%7D",
+        b'{"type":"url_verification","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # too deep
     ],
 )
 def test_anything_else_is_not_a_handshake(hooks: Hooks, body: bytes) -> None:

@@ -7,7 +7,6 @@ here is signed with the current time.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -16,11 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 import standardwebhooks.webhooks
 import svix.webhooks
-import trio
 
 from hookgate.config import ConfigError
 from hookgate.hooks import Hooks
@@ -35,7 +32,7 @@ from tests.plugin_support import (
     outgoing_request,
 )
 from tests.plugin_support import standard_webhooks_sdks_accept as sdk_accepts
-from tests.support import NatsServer, Received, base_config, receiver, run_gateway
+from tests.support import NatsServer, Received, base_config, publish_with_nats, receiver, run_gateway
 
 SECRET_A = "whsec_" + base64.b64encode(b"A" * 8 + os.urandom(24)).decode()
 SECRET_B = "whsec_" + base64.b64encode(b"B" * 8 + os.urandom(24)).decode()
@@ -232,20 +229,6 @@ def test_a_misspelt_scheme_names_the_installed_signers(hooks: Hooks) -> None:
 
 
 # --- end to end --------------------------------------------------------------------------------
-
-
-async def publish_with_nats(url: str, subject: str, data: bytes, msg_id: str) -> int:
-    """Publish to JetStream with plain nats-py, as one of our services would; return the stream seq."""
-
-    async def publish() -> int:
-        nc = await nats.connect(url)
-        try:
-            ack = await nc.jetstream().publish(subject, data, headers={"Nats-Msg-Id": msg_id})
-            return ack.seq
-        finally:
-            await nc.close()
-
-    return await trio.to_thread.run_sync(lambda: asyncio.run(publish()))
 
 
 def check_standard_webhook(got: Received, secret: str, event_id: str, type_: str, data: Any) -> None:

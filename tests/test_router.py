@@ -12,7 +12,14 @@ import trio
 from hookgate.config import RouteConfig
 from hookgate.router import CompiledRoute, RoutingRecord
 from hookgate.types import Event
-from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
+from tests.support import (
+    NatsServer,
+    base_config,
+    publish_with_nats,
+    receiver,
+    run_gateway,
+    stream_messages,
+)
 
 
 def _event(source: str, type_: str) -> Event:
@@ -112,3 +119,27 @@ async def _routing_records(nats_url: str, count: int) -> list[RoutingRecord]:
             if len(msgs) >= count:
                 return [msgspec.json.decode(m.data, type=RoutingRecord) for m in msgs]
             await trio.sleep(0.05)
+
+
+async def test_too_deeply_nested_json_published_to_nats_is_recorded_not_retried(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with receiver() as rx:
+        text = base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              svc: {{url: "{rx.url}/"}}
+            routes:
+              - {{from: [internal], to: [svc]}}
+            """,
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            deep = b"[" * 100_000 + b"]" * 100_000
+            await publish_with_nats(nats_server.url, "hookgate.publish.deep", deep, "deep-1")
+            await publish_with_nats(nats_server.url, "hookgate.publish.fine", b"{}", "fine-1")
+            (got,) = await rx.wait_for(1)
+            records = {r.event_id: r for r in await _routing_records(nats_server.url, 2)}
+            assert gw.running.broker.connected
+    assert got.headers["webhook-id"] == "fine-1"
+    assert records["deep-1"].endpoints == [] and "nested too deeply" in (records["deep-1"].error or "")
