@@ -103,13 +103,14 @@ class ParsedBody:
 
     @property
     def value(self) -> Any:
-        """The decoded body; a private sentinel when it is neither JSON nor a readable form."""
+        """The decoded body; the "no value" marker (`is_missing`) when it is neither JSON nor a
+        readable form."""
         if self._value is _UNPARSED:
             self._value = _decode(self._raw, self._content_type)
         return self._value
 
     def inner_json(self, text: str) -> Any:
-        """A string field's JSON content, decoded once per string (or `_MISSING`)."""
+        """A string field's JSON content, decoded once per string (or the "no value" marker)."""
         key = id(text)
         if key not in self._inner:
             try:
@@ -119,8 +120,17 @@ class ParsedBody:
         return self._inner[key]
 
 
+def is_missing(value: Any) -> bool:
+    """Whether a value read from a `ParsedBody` is the "no value" marker (unreadable, absent)."""
+    return value is _MISSING
+
+
+def is_form(content_type: str | None) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+
+
 def _decode(raw: bytes, content_type: str | None) -> Any:
-    if (content_type or "").split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+    if is_form(content_type):
         try:
             fields = urllib.parse.parse_qs(raw.decode("utf-8"), keep_blank_values=True)
         except ValueError:  # UnicodeDecodeError included

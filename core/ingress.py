@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
-
-import msgspec
 
 from hookgate.asgi import (
     Message,
@@ -29,6 +26,7 @@ from hookgate.asgi import (
 )
 from hookgate.broker import Broker
 from hookgate.config import SourceConfig
+from hookgate.filters import ParsedBody, is_form, is_missing
 from hookgate.hooks import Hooks
 from hookgate.ids import event_id_for, new_event_id
 from hookgate.intake import store_event
@@ -39,7 +37,6 @@ from hookgate.types import Event, HandshakeResponse, IngressRequest, Rejection, 
 log = logging.getLogger("hookgate.ingress")
 
 DEFAULT_EVENT_TYPE = "webhook"
-_MISSING = object()
 
 
 class MalformedBody(Exception):
@@ -100,40 +97,28 @@ def _select_or_none(spec: str | None, strict: bool, request: IngressRequest, bod
 
 
 class _Body:
-    """The request body parsed at most once, and only if a `body.` selector needs it.
+    """The request body for `body.` selectors, parsed at most once and only if one needs it.
 
-    JSON bodies are read as JSON; form-encoded bodies (Slack commands and interactivity, Twilio)
-    as their fields, where a field holding JSON (Slack's `payload`) can be reached into.
+    Parsing is the route filters' (`ParsedBody`): JSON, or a form body's fields, where a field
+    holding JSON (Slack's `payload`) can be reached into. A selector reads one value, by key or
+    list index.
     """
 
     def __init__(self, raw: bytes, content_type: str | None):
-        self.raw = raw
-        self.form = (content_type or "").split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
-        self._parsed: Any = _MISSING
-
-    def _parse(self) -> Any:
-        if self.form:
-            try:
-                fields = urllib.parse.parse_qs(self.raw.decode("utf-8"), keep_blank_values=True)
-            except UnicodeDecodeError:
-                raise MalformedBody("the form body is not valid UTF-8") from None
-            return {k: v[0] for k, v in fields.items()}
-        try:
-            return msgspec.json.decode(self.raw)
-        except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8 inside a JSON string
-            raise MalformedBody("the body is not valid JSON") from None
-        except RecursionError:
-            raise MalformedBody("the body's JSON is nested too deeply") from None
+        self.parsed = ParsedBody(raw, content_type)
+        self.form = is_form(content_type)
 
     def get(self, path: str) -> Any:
-        if self._parsed is _MISSING:
-            self._parsed = self._parse()
-        value = self._parsed
+        value = self.parsed.value
+        if is_missing(value):
+            what = (
+                "form body is not valid UTF-8" if self.form else "body is not JSON (or is nested too deeply)"
+            )
+            raise MalformedBody(f"the {what}")
         for part in path.split("."):
             if isinstance(value, str) and value[:1] in ("{", "["):
-                try:
-                    value = msgspec.json.decode(value)
-                except (msgspec.DecodeError, ValueError, RecursionError):
+                value = self.parsed.inner_json(value)
+                if is_missing(value):
                     return None
             if isinstance(value, dict):
                 value = value.get(part)

@@ -168,7 +168,7 @@ async def test_bad_input_gets_4xx_never_500_and_is_not_stored(
     assert statuses["non-utf8 unsigned"] == 401
     assert statuses["signed non-JSON"] == 400
     assert signed_garbage.json()["error"] == "malformed_body"
-    assert signed_deep.status_code == 400 and "nested too deeply" in signed_deep.json()["message"]
+    assert signed_deep.status_code == 400 and signed_deep.json()["error"] == "malformed_body"
     assert all(
         status == 401
         for name, status in statuses.items()
