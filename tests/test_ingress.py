@@ -182,3 +182,47 @@ async def test_bad_input_gets_4xx_never_500_and_is_not_stored(
     rejections = [r for r in caplog.records if "rejected webhook" in r.getMessage()]
     assert rejections and all("acme" in r.getMessage() for r in rejections)
     assert not any(SECRET in r.getMessage() for r in caplog.records)
+
+
+# --- selectors (event_type, event_id) ------------------------------------------------------------
+
+
+def _selected(spec: str, body: bytes, content_type: str = "application/json") -> str | None:
+    from hookgate.ingress import MalformedBody, _Body, select
+    from hookgate.types import IngressRequest
+
+    request = IngressRequest(
+        source="s",
+        method="POST",
+        url="http://127.0.0.1/webhooks/s",
+        path="/webhooks/s",
+        query_string=b"",
+        headers=[("content-type", content_type), ("x-kind", "from-header")],
+        body=body,
+    )
+    try:
+        return select(spec, request, _Body(body, content_type))
+    except MalformedBody as exc:
+        return f"malformed: {exc}"
+
+
+def test_selectors_read_json_form_fields_and_json_inside_a_field() -> None:
+    assert _selected("body.data.items.1.id", b'{"data": {"items": [{"id": 1}, {"id": 2}]}}') == "2"
+    assert _selected("body.data.items.5.id", b'{"data": {"items": []}}') is None
+    assert _selected("body.data", b'{"data": {"a": 1}}') is None  # not a single value
+    assert _selected("header.X-Kind", b"{}") == "from-header"
+    assert _selected("order.created", b"{}") == "order.created"  # a literal
+    form = "application/x-www-form-urlencoded"
+    payload = b"payload=%7B%22type%22%3A%22block_actions%22%7D&command=%2Fdeploy"
+    assert _selected("body.payload.type", payload, form) == "block_actions"
+    assert _selected("body.command", payload, form) == "/deploy"
+    assert _selected("body.payload.type", b"payload=%7Bnot-json", form) is None
+
+
+def test_a_body_selector_on_an_unreadable_body_is_malformed() -> None:
+    assert _selected("body.id", b"\xff\xfe") == "malformed: the body is not JSON (or is nested too deeply)"
+    assert _selected("body.id", b"[" * 100_000 + b"]" * 100_000) == (
+        "malformed: the body is not JSON (or is nested too deeply)"
+    )
+    form = "application/x-www-form-urlencoded"
+    assert _selected("body.a", b"a=\xff", form) == "malformed: the form body is not valid UTF-8"
