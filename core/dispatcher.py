@@ -25,7 +25,7 @@ import trio
 from hookgate.bridge import ConsumerSpec
 from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
 from hookgate.config import EndpointConfig
-from hookgate.deliverylog import DeadLetter, DeliveryMarker
+from hookgate.deliverylog import DeadLetter, DeliveryMarker, entry_decoder
 from hookgate.endpoint_state import EndpointStates
 from hookgate.flow import CircuitState, FlowControl
 from hookgate.hooks import Hooks
@@ -442,6 +442,10 @@ class EndpointWorker:
                 # Stopping: no new fetches; in-flight deliveries get the grace period, then are nak'ed.
                 self.stopping = True
                 workers.cancel_scope.deadline = trio.current_time() + self.d.grace
+                # Stop pulling first, so what is nak'ed from here on goes to another replica (or to
+                # this endpoint's next worker), not back into this one's outstanding pull requests.
+                with trio.CancelScope(shield=True):
+                    await self.broker.release_consumer(self.consumer)
             keeping.cancel_scope.cancel()
 
     async def _fetch_loop(self, send: trio.MemorySendChannel[InMsg]) -> None:
@@ -544,10 +548,33 @@ class EndpointWorker:
             )
             self.broker.commit_later(Commit(ack=msg))
             return
+        if endpoint.config.ordered and msg.num_delivered > 1:
+            delivery = await self._resume(delivery)
         while True:
             delivery = await self._attempt_once(msg, delivery)
             if delivery is None:
                 return
+
+    async def _resume(self, delivery: Delivery) -> Delivery:
+        """An ordered head redelivered after a restart or crash continues its retries where the
+        delivery log says they were, instead of starting again from its first attempt.
+
+        Its retries happen in place (the message is not republished per attempt), so the message
+        still holds the attempt number it started with; the log holds the last one made."""
+        topology = self.broker.topology
+        subject = topology.delivery_log_subject(self.endpoint.name, delivery.id)
+        try:
+            stored = (await self.broker.last_msgs(topology.log_stream, [subject])).get(subject)
+            last = entry_decoder.decode(stored.data) if stored is not None else None
+        except Exception as exc:
+            log.warning("delivery %s: could not read its log to resume it: %s", delivery.id, exc)
+            return delivery
+        if not isinstance(last, Attempt) or last.attempt < delivery.attempt or last.outcome != "retrying":
+            return delivery
+        if last.next_attempt_at is not None:
+            await trio.sleep(max(0.0, last.next_attempt_at - time.time()))  # kept alive meanwhile
+        log.info("delivery %s to %s resumes at attempt %d", delivery.id, delivery.endpoint, last.attempt + 1)
+        return msgspec.structs.replace(delivery, attempt=last.attempt + 1)
 
     async def _attempt_once(self, msg: InMsg, delivery: Delivery) -> Delivery | None:
         """One attempt and its outcome; for an ordered endpoint, the delivery to retry in place."""

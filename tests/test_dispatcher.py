@@ -287,3 +287,36 @@ async def test_ordered_endpoint_delivers_in_publish_order_even_when_one_fails_fi
     # Every request arrived in order; event 100 was tried three times before 101 was sent.
     assert numbers == [*range(100), 100, 100, *range(100, 200)]
     assert [r.headers["hookgate-attempt"] for r in rx.requests[100:103]] == ["1", "2", "3"]
+
+
+async def test_an_ordered_head_resumes_its_retries_after_a_restart(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    def respond(request: Received, n: int) -> int:
+        return 500 if n == 0 else 200
+
+    async with receiver(respond) as rx:
+        text = endpoint_config(
+            nats_server.url,
+            f"""
+  ledger:
+    url: {rx.url}/in
+    ordered: true
+    retry: {{schedule: [3s, 3s], jitter: 0}}
+""",
+            "  - {from: [internal], to: [ledger]}",
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            await gw.publish("entry", {"n": 1})
+            await rx.wait_for(1)
+            with trio.fail_after(10):  # the log has attempt 1 (retrying) before the restart
+                while not await attempt_records(nats_server.url):
+                    await trio.sleep(0.05)
+        # The head was waiting in place for its retry; the restarted gateway gets it redelivered.
+        async with run_gateway(tmp_path, text):
+            await rx.wait_for(2, timeout=15)
+    first, second = rx.requests
+    assert [first.headers["hookgate-attempt"], second.headers["hookgate-attempt"]] == ["1", "2"]
+    assert second.headers["hookgate-delivery-id"] == first.headers["hookgate-delivery-id"]
+    # It kept to the schedule: the second attempt came when the first one's record said.
+    assert second.at - first.at >= 2.9
