@@ -179,13 +179,10 @@ class DeliveryLog:
         return await self._paged(self.t.events_stream, subjects, since, until, cursor, limit, keep)
 
     async def get_event(self, event_id: str) -> EventDetail | None:
-        record = (await self._routing([event_id])).get(event_id)
-        if record is None:
+        found = await self._stored(event_id)
+        if found is None:
             return None
-        msg = await self.broker.get_msg(self.t.events_stream, record.events_seq)
-        event = self._event(msg) if msg is not None else None
-        if event is None:
-            return None
+        record, event = found
         summary = self._summary(event, record)
         excerpt = event.body[: self.body_excerpt]
         try:
@@ -204,11 +201,17 @@ class DeliveryLog:
 
     async def stored_event(self, event_id: str) -> Event | None:
         """The event as stored, for replays (None once retention removed it)."""
+        found = await self._stored(event_id)
+        return found[1] if found is not None else None
+
+    async def _stored(self, event_id: str) -> tuple[RoutingRecord, Event] | None:
+        """The event's routing record and the event it points at in the events stream."""
         record = (await self._routing([event_id])).get(event_id)
         if record is None:
             return None
         msg = await self.broker.get_msg(self.t.events_stream, record.events_seq)
-        return self._event(msg) if msg is not None else None
+        event = self._event(msg) if msg is not None else None
+        return (record, event) if event is not None else None
 
     def _event(self, msg: StoredMsg) -> Event | None:
         try:
@@ -352,27 +355,20 @@ class DeliveryLog:
         return Page(out, None)
 
     async def get_delivery(self, delivery_id: str) -> DeliveryDetail | None:
-        history = await self._history(delivery_id)
-        if history is None:
+        found = await self._history(delivery_id)
+        if found is None:
             return None
-        created, marker, attempts = history
-        view = self._view(created, marker, attempts[-1] if attempts else None)
+        state, attempts = found
         return DeliveryDetail(
-            **msgspec.structs.asdict(view), attempt_log=[_attempt_view(a) for a in attempts]
+            **msgspec.structs.asdict(state.view), attempt_log=[_attempt_view(a) for a in attempts]
         )
 
     async def delivery_state(self, delivery_id: str) -> DeliveryState | None:
-        history = await self._history(delivery_id)
-        if history is None:
-            return None
-        created, marker, attempts = history
-        return DeliveryState(
-            created=created, view=self._view(created, marker, attempts[-1] if attempts else None)
-        )
+        found = await self._history(delivery_id)
+        return found[0] if found is not None else None
 
-    async def _history(
-        self, delivery_id: str
-    ) -> tuple[DeliveryCreated, DeliveryMarker | None, list[Attempt]] | None:
+    async def _history(self, delivery_id: str) -> tuple[DeliveryState, list[Attempt]] | None:
+        """A delivery's state and every attempt, oldest first."""
         # One filter per scan: with two, nats-server walks the whole stream to count what matches,
         # while one subject with a wildcard for the endpoint is found through its subject index.
         entries, _ = await self.broker.scan(
@@ -395,7 +391,8 @@ class DeliveryLog:
             return None
         marker = _decode_marker(markers[-1]) if markers else None
         attempts.sort(key=lambda a: a.attempt)
-        return created, marker, attempts
+        view = self._view(created, marker, attempts[-1] if attempts else None)
+        return DeliveryState(created=created, view=view), attempts
 
     async def delivery_views(self, created: list[DeliveryCreated]) -> list[DeliveryView]:
         """Each delivery's current view: two last-message reads per delivery, in one crossing."""
@@ -430,11 +427,10 @@ class DeliveryLog:
 
     # --- dead letters --------------------------------------------------------------------------
 
-    async def dead_letter(self, endpoint: str, delivery_id: str) -> tuple[int, DeadLetter] | None:
+    async def dead_letter(self, endpoint: str, delivery_id: str) -> DeadLetter | None:
         subject = self.t.dead_subject(endpoint, delivery_id)
         msg = (await self.broker.last_msgs(self.t.dead_stream, [subject])).get(subject)
-        letter = _decode_dead_letter(msg) if msg is not None else None
-        return (msg.seq, letter) if msg is not None and letter is not None else None
+        return _decode_dead_letter(msg) if msg is not None else None
 
     # --- paging --------------------------------------------------------------------------------
 

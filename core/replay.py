@@ -133,7 +133,7 @@ class Replayer:
         """Put a delivery back in line with a fresh retry schedule; returns its next attempt number."""
         dead = await self.dlog.dead_letter(created.endpoint, created.delivery_id)
         if dead is not None:
-            delivery = dead[1].delivery
+            delivery = dead.delivery
         else:
             event = await self.dlog.stored_event(created.event_id)
             if event is None:
@@ -212,8 +212,8 @@ class Replayer:
         return await self._start(job, self._redrive)
 
     async def job(self, job_id: str) -> Job | None:
-        key = job_id.split("_")[1] if job_id.count("_") == 2 else None
-        if key is None or not key.isalnum():
+        key = _job_key(job_id)
+        if key is None:
             return None
         msgs, _ = await self.broker.scan(self.t.log_stream, [self.t.job_subject(key)], limit=10_000)
         found = None
@@ -278,7 +278,8 @@ class Replayer:
 
     async def _save(self, job: Job) -> None:
         job.updated_at = time.time()
-        key = job.id.split("_")[1]
+        key = _job_key(job.id)
+        assert key is not None, "ids of started jobs are job_<key>_<time>"
         await self.broker.publish(OutMsg(self.t.job_subject(key), _encode_json(job)))
 
     async def _recover(self, job: Job, since: float, until: float, statuses: frozenset[str]) -> None:
@@ -364,6 +365,12 @@ class Replayer:
             if not msgs or not more:
                 return
             seq = msgs[-1].seq + 1
+
+
+def _job_key(job_id: str) -> str | None:
+    """The key in a job id (`job_<key>_<start time>`): its subject in the log stream."""
+    parts = job_id.split("_")
+    return parts[1] if len(parts) == 3 and parts[0] == "job" and parts[1].isalnum() else None
 
 
 def _decode_job(data: bytes) -> Job | None:
