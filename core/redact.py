@@ -9,6 +9,7 @@ looks like one (x-idempotency-key) costs little; showing a credential costs a lo
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -43,6 +44,7 @@ URL_KEYS = frozenset({"url", "proxy", "token_url"})
 KNOWN_PREFIXES = ("whsec_", "whsk_", "whpk_")
 
 
+@functools.lru_cache(maxsize=1024)  # called for every header of every attempt; names repeat
 def is_secret_header(name: str) -> bool:
     return SECRET_HEADER.search(name) is not None
 
