@@ -758,14 +758,21 @@ def load_server(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     """
     file = str(path)
     loader, raw = _parse(_read(path), file, env)
-    section = _drop_nulls(raw.get("server") or {}, ServerConfig)
-    server = _Converter(loader).convert(section, ServerConfig, "$.server")
+    _drop_nulls(raw, Config)  # as `loads` does, so `server:` left empty means the defaults there too
+    server = _Converter(loader).convert(raw.get("server", {}), ServerConfig, "$.server")
     if server is not None:
         _check_server(loader.problem, server)
     problems = [p for p in loader.problems if p.path == "$.server" or p.path.startswith("$.server.")]
-    if problems or server is None:
-        raise ConfigError(problems or [Problem(file, None, "$.server", "cannot be read")])
+    _raise_problems(problems)
+    if server is None:
+        raise ConfigError([Problem(file, None, "$.server", "cannot be read")])
     return server
+
+
+def _raise_problems(problems: list[Problem]) -> None:
+    """Every problem once, in the order of the file."""
+    if problems:
+        raise ConfigError(sorted(dict.fromkeys(problems), key=lambda p: p.line or 0))
 
 
 def _read(path: str | os.PathLike[str]) -> str:
@@ -809,9 +816,7 @@ def loads(
     loaded = LoadedConfig(config=config, path=Path(file), route_positions=route_indexes)
     _check_rules(loader, config, valid, declared["sources"], declared["endpoints"], route_indexes)
     _resolve_components(conv, loaded, registry)
-    if loader.problems:
-        unique = list(dict.fromkeys(loader.problems))
-        raise ConfigError(sorted(unique, key=lambda p: p.line or 0))
+    _raise_problems(loader.problems)
     return loaded
 
 
