@@ -18,7 +18,7 @@ from hookgate.hooks import Hooks
 from hookgate.types import ComponentKind
 from hookgate.units import format_duration, seconds
 
-DEFAULT_CONFIG = "hookgate.yaml"
+Handler = Callable[[client.ApiClient, argparse.Namespace], int]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "-c",
             "--config",
-            default=os.environ.get("HOOKGATE_CONFIG", DEFAULT_CONFIG),
-            help=f"config file (default: $HOOKGATE_CONFIG or {DEFAULT_CONFIG})",
+            default=os.environ.get(client.CONFIG_ENV, client.DEFAULT_CONFIG),
+            help=f"config file (default: ${client.CONFIG_ENV} or {client.DEFAULT_CONFIG})",
         )
 
     run = sub.add_parser("run", help="run the gateway: ingress, API, router and dispatcher")
@@ -56,21 +56,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-API_COMMANDS: dict[str, Callable[[client.ApiClient, argparse.Namespace], int]] = {
-    "events": commands.events,
-    "event": commands.event,
-    "deliveries": commands.deliveries,
-    "delivery": commands.delivery,
-    "retry": commands.retry,
-    "recover": commands.recover,
-    "redrive": commands.redrive,
-    "job": commands.job,
-    "send": commands.send,
-    "endpoints": commands.endpoints,
-    "endpoint": commands.endpoint_state,
-}
-
-
 def _connection() -> argparse.ArgumentParser:
     """The options every API command takes to find the API."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -85,7 +70,10 @@ def _connection() -> argparse.ArgumentParser:
     group.add_argument(
         "-c",
         "--config",
-        help=f"the gateway's config, for URL and token (default: ${client.CONFIG_ENV} or {DEFAULT_CONFIG})",
+        help=(
+            "the gateway's config, for URL and token "
+            f"(default: ${client.CONFIG_ENV} or {client.DEFAULT_CONFIG})"
+        ),
     )
     return parent
 
@@ -93,8 +81,11 @@ def _connection() -> argparse.ArgumentParser:
 def _api_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     conn = [_connection()]
 
-    def command(name: str, help: str, *, json_output: bool = True) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Handler, help: str, *, json_output: bool = True
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, parents=conn)
+        p.set_defaults(handler=handler)
         if json_output:
             p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
         return p
@@ -106,23 +97,27 @@ def _api_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         p.add_argument("--cursor", help="continue from a previous page's cursor")
         p.add_argument("--all", action="store_true", help="follow the pages to the end")
 
-    events = command("events", "list events (oldest first)")
+    events = command("events", commands.events, "list events (oldest first)")
     events.add_argument("--source", help='only this source ("internal" for your services\' events)')
     paging(events)
-    event = command("event", "show one event with its headers and body")
+    event = command("event", commands.event, "show one event with its headers and body")
     event.add_argument("id")
 
-    deliveries = command("deliveries", "list deliveries with their status and attempts")
+    deliveries = command("deliveries", commands.deliveries, "list deliveries with their status and attempts")
     deliveries.add_argument("--endpoint")
     deliveries.add_argument("--status", help="one or more, comma-separated: e.g. failed,dead")
     deliveries.add_argument("--event", help="only the deliveries of this event id")
     paging(deliveries)
-    delivery = command("delivery", "show one delivery and every attempt")
+    delivery = command("delivery", commands.delivery, "show one delivery and every attempt")
     delivery.add_argument("id")
 
-    retry = command("retry", "send one delivery again now (a new attempt, fresh retry schedule)")
+    retry = command(
+        "retry", commands.retry, "send one delivery again now (a new attempt, fresh retry schedule)"
+    )
     retry.add_argument("id")
-    recover = command("recover", "re-enqueue an endpoint's failed and dead deliveries in a time range")
+    recover = command(
+        "recover", commands.recover, "re-enqueue an endpoint's failed and dead deliveries in a time range"
+    )
     recover.add_argument("endpoint")
     recover.add_argument("--since", required=True, help='RFC 3339, unix seconds, or a duration ago like "1h"')
     recover.add_argument("--until", help="as --since (default: now)")
@@ -130,21 +125,23 @@ def _api_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--status", help="the statuses to re-enqueue, comma-separated (default: failed,dead)"
     )
     recover.add_argument("--no-wait", action="store_true", help="print the job and return at once")
-    redrive = command("redrive", "re-enqueue every dead letter of an endpoint")
+    redrive = command("redrive", commands.redrive, "re-enqueue every dead letter of an endpoint")
     redrive.add_argument("endpoint")
     redrive.add_argument("--no-wait", action="store_true", help="print the job and return at once")
-    job = command("job", "show a recover or redrive job")
+    job = command("job", commands.job, "show a recover or redrive job")
     job.add_argument("id")
     job.add_argument("--wait", action="store_true", help="wait until it ends, showing its progress")
 
-    send = command("send", "publish an internal event (POST /api/v1/events)")
+    send = command("send", commands.send, "publish an internal event (POST /api/v1/events)")
     send.add_argument("type", help="the event type, e.g. order.created")
     send.add_argument("--data", required=True, help="JSON, @file.json, or - for stdin")
     send.add_argument("--id", help="the event id (an idempotency key); default: a new one")
     send.add_argument("--to", help="only these endpoints, comma-separated, instead of the routes")
 
-    command("endpoints", "list endpoints and whether each is enabled")
-    endpoint = command("endpoint", "enable or disable an endpoint", json_output=False)
+    command("endpoints", commands.endpoints, "list endpoints and whether each is enabled")
+    endpoint = command(
+        "endpoint", commands.endpoint_state, "enable or disable an endpoint", json_output=False
+    )
     endpoint.add_argument("action", choices=["enable", "disable"])
     endpoint.add_argument("name")
 
@@ -155,8 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.log_level)
     if args.command == "check":
         return _check(args.config)
-    if args.command in API_COMMANDS:
-        return _call_api(args)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is not None:
+        return _call_api(handler, args)
     if args.command == "endpoint-key":
         return _endpoint_key(args.config, args.endpoint)
     if args.command == "plugins":
@@ -227,11 +225,11 @@ def _check(path: str) -> int:
     return 0
 
 
-def _call_api(args: argparse.Namespace) -> int:
+def _call_api(handler: Handler, args: argparse.Namespace) -> int:
     try:
         target = client.resolve(args.url, args.token, args.config)
         with client.ApiClient(target) as api:
-            return API_COMMANDS[args.command](api, args)
+            return handler(api, args)
     except client.ApiError as exc:
         print(f"hookgate: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,6 @@ never part of any message.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -16,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from hookgate import __version__, config
+from hookgate import __version__, config, tables
 
 DEFAULT_CONFIG = "hookgate.yaml"
 URL_ENV = "HOOKGATE_URL"
@@ -47,6 +46,20 @@ class Target:
 class Reply:
     status: int
     body: Any
+    what: str = ""  # the request, "POST /api/v1/events", for messages
+
+    def object(self) -> dict[str, Any]:
+        """The body, which must be a JSON object."""
+        if not isinstance(self.body, dict):
+            raise ApiError(f"{self.what}: the answer is not a JSON object; is --url the gateway?")
+        return self.body
+
+
+def check_page(what: str, body: Any) -> dict[str, Any]:
+    """`body` if it is a page of rows, `{"data": [...], "next": ...}`; else an `ApiError`."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        raise ApiError(f"{what}: the answer is not a list of rows; is --url the gateway?")
+    return body
 
 
 def resolve(
@@ -142,13 +155,15 @@ class ApiClient:
     def post(self, path: str, body: Any = None) -> Reply:
         return self.request("POST", path, body=body)
 
+    def page(self, path: str, params: Params | None = None) -> dict[str, Any]:
+        """One page of a list: a dict whose "data" is a list."""
+        return check_page(f"GET /api/v1{path}", self.get(path, params))
+
     def pages(self, path: str, params: Params) -> Iterator[dict[str, Any]]:
         """Every page of a list, following `next` until it is null."""
         cursor = params.get("cursor")
         while True:
-            page = self.get(path, {**params, "cursor": cursor})
-            if not isinstance(page, dict) or not isinstance(page.get("data"), list):
-                raise ApiError(f"GET /api/v1{path}: the answer is not a page of rows; is --url the gateway?")
+            page = self.page(path, {**params, "cursor": cursor})
             yield page
             cursor = page.get("next")
             if not cursor:
@@ -164,14 +179,15 @@ class ApiClient:
                 f"{what}: the API at {self.target.url} did not answer within {self.timeout:g}s"
             ) from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            reason = tables.one_line(str(exc)) or type(exc).__name__
             raise ApiError(
-                f"cannot reach the API at {self.target.url} ({_one_line(str(exc)) or type(exc).__name__}); "
+                f"cannot reach the API at {self.target.url} ({reason}); "
                 f"is the gateway running there? Set --url or ${URL_ENV}"
             ) from None
         if response.status_code >= 400:
             raise _error(what, response)
         try:
-            return Reply(response.status_code, response.json())
+            return Reply(response.status_code, response.json(), what)
         except ValueError:
             raise ApiError(
                 f"{what}: {response.status_code} with a body that is not JSON; is {self.target.url} "
@@ -196,16 +212,8 @@ def _error(what: str, response: httpx.Response) -> ApiError:
             f"the gateway refused the API token; use one of its server.api_tokens (--token or ${TOKEN_ENV})"
         )
     elif message:
-        hint = _one_line(str(message))
+        hint = tables.one_line(str(message))
     else:
-        hint = _clip(_one_line(response.text), 200) or response.reason_phrase
+        hint = tables.one_line(response.text, 200) or response.reason_phrase
     label = f"{status} {code}" if code else f"{status} {response.reason_phrase}".rstrip()
     return ApiError(f"{what}: {label}: {hint}", status=status, code=code)
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hookgate import tables
-from hookgate.client import ApiClient, ApiError, Params
+from hookgate.client import ApiClient, ApiError, Params, Reply, check_page
 from hookgate.progress import JobProgress
 
 POLL_INTERVAL = 0.5
@@ -63,8 +63,8 @@ def _list(
         rows = [row for page in client.pages(path, params) for row in page["data"]]
         page: dict[str, Any] = {"data": rows, "next": None}
     else:
-        page = client.get(path, params)
-        rows = page.get("data") or []
+        page = client.page(path, params)
+        rows = page["data"]
     if args.json:
         print_json(page)
     elif rows:
@@ -91,7 +91,7 @@ def delivery(client: ApiClient, args: argparse.Namespace) -> int:
 
 def endpoints(client: ApiClient, args: argparse.Namespace) -> int:
     try:
-        body = client.get("/endpoints")
+        body = client.page("/endpoints")
     except ApiError as exc:
         if exc.status in (404, 405):
             raise ApiError(
@@ -99,20 +99,18 @@ def endpoints(client: ApiClient, args: argparse.Namespace) -> int:
                 "`hookgate check -c CONFIG` lists the endpoints of a config file"
             ) from None
         raise
-    if args.json:
-        print_json(body)
-        return 0
-    rows = endpoint_rows(body)
-    print(tables.endpoints(rows) if rows else "no endpoints")
+    _show(args, body, _endpoints_table)
     return 0
+
+
+def _endpoints_table(body: Any) -> str:
+    rows = endpoint_rows(body)
+    return tables.endpoints(rows) if rows else "no endpoints"
 
 
 def endpoint_rows(body: Any) -> list[dict[str, Any]]:
     """The endpoints in `GET /api/v1/endpoints`'s answer, `{"data": [...]}`."""
-    items = body.get("data") if isinstance(body, dict) else None
-    if not isinstance(items, list):
-        raise ApiError("GET /api/v1/endpoints: the answer is not a list of endpoints")
-    return [item for item in items if isinstance(item, dict)]
+    return [item for item in check_page("GET /api/v1/endpoints", body)["data"] if isinstance(item, dict)]
 
 
 def endpoint_state(client: ApiClient, args: argparse.Namespace) -> int:
@@ -131,11 +129,8 @@ def send(client: ApiClient, args: argparse.Namespace) -> int:
         body["id"] = args.id
     if args.to:
         body["to"] = _split(args.to)
-    reply = client.post("/events", body)
-    if args.json:
-        print_json(reply.body)
-    else:
-        print(f"event {reply.body.get('id')} accepted ({args.type})")
+    accepted = client.post("/events", body).object()
+    _show(args, accepted, lambda b: f"event {b.get('id')} accepted ({args.type})")
     return 0
 
 
@@ -164,11 +159,11 @@ def retry(client: ApiClient, args: argparse.Namespace) -> int:
         if exc.status == 409:
             raise ApiError(f"{exc}. Nothing was queued; wait for it to finish, then retry") from None
         raise
-    if args.json:
-        print_json(reply.body)
-    else:
-        b = reply.body
-        print(f"delivery {b.get('delivery')} to {b.get('endpoint')} queued as attempt {b.get('attempt')}")
+    _show(
+        args,
+        reply.object(),
+        lambda b: f"delivery {b.get('delivery')} to {b.get('endpoint')} queued as attempt {b.get('attempt')}",
+    )
     return 0
 
 
@@ -187,15 +182,15 @@ def redrive(client: ApiClient, args: argparse.Namespace) -> int:
 
 
 def job(client: ApiClient, args: argparse.Namespace) -> int:
-    found = client.get(f"/jobs/{args.id}")
+    found = client.request("GET", f"/jobs/{args.id}").object()
     if args.wait and found.get("state") == "running":
         found = wait_for_job(client, found)
     _show(args, found, tables.job_summary)
     return 1 if found.get("state") == "failed" else 0
 
 
-def _follow(client: ApiClient, args: argparse.Namespace, reply: Any) -> int:
-    started = reply.body
+def _follow(client: ApiClient, args: argparse.Namespace, reply: Reply) -> int:
+    started = reply.object()
     if reply.status == 200:
         # The API hands back the same job when it is already running, rather than a second one.
         print(f"the same job is already running: {started.get('id')}", file=sys.stderr)
@@ -217,7 +212,7 @@ def wait_for_job(
         while found.get("state") == "running":
             progress.show(found)
             sleep(POLL_INTERVAL)
-            found = client.get(f"/jobs/{found['id']}")
+            found = client.request("GET", f"/jobs/{found['id']}").object()
     except KeyboardInterrupt:
         # The job runs in the gateway: leaving only stops watching it.
         raise ApiError(

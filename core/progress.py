@@ -36,7 +36,7 @@ class JobProgress:
         self._last_at = float("-inf")
 
     def show(self, job: Mapping[str, Any]) -> None:
-        line = self._line(job)
+        line = tables.job_summary(job)
         if self.interactive:
             self._frame += 1
             self._redraw(f"{SPINNER[self._frame % len(SPINNER)]} {line} ({self._elapsed()})")
@@ -47,16 +47,12 @@ class JobProgress:
             self._last_line, self._last_at = line, now
 
     def finish(self, job: Mapping[str, Any]) -> None:
-        line = f"{self._line(job)} in {self._elapsed()}"
+        line = f"{tables.job_summary(job)} in {self._elapsed()}"
         if self.interactive:
             self._redraw(line)
             self._write("\n")
         else:
             self._write(line + "\n")
-
-    @staticmethod
-    def _line(job: Mapping[str, Any]) -> str:
-        return tables.job_summary(job)
 
     def _elapsed(self) -> str:
         return f"{self.clock() - self.started:.0f}s"

@@ -43,8 +43,13 @@ def short_time(value: Any) -> str:
 
 def clip(value: Any, width: int = ERROR_WIDTH) -> str:
     """One line of at most `width` characters, so that a long error keeps the table readable."""
-    text = re.sub(r"\s+", " ", cell(value)).strip()
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return one_line(cell(value), width)
+
+
+def one_line(text: str, width: int | None = None) -> str:
+    """`text` with its whitespace runs as single spaces, cut to `width` characters with "…"."""
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
 def latency(ms: Any) -> str:
