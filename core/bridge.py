@@ -422,23 +422,11 @@ class NatsBridge:
             # The server treats a create of an existing durable as an update of its settings.
             await jsm.add_consumer(spec.stream, config)
             assert self._nc is not None
-            # An endpoint whose config changed keeps its pull: messages already pulled for it (or
-            # still owed to an outstanding request) go to the next worker, not to an orphan buffer.
-            consumer = next(
-                (
-                    c
-                    for c in self._consumers
-                    if (c.spec.stream, c.spec.durable) == (spec.stream, spec.durable)
-                ),
-                None,
-            )
-            if consumer is None:
-                consumer = PullConsumer(self._nc, spec, buffer=spec.buffer)
-                await consumer.start()
-                self._consumers.append(consumer)
-            else:
-                consumer.spec = spec
-                consumer.buffer = spec.buffer
+            # A worker that stops releases its pull (see release_consumer), so a worker started
+            # for a changed config always pulls afresh.
+            consumer = PullConsumer(self._nc, spec, buffer=spec.buffer)
+            await consumer.start()
+            self._consumers.append(consumer)
             out.append(consumer)
         return out
 
@@ -813,8 +801,7 @@ class NatsBridge:
                     if entry is None:  # the end of the current values
                         if not initial_done:
                             initial_done = True
-                            cross(initial + batch)
-                            batch = []
+                            cross(initial)
                         continue
                     deleted = entry.operation in ("DEL", "PURGE")
                     update = KvUpdate(
@@ -827,7 +814,11 @@ class NatsBridge:
         async def start() -> tuple[Any, asyncio.Task[None]]:
             kv = await self.js.key_value(bucket)
             watcher = await kv.watchall()
-            return watcher, asyncio.get_running_loop().create_task(pump(watcher))
+            task = asyncio.get_running_loop().create_task(pump(watcher))
+            # However the pump ends, the trio side's iteration ends too (and its owner may watch
+            # again), rather than waiting for batches that will never come.
+            task.add_done_callback(lambda _: _call_soon(token, send.close))
+            return watcher, task
 
         async def stop(watcher: Any, task: asyncio.Task[None]) -> None:
             task.cancel()
@@ -842,6 +833,11 @@ class NatsBridge:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.run(stop, watcher, task)
             send.close()
+
+
+def _call_soon(token: trio.lowlevel.TrioToken, fn: Callable[[], object]) -> None:
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(fn)
 
 
 def _stored(msg: Msg) -> StoredMsg:

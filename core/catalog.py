@@ -29,7 +29,7 @@ from hookgate.config import (
     RouteConfig,
     load_endpoint,
 )
-from hookgate.dispatcher import Endpoint
+from hookgate.dispatcher import Endpoint, cancel_when_set
 from hookgate.filters import FilterError, compile_filter
 from hookgate.hooks import Hooks
 from hookgate.router import CompiledRoute
@@ -68,14 +68,6 @@ class CatalogEntry:
     @property
     def read_only(self) -> bool:
         return self.source == "config"
-
-    @property
-    def types(self) -> list[str] | None:
-        return self.config.types if isinstance(self.config, EndpointDocument) else None
-
-    @property
-    def filter(self) -> dict[str, Any] | None:
-        return self.config.filter if isinstance(self.config, EndpointDocument) else None
 
 
 Listener = Callable[["Catalog"], None]
@@ -192,7 +184,10 @@ class Catalog:
         for update in updates:
             self.revision = max(self.revision, update.revision)
             entries.pop(update.key, None)
-            if update.value is not None and (entry := self._entry(update)) is not None:
+            unchanged = before.get(update.key)
+            if unchanged is not None and unchanged.revision == update.revision:
+                entries[update.key] = unchanged  # a snapshot after a re-watch: keep its worker
+            elif update.value is not None and (entry := self._entry(update)) is not None:
                 entries[update.key] = entry
         for name in sorted(before.keys() - entries.keys()):
             log.info("endpoint %s removed", name)
@@ -223,7 +218,7 @@ class Catalog:
     ) -> None:
         """Follow the bucket until `stopping`; started once the current documents are applied."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_when_set, stopping, nursery.cancel_scope)
+            nursery.start_soon(cancel_when_set, stopping, nursery.cancel_scope)
             await self._follow(task_status)
 
     async def _follow(self, task_status: trio.TaskStatus[None]) -> None:
@@ -254,8 +249,3 @@ def instantiate(registry: ComponentRegistry, component: Component | None) -> Any
     ctype = registry.get(component.kind, component.type)
     assert ctype is not None, "checking resolved every component"
     return ctype.factory(component.config)
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

@@ -301,7 +301,8 @@ class Dispatcher:
         """One endpoint's worker, restarted with the new config whenever the endpoint changes.
 
         A change stops the worker the way shutdown does: no new fetches, and in-flight deliveries
-        finish within the grace period. The consumer stays, so nothing it held is lost.
+        finish within the grace period. The worker releases its pull as it stops (what it had
+        buffered is nak'ed for the next worker), and the durable consumer stays.
         """
         name = slot.endpoint.name
         try:
@@ -317,10 +318,7 @@ class Dispatcher:
                         await endpoint.transport.aclose()
                 if stopping.is_set():
                     return
-                if slot.wanted is None:  # removed
-                    if consumer is not None:
-                        with trio.CancelScope(shield=True):
-                            await self.broker.release_consumer(consumer)
+                if slot.wanted is None:  # removed (the worker released its pull as it stopped)
                     self._forget_metrics(name)
                     log.info("endpoint %s: stopped delivering (removed)", name)
                     return
@@ -436,7 +434,7 @@ class EndpointWorker:
                     workers.start_soon(self._work, receive.clone())
                 receive.close()
                 with trio.CancelScope() as fetching:
-                    workers.start_soon(_cancel_when_set, stopping, fetching)
+                    workers.start_soon(cancel_when_set, stopping, fetching)
                     async with send:
                         await self._fetch_loop(send)
                 # Stopping: no new fetches; in-flight deliveries get the grace period, then are nak'ed.
@@ -834,6 +832,6 @@ async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+async def cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()

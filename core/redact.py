@@ -61,7 +61,7 @@ def redact(config: Any) -> Any:
             if key in SECRET_KEYS:
                 out[key] = _hide(value)
             elif key == "headers" and isinstance(value, dict):
-                out[key] = {name: _hide(v) if SECRET_HEADER.search(name) else v for name, v in value.items()}
+                out[key] = {name: _hide(v) if is_secret_header(name) else v for name, v in value.items()}
             elif key in URL_KEYS and isinstance(value, str):
                 out[key] = _without_password(value)
             else:
@@ -80,6 +80,9 @@ def placeholders(config: Any, path: str = "$") -> list[str]:
             child = f"{path}.{key}"
             if key in SECRET_KEYS or (key == "headers" and isinstance(value, dict)):
                 found.extend(_placeholder_paths(value, child, headers=key == "headers"))
+            elif key in URL_KEYS and isinstance(value, str):
+                if f":{PLACEHOLDER}@" in value:  # a URL's password as `redact` shows it
+                    found.append(child)
             else:
                 found.extend(placeholders(value, child))
     elif isinstance(config, list):
@@ -98,7 +101,7 @@ def _placeholder_paths(value: Any, path: str, *, headers: bool = False) -> list[
             return [
                 p
                 for name, v in value.items()
-                if SECRET_HEADER.search(name)
+                if is_secret_header(name)
                 for p in _placeholder_paths(v, f"{path}.{name}")
             ]
         return placeholders(value, path)

@@ -86,3 +86,8 @@ def test_redact_keeps_names_and_order_and_hides_only_values() -> None:
         ("Authorization", PLACEHOLDER),
         ("x-n", "1"),
     ]
+
+
+def test_a_redacted_url_password_sent_back_is_found() -> None:
+    shown = redact({"url": "https://user:pw@hooks.example/in", "proxy": "http://proxy.example:3128"})
+    assert placeholders(shown) == ["$.url"]
