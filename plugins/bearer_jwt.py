@@ -197,7 +197,8 @@ def _jwks_keys(file: str) -> list[VerificationKey]:
             raise _at(".jwks_file", f"{where} holds a private key: publish only public keys")
         try:
             public = jwt.PyJWK(entry, algorithm).key
-        except jwt.PyJWTError:
+        # Older PyJWT lets cryptography's own ValueError through ("n must be >= 3").
+        except (jwt.PyJWTError, ValueError):
             raise _at(".jwks_file", f"{where} is not a valid {entry['kty']} public key") from None
         _check_size(public, ".jwks_file", where)
         keys.append(VerificationKey(algorithm, public, kid))
