@@ -15,6 +15,7 @@ import trio
 
 from hookgate import __version__, client, commands, config, gateway, hookspecs, logs
 from hookgate.hooks import Hooks
+from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.types import ComponentKind
 from hookgate.units import format_duration, seconds
 
@@ -222,7 +223,29 @@ def _check(path: str) -> int:
         origin = ", ".join(route.from_) if route.from_ else "any source"
         types = ", ".join(route.types) if route.types else "all types"
         print(f"    {route.name or f'route-{i}':<20} {origin} [{types}] -> {', '.join(route.to)}")
+    for warning in _egress_warnings(loaded):
+        print(warning)
     return 0
+
+
+def _egress_warnings(loaded: config.LoadedConfig) -> list[str]:
+    """One line per endpoint that the SSRF guard would refuse every delivery to, under this
+    config's own egress settings: such a config loads, but delivers nothing."""
+    egress = loaded.config.egress
+    guard = EgressGuard(egress.allow_networks, https_only=egress.https_only)
+    warnings = []
+    for name, endpoint in loaded.config.endpoints.items():
+        if endpoint.url is None:
+            continue
+        try:
+            guard.vet_url(endpoint.url)
+        except SsrfRefused as exc:
+            path = f"$.endpoints.{name}.url"
+            where = f"{loaded.path}:{loaded.line_of(path)}: {path}"
+            warnings.append(f"{where}: warning: every delivery will be refused: {exc}")
+        except (OSError, ValueError):
+            continue  # a name this host cannot resolve is vetted where the gateway runs
+    return warnings
 
 
 def _call_api(handler: Handler, args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ Loading has three steps, and every problem found on the way is collected and rep
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import os
 import re
@@ -284,6 +285,11 @@ class LoadedConfig:
     endpoint_auth: dict[str, Component] = field(default_factory=dict)  # by endpoint name
     transforms: dict[int, Component] = field(default_factory=dict)  # by index into config.routes
     route_positions: list[int] = field(default_factory=list)  # each route's index in the file
+    lines: dict[str, int] = field(default_factory=dict)  # key path -> line, as the loader read it
+
+    def line_of(self, path: str) -> int | None:
+        """The line of a key path (`$.endpoints.billing.url`), or of its nearest parent."""
+        return _line_of(self.lines, path)
 
 
 # Keys of the contract that this version does not implement yet. They are refused whatever their
@@ -513,13 +519,17 @@ class _Loader:
         )
 
     def line_of(self, path: str) -> int | None:
-        # Walk up the path until a recorded line is found (a missing key has its parent's line).
-        at: str | None = path
-        while at is not None:
-            if at in self.lines:
-                return self.lines[at]
-            at = _parent(at)
-        return self.lines.get("$")
+        return _line_of(self.lines, path)
+
+
+def _line_of(lines: dict[str, int], path: str) -> int | None:
+    # Walk up the path until a recorded line is found (a missing key has its parent's line).
+    at: str | None = path
+    while at is not None:
+        if at in lines:
+            return lines[at]
+        at = _parent(at)
+    return lines.get("$")
 
 
 # --- conversion -----------------------------------------------------------------------------
@@ -813,7 +823,7 @@ def loads(
     declared = {
         key: set(raw[key]) if isinstance(raw.get(key), dict) else set() for key in ("sources", "endpoints")
     }
-    loaded = LoadedConfig(config=config, path=Path(file), route_positions=route_indexes)
+    loaded = LoadedConfig(config=config, path=Path(file), route_positions=route_indexes, lines=loader.lines)
     _check_rules(loader, config, valid, declared["sources"], declared["endpoints"], route_indexes)
     _resolve_components(conv, loaded, registry)
     _raise_problems(loader.problems)
@@ -1205,13 +1215,36 @@ def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
             **shape,
             **({"description": description} if description else {}),
         }
-    # The loader refuses this source name; say so to editors too.
-    defs["Config"]["properties"]["sources"]["propertyNames"]["not"] = {"const": INTERNAL_SOURCE}
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "hookgate configuration",
-        **schema,
-    }
+    # The loader refuses this source name; say so to editors too. (msgspec before 0.22 writes no
+    # `propertyNames` for a dict's key pattern, hence the setdefault.)
+    sources = defs["Config"]["properties"]["sources"]
+    sources.setdefault("propertyNames", {})["not"] = {"const": INTERNAL_SOURCE}
+    return _clean_descriptions(
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "hookgate configuration",
+            **schema,
+        }
+    )
+
+
+def _clean_descriptions(node: Any) -> Any:
+    """Every `description` as `inspect.cleandoc` gives it, in place.
+
+    msgspec copies Struct docstrings into the schema, and its releases differ in how they indent
+    the lines after the first (0.23 dedents them, 0.22 did not). Cleaning them here keeps the
+    committed schema, and the docs made from it, the same whichever msgspec is installed.
+    """
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                node[key] = inspect.cleandoc(value)
+            else:
+                _clean_descriptions(value)
+    elif isinstance(node, list):
+        for item in node:
+            _clean_descriptions(item)
+    return node
 
 
 # --- one endpoint from the management API ---------------------------------------------------

@@ -28,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import httpx
 import trio
@@ -187,6 +188,21 @@ class EgressGuard:
         self._check_literal(host)
         bare = host.removeprefix("[").removesuffix("]")
         infos = await trio.socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)
+        return self._allowed(host, infos)
+
+    def vet_url(self, url: str) -> None:
+        """`check_url`, then resolve the host here and now as a delivery would, blocking: for
+        `hookgate check`, which warns of endpoints every delivery to would be refused. Raises
+        SsrfRefused, ValueError for a URL that does not parse, OSError if the name does not
+        resolve from this host."""
+        self.check_url(url)
+        parsed = httpx.URL(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        infos = socket.getaddrinfo(parsed.host, port, type=socket.SOCK_STREAM)
+        self._allowed(parsed.host, infos)
+
+    def _allowed(self, host: str, infos: Sequence[tuple[Any, ...]]) -> list[str]:
+        """The addresses of a getaddrinfo answer that may be connected to; SsrfRefused if none."""
         allowed: list[str] = []
         refused: list[tuple[str, tuple[str, str]]] = []
         for family, _, _, _, sockaddr in infos:

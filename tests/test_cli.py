@@ -192,6 +192,61 @@ def test_check_reads_hookgate_config_and_reports_a_missing_file(tmp_path: Path) 
     assert result.stderr == "hookgate.yaml: $: cannot read config: No such file or directory\n"
 
 
+EGRESS_CONFIG = """
+    egress:
+      allow_networks: {allow}
+      https_only: {https_only}
+    endpoints:
+      loopback:
+        url: http://127.0.0.1:8000/hooks
+      named:
+        url: http://localhost:8001/hooks
+      metadata:
+        url: http://169.254.169.254/latest
+      elsewhere:
+        url: https://does-not-resolve.invalid/hooks
+      nats:
+        subject: audit.events
+    """
+
+
+def test_check_warns_of_every_endpoint_the_ssrf_guard_would_refuse(tmp_path: Path) -> None:
+    path = write(tmp_path, EGRESS_CONFIG.format(allow="[]", https_only="false"))
+    result = hookgate("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "warning:" in line]
+    assert [w.split(": warning:")[0] for w in warnings] == [
+        f"{path}:6: $.endpoints.loopback.url",
+        f"{path}:8: $.endpoints.named.url",
+        f"{path}:10: $.endpoints.metadata.url",
+    ]
+    assert "127.0.0.1: it is a loopback address" in warnings[0]
+    assert "localhost: it resolves to" in warnings[1]
+    assert "link-local" in warnings[2]
+    assert all("egress.allow_networks" in w for w in warnings)
+
+
+def test_check_does_not_warn_of_endpoints_the_egress_settings_allow(tmp_path: Path) -> None:
+    allow = '["127.0.0.0/8", "::1/128", "169.254.169.254/32"]'
+    path = write(tmp_path, EGRESS_CONFIG.format(allow=allow, https_only="false"))
+    result = hookgate("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout
+
+
+def test_check_warns_of_plain_http_endpoints_under_https_only(tmp_path: Path) -> None:
+    allow = '["127.0.0.0/8", "::1/128", "169.254.169.254/32"]'
+    path = write(tmp_path, EGRESS_CONFIG.format(allow=allow, https_only="true"))
+    result = hookgate("check", "-c", str(path))
+    warned = [line.split(": warning:")[0] for line in result.stdout.splitlines() if "warning:" in line]
+    assert warned == [
+        f"{path}:6: $.endpoints.loopback.url",
+        f"{path}:8: $.endpoints.named.url",
+        f"{path}:10: $.endpoints.metadata.url",
+    ]
+    assert "egress.https_only" in result.stdout
+
+
 def test_run_refuses_a_bad_config_before_starting(tmp_path: Path) -> None:
     path = write(tmp_path, "server:\n  listen: nowhere\n")
     result = hookgate("run", "-c", str(path))
