@@ -328,7 +328,10 @@ class Dispatcher:
         finally:
             if self._slots.get(name) is slot:
                 del self._slots[name]
-            self._reconcile()  # re-added while this one was stopping: serve it again
+        # Re-added while this one was stopping: serve it again. Not from a `finally`: when the
+        # gateway is cancelled from outside, each new worker would be cancelled at once and would
+        # start the next, without end.
+        self._reconcile()
 
     async def _consumer(self, endpoint: Endpoint, stop: trio.Event) -> PullConsumer | None:
         """Create or update the endpoint's durable consumer, retrying until it exists or `stop`."""

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -245,3 +246,35 @@ def test_missing_nats_server_binary_fails_with_a_clear_message(tmp_path: Path) -
     assert result.returncode == 1
     assert "cannot start" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+CANCEL_FROM_OUTSIDE = """
+import sys, trio
+from hookgate import config, gateway
+from hookgate.hooks import Hooks
+
+async def main():
+    hooks = Hooks()
+    loaded = config.load(sys.argv[1], hooks.registry)
+    async with trio.open_nursery() as nursery:
+        run = lambda task_status: gateway.run(loaded, hooks, stopping=trio.Event(), task_status=task_status)
+        await nursery.start(run)
+        nursery.cancel_scope.cancel()  # as a crash of a sibling task would, without `stopping`
+
+trio.run(main)
+"""
+
+
+async def test_a_gateway_cancelled_from_outside_stops(tmp_path: Path) -> None:
+    # Code that embeds the gateway may cancel it, and so does an error in any of its tasks. Every
+    # endpoint worker must then end for good: one that restarted itself as it was cancelled kept
+    # the process alive, spawning workers without end.
+    async with receiver() as rx:
+        config = _write_config(tmp_path, _free_port(), rx.url)
+        # A timeout kills it (and the kernel its nats-server) and fails the test.
+        result = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-c", CANCEL_FROM_OUTSIDE, str(config)], capture_output=True, timeout=30
+            )
+        )
+    assert result.returncode == 0, result.stderr.decode()
