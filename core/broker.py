@@ -30,7 +30,7 @@ from hookgate.bridge import (
     StreamSpec,
 )
 from hookgate.config import BrokerConfig
-from hookgate.units import seconds
+from hookgate.units import plural, seconds
 
 __all__ = [
     "Broker",
@@ -269,7 +269,8 @@ class Broker:
                         pending.done.set()
                     elif not all(r.ok for r in result):
                         errors = {r.error for r in result if r.error}
-                        log.warning("could not store %d messages: %s", len(errors), "; ".join(sorted(errors)))
+                        failed = plural(sum(1 for r in result if not r.ok), "message")
+                        log.warning("could not store %s: %s", failed, "; ".join(sorted(errors)))
             finally:
                 self._in_flight -= 1
                 if not self._queue and not self._in_flight:

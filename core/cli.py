@@ -16,7 +16,7 @@ import trio
 from hookgate import __version__, client, commands, config, gateway, hookspecs, logs
 from hookgate.hooks import Hooks
 from hookgate.types import ComponentKind
-from hookgate.units import format_duration, seconds
+from hookgate.units import format_duration, plural, seconds
 
 Handler = Callable[[client.ApiClient, argparse.Namespace], int]
 
@@ -215,7 +215,7 @@ def _check(path: str) -> int:
         signer = loaded.signers.get(name)
         print(
             f"    {name:<20} {target}  timeout {format_duration(seconds(endpoint.timeout))}, "
-            f"{attempts} attempts, signing: {signer.type if signer else 'none'}"
+            f"{plural(attempts, 'attempt')}, signing: {signer.type if signer else 'none'}"
         )
     print(f"  routes:    {len(c.routes)}")
     for i, route in enumerate(c.routes):
