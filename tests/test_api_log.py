@@ -17,6 +17,7 @@ from tests.support import (
     NatsServer,
     Received,
     base_config,
+    free_port,
     receiver,
     run_gateway,
     stream_messages,
@@ -297,6 +298,25 @@ async def test_retry_of_a_delivery_on_its_way_is_refused(tmp_path: Path, nats_se
     assert missing.status_code == 404
     assert wrong_method.status_code == 405
     assert ok.requests == []
+
+
+async def test_a_refused_connection_is_reported_once(tmp_path: Path, nats_server: NatsServer) -> None:
+    port = free_port()
+    text = base_config(
+        nats_server.url,
+        f"""
+        endpoints:
+          down: {{url: "http://127.0.0.1:{port}/in", retry: {{schedule: []}}}}
+        """,
+    )
+    async with run_gateway(tmp_path, text) as gw:
+        await gw.publish("x", {}, to=["down"])
+        page = await _until(gw, "/deliveries", lambda p: _statuses(p) == {"down": "dead"}, endpoint="down")
+        detail = await _get(gw, f"/deliveries/{page['data'][0]['id']}")
+    message = f"could not connect to 127.0.0.1:{port}: Connection refused"
+    assert page["data"][0]["last_error"] == message
+    [attempt] = detail["attempt_log"]
+    assert attempt["error_kind"] == "connect" and attempt["error"] == message
 
 
 def test_api_times_accept_durations_and_rfc3339() -> None:
