@@ -299,7 +299,7 @@ class EndpointApi:
         try:
             return self.catalog.check(raw).config
         except ConfigError as exc:
-            message = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+            message = "; ".join(f"{p.at}: {p.message}" for p in exc.problems)
             await send_error(send, 422, "invalid_endpoint", message)
             return None
 

@@ -158,7 +158,7 @@ class Catalog:
         except ConfigError as exc:
             # The API checked the document before storing it, so this is a replica without the
             # plugin it names, or with another version of it: paths and messages say which.
-            problems = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+            problems = "; ".join(f"{p.at}: {p.message}" for p in exc.problems)
             log.error("endpoint %s cannot be used on this replica: %s", name, problems)
             return None
         document = checked.config

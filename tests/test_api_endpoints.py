@@ -118,7 +118,7 @@ async def test_crud_answers_with_the_documented_statuses_and_bodies(
         (bad_duration, "$.retry.schedule[0]"),
         (bad_secret, "$.signing.secret"),
         (bad_filter, "$.filter.a"),
-        (no_name, '$: missing required key "name"'),
+        (no_name, '$.name: missing required key "name"'),
         (unknown_key, "$.colour"),
     ):
         assert response.status_code == 422, response.text
