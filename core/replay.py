@@ -38,7 +38,7 @@ from hookgate.deliverylog import (
 )
 from hookgate.logquery import DeliveryLog, DeliveryState, created_within, stored_by
 from hookgate.types import Delivery, Event
-from hookgate.units import rfc3339
+from hookgate.units import parse_time, rfc3339
 
 log = logging.getLogger("hookgate.replay")
 
@@ -72,11 +72,17 @@ class Job(msgspec.Struct, kw_only=True):
     skipped: int = 0  # matched, but could not be replayed (event no longer retained)
     error: str | None = None
     started_at: str
-    updated_at: float = 0.0
+    updated_at: str = ""  # RFC 3339, like the other times
     finished_at: str | None = None
 
 
-_job_decoder = msgspec.json.Decoder(Job)
+class _StoredJob(Job, kw_only=True):
+    """A job as stored: records written before `updated_at` was RFC 3339 hold unix seconds."""
+
+    updated_at: str | float = ""  # type: ignore[assignment]
+
+
+_job_decoder = msgspec.json.Decoder(_StoredJob)
 
 Rebuild = Callable[[Event, str], Awaitable[Event]]
 
@@ -237,8 +243,7 @@ class Replayer:
                     return current, False
             now = time.time()
             job.id = f"job_{key}_{int(now * 1000):x}"
-            job.started_at = rfc3339(now)
-            job.updated_at = now
+            job.started_at = job.updated_at = rfc3339(now)
             result = await self.broker.publish(
                 OutMsg(
                     subject,
@@ -263,8 +268,9 @@ class Replayer:
             log.exception("%s job %s for %s failed", job.kind, job.id, job.endpoint)
             job.state = "failed"
             job.error = str(exc) or type(exc).__name__
-        job.finished_at = rfc3339(time.time())
-        await self._save(job)
+        now = time.time()
+        job.finished_at = rfc3339(now)
+        await self._save(job, now)
         log.info(
             "%s job %s for %s %s: %d requeued, %d skipped, %d scanned",
             job.kind,
@@ -276,8 +282,8 @@ class Replayer:
             job.scanned,
         )
 
-    async def _save(self, job: Job) -> None:
-        job.updated_at = time.time()
+    async def _save(self, job: Job, now: float | None = None) -> None:
+        job.updated_at = rfc3339(time.time() if now is None else now)
         key = _job_key(job.id)
         assert key is not None, "ids of started jobs are job_<key>_<time>"
         await self.broker.publish(OutMsg(self.t.job_subject(key), _encode_json(job)))
@@ -375,14 +381,25 @@ def _job_key(job_id: str) -> str | None:
 
 def _decode_job(data: bytes) -> Job | None:
     try:
-        return _job_decoder.decode(data)
+        stored = _job_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+    fields = msgspec.structs.asdict(stored)
+    if not isinstance(stored.updated_at, str):
+        fields["updated_at"] = rfc3339(stored.updated_at)
+    return Job(**fields)
+
+
+def _updated(job: Job) -> float:
+    try:
+        return parse_time(job.updated_at)
+    except ValueError:
+        return 0.0  # unreadable: as old as can be
 
 
 def _with_staleness(job: Job) -> Job:
     """A running job whose replica stopped updating it is reported failed."""
-    if job.state == "running" and time.time() - job.updated_at > STALE_AFTER:
+    if job.state == "running" and time.time() - _updated(job) > STALE_AFTER:
         return msgspec.structs.replace(
             job, state="failed", error="the replica running it stopped before it finished"
         )
