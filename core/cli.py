@@ -115,6 +115,11 @@ def _api_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "retry", commands.retry, "send one delivery again now (a new attempt, fresh retry schedule)"
     )
     retry.add_argument("id")
+    retry.add_argument(
+        "--now",
+        action="store_true",
+        help="for a delivery waiting to be retried: send its next attempt now instead of when it is due",
+    )
     recover = command(
         "recover", commands.recover, "re-enqueue an endpoint's failed and dead deliveries in a time range"
     )
