@@ -307,6 +307,7 @@ async def test_retry_now_sends_a_retrying_deliverys_next_attempt_at_once(
         receiver(_first_attempt_fails) as later,
         receiver() as limited,
         receiver() as off,
+        receiver(lambda r, n: 500) as inline,
     ):
         text = base_config(
             nats_server.url,
@@ -315,6 +316,7 @@ async def test_retry_now_sends_a_retrying_deliverys_next_attempt_at_once(
               later: {{url: "{later.url}/in", retry: {{schedule: [1h, 1h], jitter: 0}}}}
               limited: {{url: "{limited.url}/in", rate_limit: {{rate: 1, per: 1h, burst: 1}}}}
               off: {{url: "{off.url}/in"}}
+              inline: {{url: "{inline.url}/in", ordered: true, retry: {{schedule: [1h], jitter: 0}}}}
             """,
         )
         async with run_gateway(tmp_path, text) as gw:
@@ -359,6 +361,12 @@ async def test_retry_now_sends_a_retrying_deliverys_next_attempt_at_once(
             )
             held_now = await retry(held["data"][0]["id"])
 
+            await gw.publish("x", {}, id="head", to=["inline"])
+            head = await _until(
+                gw, "/deliveries", lambda p: len(p["data"]) == 1, endpoint="inline", status="retrying"
+            )
+            head_now = await retry(head["data"][0]["id"])
+
     assert row["next_attempt_at"] > row["created_at"]  # an hour later
     assert (plain.status_code, plain.json()["error"]) == (409, "delivery_active")
     assert "now=true" in plain.json()["message"]
@@ -388,6 +396,9 @@ async def test_retry_now_sends_a_retrying_deliverys_next_attempt_at_once(
     assert len(limited.requests) == 1
     assert (held_now.status_code, held_now.json()["error"]) == (409, "endpoint_disabled")
     assert "disabled" in held_now.json()["message"] and off.requests == []
+    # An ordered endpoint retries its head in place, not by a schedule: nothing to pull forward.
+    assert (head_now.status_code, head_now.json()["error"]) == (409, "ordered_endpoint")
+    assert len(inline.requests) == 1
 
 
 async def _append(into: list[Any], call: Any) -> None:
