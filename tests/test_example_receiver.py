@@ -32,7 +32,7 @@ class Printed:
     text: str = ""
     _changed: trio.Event = field(default_factory=trio.Event)
 
-    def add(self, chunk: bytes) -> None:
+    def add(self, chunk: bytes | bytearray) -> None:
         self.text += chunk.decode()
         self._changed.set()
         self._changed = trio.Event()
