@@ -4,6 +4,7 @@ gateway on the quickstart's own config: it prints what the README says it prints
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import hashlib
 import hmac
@@ -31,9 +32,10 @@ class Printed:
 
     text: str = ""
     _changed: trio.Event = field(default_factory=trio.Event)
+    _decoder: codecs.IncrementalDecoder = field(default_factory=codecs.getincrementaldecoder("utf-8"))
 
     def add(self, chunk: bytes | bytearray) -> None:
-        self.text += chunk.decode()
+        self.text += self._decoder.decode(chunk)  # a character may be split between chunks
         self._changed.set()
         self._changed = trio.Event()
 
