@@ -28,7 +28,7 @@ from hookgate.asgi import (
     send_json,
 )
 from hookgate.broker import Broker
-from hookgate.catalog import Catalog, CatalogEntry, EndpointDocument
+from hookgate.catalog import Catalog, CatalogEntry, EndpointDocument, pack, unpack
 from hookgate.config import ConfigError, EndpointConfig
 from hookgate.endpoint_state import EndpointStates
 from hookgate.redact import placeholders, redact
@@ -52,7 +52,7 @@ class EndpointOut(msgspec.Struct, kw_only=True):
     types: list[str] | None
     filter: dict[str, Any] | None
     disabled: bool
-    revision: int | None  # of its stored document; None for YAML endpoints
+    revision: int | None  # 1 when created through the API, one more per change; None for YAML endpoints
     config: dict[str, Any]  # every setting, secrets redacted (except in the create's answer)
 
 
@@ -168,18 +168,16 @@ class EndpointApi:
             await send_error(send, 409, "conflict", f"endpoint {name!r} exists (in the config file)")
             return
         try:
-            revision = await self.broker.kv_create(self.bucket, name, msgspec.json.encode(raw))
+            kv_revision = await self.broker.kv_create(self.bucket, name, pack(raw, 1))
         except Exception as exc:
             await _unavailable(send, f"could not store endpoint {name}", exc)
             return
-        if revision is None:
+        if kv_revision is None:
             await send_error(send, 409, "conflict", f"endpoint {name!r} exists")
             return
-        await self.catalog.wait_for(revision, APPLY_TIMEOUT)
-        log.info("endpoint %s created through the API (revision %d)", name, revision)
-        view = show(
-            name, "api", document, disabled=self.states.disabled(name), revision=revision, reveal=True
-        )
+        await self.catalog.wait_for(kv_revision, APPLY_TIMEOUT)
+        log.info("endpoint %s created through the API", name)
+        view = show(name, "api", document, disabled=self.states.disabled(name), revision=1, reveal=True)
         await send_json(send, 201, view, headers=[(b"location", f"{PREFIX}/{name}".encode())])
 
     async def _change(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
@@ -200,21 +198,23 @@ class EndpointApi:
             await send_error(send, 422, "invalid_endpoint", "$.name: an endpoint cannot be renamed")
             return
         try:
-            current = msgspec.json.decode(stored.value or b"{}")
+            current, revision = unpack(stored.value or b"{}", stored.revision)
         except msgspec.DecodeError:
-            current = {}  # not written by us: the patch must then give a whole document
+            # Not written by us: the patch must then give a whole document.
+            current, revision = {}, stored.revision
         raw = merge_patch(current, patch)
         document = await self._check(send, raw)
         if document is None:
             return
+        revision += 1
         try:
-            revision = await self.broker.kv_update(
-                self.bucket, name, msgspec.json.encode(raw), stored.revision
-            )
+            # Only over the version the patch was applied to: a change made meanwhile (through
+            # any replica) moved the key's KV revision on, and this write is refused.
+            kv_revision = await self.broker.kv_update(self.bucket, name, pack(raw, revision), stored.revision)
         except Exception as exc:
             await _unavailable(send, f"could not store endpoint {name}", exc)
             return
-        if revision is None:
+        if kv_revision is None:
             await send_error(
                 send,
                 409,
@@ -222,7 +222,7 @@ class EndpointApi:
                 f"endpoint {name!r} was changed or deleted meanwhile; read it and retry",
             )
             return
-        await self.catalog.wait_for(revision, APPLY_TIMEOUT)
+        await self.catalog.wait_for(kv_revision, APPLY_TIMEOUT)
         log.info("endpoint %s changed through the API (revision %d)", name, revision)
         await send_json(
             send, 200, show(name, "api", document, disabled=self.states.disabled(name), revision=revision)
@@ -234,7 +234,7 @@ class EndpointApi:
         topology = self.broker.topology
         try:
             stored = await self.broker.kv_get(self.bucket, name)
-            revision = (
+            kv_revision = (
                 None if stored is None else await self.broker.kv_delete(self.bucket, name, stored.revision)
             )
         except Exception as exc:
@@ -243,10 +243,10 @@ class EndpointApi:
         if stored is None:
             await _not_found(send, name)
             return
-        if revision is None:
+        if kv_revision is None:
             await send_error(send, 409, "conflict", f"endpoint {name!r} was changed meanwhile; retry")
             return
-        await self.catalog.wait_for(revision, APPLY_TIMEOUT)
+        await self.catalog.wait_for(kv_revision, APPLY_TIMEOUT)
         # Every replica stops its worker when it sees the delete; the consumer, what is still
         # queued for the endpoint and its state go once, here, so a new endpoint of the same name
         # starts empty. Another replica still pulling finds the consumer gone and waits quietly.
@@ -299,7 +299,7 @@ class EndpointApi:
         try:
             return self.catalog.check(raw).config
         except ConfigError as exc:
-            message = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+            message = "; ".join(f"{p.at}: {p.message}" for p in exc.problems)
             await send_error(send, 422, "invalid_endpoint", message)
             return None
 

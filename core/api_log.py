@@ -47,7 +47,7 @@ class LogApi:
             ("events", "*"): {"GET": lambda: self._get_event(send, parts[1])},
             ("deliveries",): {"GET": lambda: self._list_deliveries(scope, send)},
             ("deliveries", "*"): {"GET": lambda: self._get_delivery(send, parts[1])},
-            ("deliveries", "*", "retry"): {"POST": lambda: self._retry(send, parts[1])},
+            ("deliveries", "*", "retry"): {"POST": lambda: self._retry(scope, send, parts[1])},
             ("endpoints", "*", "recover"): {"POST": lambda: self._recover(scope, receive, send, parts[1])},
             ("endpoints", "*", "redrive"): {"POST": lambda: self._redrive(send, parts[1])},
             ("jobs", "*"): {"GET": lambda: self._get_job(send, parts[1])},
@@ -130,8 +130,9 @@ class LogApi:
 
     # --- replays -------------------------------------------------------------------------------
 
-    async def _retry(self, send: Send, delivery_id: str) -> None:
-        state, attempt = await self.replayer.retry(delivery_id)
+    async def _retry(self, scope: Scope, send: Send, delivery_id: str) -> None:
+        now = _Query(scope, {"now"}).flag("now")
+        state, attempt, pulled_forward = await self.replayer.retry(delivery_id, now=now)
         await send_json(
             send,
             202,
@@ -140,6 +141,7 @@ class LogApi:
                 "endpoint": state.created.endpoint,
                 "attempt": attempt,
                 "status": "pending",
+                "pulled_forward": pulled_forward,
             },
         )
 
@@ -227,6 +229,14 @@ class _Query:
             return parse_time(value)
         except ValueError as exc:
             raise BadQuery(f"{name}: {exc}") from None
+
+    def flag(self, name: str) -> bool:
+        value = self.text(name)
+        if value is None or value in ("false", "0"):
+            return False
+        if value in ("true", "1"):
+            return True
+        raise BadQuery(f"{name} must be true or false, got {value!r}")
 
     def limit(self) -> int:
         value = self.text("limit")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
@@ -16,6 +18,26 @@ _json = msgspec.json.Encoder()
 # msgspec raises RecursionError for JSON nested deeper than it decodes; that is the sender's fault.
 TOO_DEEP = "the body's JSON is nested too deeply"
 T = TypeVar("T")
+
+
+_AT = re.compile(r" - at `(\$[^`]*)`$")
+_FIELD = re.compile(r"^Object (?:missing required|contains unknown) field `(.*)`$")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def with_path(message: str) -> str:
+    """msgspec's validation message, always ending with the path of what is at fault.
+
+    msgspec names the object a missing or unknown field belongs to, and names no path at the top
+    level: "Object missing required field `type`" becomes "... - at `$.type`".
+    """
+    found = _AT.search(message)
+    path, text = (found.group(1), message[: found.start()]) if found else ("$", message)
+    field = _FIELD.match(text)
+    if field is not None:
+        key = field.group(1)
+        path = f"{path}.{key}" if _PLAIN_KEY.fullmatch(key) else f"{path}[{json.dumps(key)}]"
+    return f"{text} - at `{path}`"
 
 
 class BodyTooLarge(Exception):
@@ -112,7 +134,7 @@ async def read_json_or_answer(
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        await send_error(send, 422, invalid_code, str(exc))
+        await send_error(send, 422, invalid_code, with_path(str(exc)))
     except msgspec.DecodeError as exc:
         await send_error(send, 400, "malformed_body", f"the body is not valid JSON: {exc}")
     except RecursionError:

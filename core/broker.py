@@ -12,6 +12,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import trio
 
@@ -30,7 +31,7 @@ from hookgate.bridge import (
     StreamSpec,
 )
 from hookgate.config import BrokerConfig
-from hookgate.units import seconds
+from hookgate.units import plural, seconds
 
 __all__ = [
     "Broker",
@@ -269,11 +270,46 @@ class Broker:
                         pending.done.set()
                     elif not all(r.ok for r in result):
                         errors = {r.error for r in result if r.error}
-                        log.warning("could not store %d messages: %s", len(errors), "; ".join(sorted(errors)))
+                        failed = plural(sum(1 for r in result if not r.ok), "message")
+                        log.warning("could not store %s: %s", failed, "; ".join(sorted(errors)))
             finally:
                 self._in_flight -= 1
                 if not self._queue and not self._in_flight:
                     self._idle.set()
+
+    @staticmethod
+    def due_at(schedule: StoredMsg) -> float | None:
+        """When a scheduled message (`Nats-Schedule: @at <RFC 3339>`) is due, in unix seconds."""
+        pattern = schedule.headers.get("Nats-Schedule", "")
+        if not pattern.startswith("@at "):
+            return None
+        try:
+            return datetime.fromisoformat(pattern[4:].strip().replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+
+    async def fire_now(self, schedule: StoredMsg) -> PubResult:
+        """Publish a pending scheduled message (`@at`) to its target now, as the server does when
+        it is due, and remove the schedule in the same step.
+
+        The server stores the message and purges the schedule's subject together, and only if
+        `schedule` is still the last message on that subject: once the schedule fired (or another
+        caller fired it) the result is an error that says "wrong last sequence", and nothing is
+        published, so the target gets the message once.
+        """
+        target = schedule.headers.get("Nats-Schedule-Target")
+        if target is None:
+            return PubResult(error=f"{schedule.subject} holds no schedule")
+        headers = {k: v for k, v in schedule.headers.items() if not k.lower().startswith("nats-")}
+        headers.update(
+            {
+                "Nats-Scheduler": schedule.subject,
+                "Nats-Schedule-Next": "purge",
+                "Nats-Expected-Last-Subject-Sequence": str(schedule.seq),
+                "Nats-Expected-Last-Subject-Sequence-Subject": schedule.subject,
+            }
+        )
+        return await self.publish(OutMsg(target, schedule.data, headers))
 
     # --- consuming -------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The catalog of endpoints: the YAML ones (read-only) and those created through the API.
 
-API endpoints are JSON documents in the `<PREFIX>ENDPOINT_CONFIGS` KV bucket, one per name. Every
+API endpoints are JSON documents in the `<PREFIX>ENDPOINT_CONFIGS` KV bucket, one per name, each
+stored with its own revision (see `pack`: the bucket's revisions count every endpoint's writes). Every
 replica follows the bucket with a KV watch, so an endpoint created, changed or deleted through any
 replica's API reaches the router and dispatcher of all of them without a restart. A document is
 checked on the way in (by the API) and again on the way out (here), with the same code that checks
@@ -56,6 +57,28 @@ class EndpointDocument(EndpointConfig, kw_only=True):  # type: ignore[call-arg]
 Source = Literal["config", "api"]
 
 
+def pack(document: dict[str, Any], revision: int) -> bytes:
+    """What the bucket holds for an API endpoint: its document and its own revision (1 when
+    created, one more per change of it). KV revisions count every write to the whole bucket."""
+    return msgspec.json.encode({"revision": revision, "endpoint": document})
+
+
+def unpack(value: bytes, kv_revision: int) -> tuple[Any, int]:
+    """The document and its revision; raises msgspec.DecodeError when the value is not JSON.
+
+    A bare document, stored before endpoints had their own revision, counts its KV revision: the
+    number the API showed for it then, so its revision never goes back."""
+    stored = msgspec.json.decode(value)
+    if (
+        isinstance(stored, dict)
+        and stored.keys() == {"revision", "endpoint"}
+        and type(stored["revision"]) is int
+        and isinstance(stored["endpoint"], dict)
+    ):
+        return stored["endpoint"], stored["revision"]
+    return stored, kv_revision
+
+
 @dataclass(frozen=True)
 class CatalogEntry:
     name: str
@@ -63,7 +86,8 @@ class CatalogEntry:
     config: EndpointConfig  # an EndpointDocument for API endpoints
     endpoint: Endpoint
     route: CompiledRoute | None = None  # the subscription of an API endpoint
-    revision: int = 0  # of its KV document
+    revision: int = 0  # of an API endpoint: 1 when created, one more per change
+    kv_revision: int = 0  # of its document in the bucket
 
     @property
     def read_only(self) -> bool:
@@ -90,7 +114,7 @@ class Catalog:
             for name, endpoint in loaded.config.endpoints.items()
         }
         self.api_entries: dict[str, CatalogEntry] = {}
-        self.revision = 0  # the latest KV revision applied
+        self.kv_revision = 0  # the latest KV revision applied
         self._applied = trio.Event()
         self._listeners: list[Listener] = []
 
@@ -151,29 +175,30 @@ class Catalog:
             log.warning("endpoint %s is in the config file and in the API's store; the config wins", name)
             return None
         try:
-            checked = self.check(msgspec.json.decode(update.value or b""))
+            document, revision = unpack(update.value or b"", update.revision)
+            checked = self.check(document)
         except msgspec.DecodeError:
             log.error("endpoint %s: its stored document is not JSON; skipped", name)
             return None
         except ConfigError as exc:
             # The API checked the document before storing it, so this is a replica without the
             # plugin it names, or with another version of it: paths and messages say which.
-            problems = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+            problems = "; ".join(f"{p.at}: {p.message}" for p in exc.problems)
             log.error("endpoint %s cannot be used on this replica: %s", name, problems)
             return None
-        document = checked.config
-        if document.name != name:
-            log.error("endpoint %s: its stored document names %r; skipped", name, document.name)
+        config = checked.config
+        if config.name != name:
+            log.error("endpoint %s: its stored document names %r; skipped", name, config.name)
             return None
         try:
-            endpoint = self._build(name, document, checked.signer, checked.auth)
+            endpoint = self._build(name, config, checked.signer, checked.auth)
         except Exception as exc:
             log.error("endpoint %s cannot be built: %s", name, type(exc).__name__)
             return None
         route = CompiledRoute.compile(
-            0, RouteConfig(to=[name], name=f"endpoint:{name}", types=document.types, filter=document.filter)
+            0, RouteConfig(to=[name], name=f"endpoint:{name}", types=config.types, filter=config.filter)
         )
-        return CatalogEntry(name, "api", document, endpoint, route, update.revision)
+        return CatalogEntry(name, "api", config, endpoint, route, revision, update.revision)
 
     # --- following the store -------------------------------------------------------------------
 
@@ -182,10 +207,10 @@ class Catalog:
         before = self.api_entries
         entries = {} if snapshot else dict(before)
         for update in updates:
-            self.revision = max(self.revision, update.revision)
+            self.kv_revision = max(self.kv_revision, update.revision)
             entries.pop(update.key, None)
             unchanged = before.get(update.key)
-            if unchanged is not None and unchanged.revision == update.revision:
+            if unchanged is not None and unchanged.kv_revision == update.revision:
                 entries[update.key] = unchanged  # a snapshot after a re-watch: keep its worker
             elif update.value is not None and (entry := self._entry(update)) is not None:
                 entries[update.key] = entry
@@ -205,10 +230,10 @@ class Catalog:
         self._applied.set()
         self._applied = trio.Event()
 
-    async def wait_for(self, revision: int, timeout: float = 5.0) -> bool:
-        """Whether this replica applied `revision` within `timeout` (read-your-writes for the API)."""
+    async def wait_for(self, kv_revision: int, timeout: float = 5.0) -> bool:
+        """Whether this replica applied `kv_revision` within `timeout` (read-your-writes for the API)."""
         with trio.move_on_after(timeout):
-            while self.revision < revision:
+            while self.kv_revision < kv_revision:
                 await self._applied.wait()
             return True
         return False

@@ -17,7 +17,7 @@ from hookgate import __version__, client, commands, config, gateway, hookspecs, 
 from hookgate.hooks import Hooks
 from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.types import ComponentKind
-from hookgate.units import format_duration, seconds
+from hookgate.units import format_duration, plural, seconds
 
 Handler = Callable[[client.ApiClient, argparse.Namespace], int]
 
@@ -116,6 +116,11 @@ def _api_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "retry", commands.retry, "send one delivery again now (a new attempt, fresh retry schedule)"
     )
     retry.add_argument("id")
+    retry.add_argument(
+        "--now",
+        action="store_true",
+        help="for a delivery waiting to be retried: send its next attempt now instead of when it is due",
+    )
     recover = command(
         "recover", commands.recover, "re-enqueue an endpoint's failed and dead deliveries in a time range"
     )
@@ -216,7 +221,7 @@ def _check(path: str) -> int:
         signer = loaded.signers.get(name)
         print(
             f"    {name:<20} {target}  timeout {format_duration(seconds(endpoint.timeout))}, "
-            f"{attempts} attempts, signing: {signer.type if signer else 'none'}"
+            f"{plural(attempts, 'attempt')}, signing: {signer.type if signer else 'none'}"
         )
     print(f"  routes:    {len(c.routes)}")
     for i, route in enumerate(c.routes):

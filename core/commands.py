@@ -154,16 +154,26 @@ def read_data(spec: str) -> Any:
 
 def retry(client: ApiClient, args: argparse.Namespace) -> int:
     try:
-        reply = client.post(f"/deliveries/{args.id}/retry")
+        reply = client.request(
+            "POST", f"/deliveries/{args.id}/retry", params={"now": "true" if args.now else None}
+        )
     except ApiError as exc:
+        if exc.status == 409 and exc.code == "delivery_active" and not args.now:
+            hint = "wait for it to finish, or send a retrying one's next attempt now with --now"
+            raise ApiError(f"{exc}. Nothing was queued; {hint}") from None
         if exc.status == 409:
-            raise ApiError(f"{exc}. Nothing was queued; wait for it to finish, then retry") from None
+            raise ApiError(f"{exc}. Nothing was queued") from None
         raise
-    _show(
-        args,
-        reply.object(),
-        lambda b: f"delivery {b.get('delivery')} to {b.get('endpoint')} queued as attempt {b.get('attempt')}",
-    )
+
+    def done(b: dict[str, Any]) -> str:
+        what = (
+            "attempt {attempt} pulled forward: sent now"
+            if b.get("pulled_forward")
+            else "queued as attempt {attempt}"
+        )
+        return f"delivery {b.get('delivery')} to {b.get('endpoint')} " + what.format(attempt=b.get("attempt"))
+
+    _show(args, reply.object(), done)
     return 0
 
 

@@ -21,10 +21,10 @@ import json
 import os
 import re
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar, Union, get_args, get_origin
 
 import msgspec
 import yaml
@@ -314,6 +314,13 @@ class Problem:
     line: int | None
     path: str
     message: str
+    missing: str | None = None  # the key that is missing at `path`, if that is the problem
+
+    @property
+    def at(self) -> str:
+        """The path of what is at fault: a missing key's own path (`$.url`), where `path` (and
+        the line of a YAML file) is its parent's."""
+        return _child(self.path, self.missing) if self.missing is not None else self.path
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
@@ -507,7 +514,9 @@ class _Loader:
         """Whether a value at or below `path` lacks a variable (a whole-value error may follow from it)."""
         return any(u == path or u.startswith((path + ".", path + "[")) for u in self.unresolved)
 
-    def problem(self, path: str, message: str, line: int | None = None) -> None:
+    def problem(
+        self, path: str, message: str, line: int | None = None, *, missing: str | None = None
+    ) -> None:
         """Record a problem, unless it is at or below a value that lacks a variable."""
         at: str | None = path
         while at is not None:
@@ -515,7 +524,7 @@ class _Loader:
                 return
             at = _parent(at)
         self.problems.append(
-            Problem(self.file, line if line is not None else self.line_of(path), path, message)
+            Problem(self.file, line if line is not None else self.line_of(path), path, message, missing)
         )
 
     def line_of(self, path: str) -> int | None:
@@ -670,7 +679,7 @@ class _Converter:
             for name, f in fields.items():
                 if f.required and name not in value:
                     if name not in self.suggested.get(path, ()):
-                        self.loader.problem(path, f"missing required key {_show(name)}")
+                        self.loader.problem(path, f"missing required key {_show(name)}", missing=name)
                     found += 1
             return found
         if get_origin(bare) is list and isinstance(value, list):
@@ -931,7 +940,8 @@ _OWN_HEADERS = frozenset(
 )
 
 
-Report = Callable[[str, str], None]
+class Report(Protocol):
+    def __call__(self, path: str, message: str, *, missing: str | None = None) -> None: ...
 
 
 def _check_rules(
@@ -1047,7 +1057,7 @@ def _check_endpoint(
     problem: Report, path: str, endpoint: EndpointConfig, broker: BrokerConfig | None
 ) -> None:
     if (endpoint.url is None) == (endpoint.subject is None):
-        problem(path, "set exactly one of url or subject")
+        problem(path, "set exactly one of url or subject", missing="url" if endpoint.url is None else None)
     if endpoint.url is not None and not _HTTP_URL.fullmatch(endpoint.url):
         problem(f"{path}.url", f"expected an http:// or https:// URL, got {_show(endpoint.url)}")
     if endpoint.subject is not None:
@@ -1143,7 +1153,9 @@ def _resolve(
         return None
     type_name = spec.get(key)
     if type_name is None:
-        conv.loader.problem(path, f"missing required key {_show(key)} (installed {kind}s: {installed})")
+        conv.loader.problem(
+            path, f"missing required key {_show(key)} (installed {kind}s: {installed})", missing=key
+        )
         return None
     component_type = registry.get(kind, type_name) if isinstance(type_name, str) else None
     if component_type is None:

@@ -35,7 +35,7 @@ from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.tracing import NO_SPAN, OFF, Span, Tracing, carried
 from hookgate.transport import PooledTransport, Target, parse_url
 from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
-from hookgate.units import rfc3339, seconds
+from hookgate.units import plural, rfc3339, seconds
 
 log = logging.getLogger("hookgate.dispatcher")
 
@@ -663,11 +663,11 @@ class EndpointWorker:
         else:
             attempt.outcome = "failed" if final else "dead"
             log.warning(
-                "delivery %s to %s is %s after %d attempts (last: %s)",
+                "delivery %s to %s is %s after %s (last: %s)",
                 delivery.id,
                 endpoint.name,
                 attempt.outcome,
-                delivery.attempt,
+                plural(delivery.attempt, "attempt"),
                 result.error or result.status,
                 extra=_context(delivery),
             )

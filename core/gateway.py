@@ -99,7 +99,13 @@ async def run(
         transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
         router = Router(broker, hooks, config.routes, set(catalog.config_entries), transforms)
         delivery_log = DeliveryLog(broker, states, size_bytes(config.log.body_excerpt))
-        replayer = Replayer(broker, delivery_log, router.event_for, lambda name: name in catalog)
+        replayer = Replayer(
+            broker,
+            delivery_log,
+            router.event_for,
+            endpoint_exists=lambda name: name in catalog,
+            endpoint_ordered=lambda name: (entry := catalog.get(name)) is not None and entry.config.ordered,
+        )
         app = App(
             Ingress(sources, hooks, broker, max_body, metrics, tracing),
             Api(

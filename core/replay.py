@@ -38,10 +38,12 @@ from hookgate.deliverylog import (
 )
 from hookgate.logquery import DeliveryLog, DeliveryState, created_within, stored_by
 from hookgate.types import Delivery, Event
-from hookgate.units import rfc3339
+from hookgate.units import parse_time, rfc3339
 
 log = logging.getLogger("hookgate.replay")
 
+# A retry due this soon is left to fire by itself: pulling it forward could race its own firing.
+DUE_ANYWAY = 1.0
 PROGRESS_EVERY = 1.0
 STALE_AFTER = 30.0
 CHUNK = 256
@@ -72,11 +74,17 @@ class Job(msgspec.Struct, kw_only=True):
     skipped: int = 0  # matched, but could not be replayed (event no longer retained)
     error: str | None = None
     started_at: str
-    updated_at: float = 0.0
+    updated_at: str = ""  # RFC 3339, like the other times
     finished_at: str | None = None
 
 
-_job_decoder = msgspec.json.Decoder(Job)
+class _StoredJob(Job, kw_only=True):
+    """A job as stored: records written before `updated_at` was RFC 3339 hold unix seconds."""
+
+    updated_at: str | float = ""  # type: ignore[assignment]
+
+
+_job_decoder = msgspec.json.Decoder(_StoredJob)
 
 Rebuild = Callable[[Event, str], Awaitable[Event]]
 
@@ -88,12 +96,14 @@ class Replayer:
         dlog: DeliveryLog,
         rebuild: Rebuild,
         endpoint_exists: Callable[[str], bool] = lambda name: True,
+        endpoint_ordered: Callable[[str], bool] = lambda name: False,
     ):
         self.broker = broker
         self.t = broker.topology
         self.dlog = dlog
         self.rebuild = rebuild  # the event as an endpoint gets it now (its route's transform)
         self.endpoint_exists = endpoint_exists
+        self.endpoint_ordered = endpoint_ordered
         self._nursery: trio.Nursery | None = None
 
     async def run(
@@ -108,26 +118,88 @@ class Replayer:
 
     # --- one delivery ------------------------------------------------------------------------
 
-    async def retry(self, delivery_id: str) -> tuple[DeliveryState, int]:
-        """Re-enqueue one delivery; the attempt number it will be sent with."""
+    async def retry(self, delivery_id: str, *, now: bool = False) -> tuple[DeliveryState, int, bool]:
+        """Re-enqueue one delivery: the attempt number it will be sent with, and whether that was
+        a retrying delivery's next attempt pulled forward (`now`) rather than a new series."""
         state = await self.dlog.delivery_state(delivery_id)
         if state is None:
             raise ReplayError(404, "not_found", f"no delivery {delivery_id} (or it is past retention)")
-        if not self.endpoint_exists(state.created.endpoint):
+        endpoint = state.created.endpoint
+        if not self.endpoint_exists(endpoint):
             raise ReplayError(
                 409,
                 "endpoint_gone",
-                f"delivery {delivery_id} was for endpoint {state.created.endpoint!r}, which no longer exists",
+                f"delivery {delivery_id} was for endpoint {endpoint!r}, which no longer exists",
             )
-        if state.view.status in ACTIVE:
+        status = state.view.status
+        if now and status == "retrying":
+            return state, await self._pull_forward(state), True
+        if now and status == "held":
+            raise ReplayError(
+                409,
+                "endpoint_disabled",
+                f"delivery {delivery_id} is held: endpoint {endpoint!r} is disabled; enable it, and its "
+                "deliveries go on where they were",
+            )
+        if status in ACTIVE:
             when = f"; next attempt at {state.view.next_attempt_at}" if state.view.next_attempt_at else ""
+            hint = " (now=true sends that attempt at once)" if status == "retrying" else ""
             raise ReplayError(
                 409,
                 "delivery_active",
-                f"delivery {delivery_id} is {state.view.status}{when}: it is already on its way",
+                f"delivery {delivery_id} is {status}{when}: it is already on its way{hint}",
             )
         attempt = await self.requeue(state.created, state.view.attempts, "retried through the API")
-        return state, attempt
+        return state, attempt, False
+
+    async def _pull_forward(self, state: DeliveryState) -> int:
+        """Send a retrying delivery's next attempt now instead of when it is due.
+
+        That attempt waits as a scheduled message on its own subject. It is published to the
+        endpoint now and the schedule removed in one step, refused by the server if the schedule
+        is gone meanwhile (it fired, or another request or replica pulled it forward first), so
+        the attempt is sent once. Its retry series goes on as it was.
+        """
+        created = state.created
+        delivery_id, endpoint = created.delivery_id, created.endpoint
+        attempt = state.view.attempts + 1
+        subject = self.t.schedule_subject(endpoint, delivery_id, attempt)
+        schedule = (await self.broker.last_msgs(self.t.deliveries_stream, [subject])).get(subject)
+        if schedule is None and self.endpoint_ordered(endpoint):
+            raise ReplayError(
+                409,
+                "ordered_endpoint",
+                f"delivery {delivery_id} is the head of ordered endpoint {endpoint!r}, which retries it "
+                "in place: it cannot be pulled forward",
+            )
+        on_its_way = ReplayError(
+            409, "delivery_active", f"delivery {delivery_id}: its attempt {attempt} is being sent already"
+        )
+        due = Broker.due_at(schedule) if schedule is not None else None
+        if schedule is None or (due is not None and due - time.time() < DUE_ANYWAY):
+            raise on_its_way
+        fired = await self.broker.fire_now(schedule)
+        if not fired.ok:
+            if "wrong last sequence" in (fired.error or ""):
+                raise on_its_way
+            raise ReplayError(503, "broker_unavailable", f"the retry could not be stored: {fired.error}")
+        marker = DeliveryMarker(
+            delivery_id=delivery_id,
+            endpoint=endpoint,
+            state="requeued",
+            at=time.time(),
+            attempts=attempt - 1,
+            reason="pulled forward through the API",
+        )
+        stored = await self.broker.publish(
+            OutMsg(self.t.marker_subject(endpoint, delivery_id), _encode_json(marker))
+        )
+        if not stored.ok:  # then the status says `retrying` until the attempt's own record arrives
+            log.warning("delivery %s: could not record it was pulled forward: %s", delivery_id, stored.error)
+        log.info(
+            "delivery %s to %s: attempt %d pulled forward through the API", delivery_id, endpoint, attempt
+        )
+        return attempt
 
     async def requeue(self, created: DeliveryCreated, attempts: int, reason: str) -> int:
         """Put a delivery back in line with a fresh retry schedule; returns its next attempt number."""
@@ -237,8 +309,7 @@ class Replayer:
                     return current, False
             now = time.time()
             job.id = f"job_{key}_{int(now * 1000):x}"
-            job.started_at = rfc3339(now)
-            job.updated_at = now
+            job.started_at = job.updated_at = rfc3339(now)
             result = await self.broker.publish(
                 OutMsg(
                     subject,
@@ -263,8 +334,9 @@ class Replayer:
             log.exception("%s job %s for %s failed", job.kind, job.id, job.endpoint)
             job.state = "failed"
             job.error = str(exc) or type(exc).__name__
-        job.finished_at = rfc3339(time.time())
-        await self._save(job)
+        now = time.time()
+        job.finished_at = rfc3339(now)
+        await self._save(job, now)
         log.info(
             "%s job %s for %s %s: %d requeued, %d skipped, %d scanned",
             job.kind,
@@ -276,8 +348,8 @@ class Replayer:
             job.scanned,
         )
 
-    async def _save(self, job: Job) -> None:
-        job.updated_at = time.time()
+    async def _save(self, job: Job, now: float | None = None) -> None:
+        job.updated_at = rfc3339(time.time() if now is None else now)
         key = _job_key(job.id)
         assert key is not None, "ids of started jobs are job_<key>_<time>"
         await self.broker.publish(OutMsg(self.t.job_subject(key), _encode_json(job)))
@@ -375,14 +447,25 @@ def _job_key(job_id: str) -> str | None:
 
 def _decode_job(data: bytes) -> Job | None:
     try:
-        return _job_decoder.decode(data)
+        stored = _job_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+    fields = msgspec.structs.asdict(stored)
+    if not isinstance(stored.updated_at, str):
+        fields["updated_at"] = rfc3339(stored.updated_at)
+    return Job(**fields)
+
+
+def _updated(job: Job) -> float:
+    try:
+        return parse_time(job.updated_at)
+    except ValueError:
+        return 0.0  # unreadable: as old as can be
 
 
 def _with_staleness(job: Job) -> Job:
     """A running job whose replica stopped updating it is reported failed."""
-    if job.state == "running" and time.time() - job.updated_at > STALE_AFTER:
+    if job.state == "running" and time.time() - _updated(job) > STALE_AFTER:
         return msgspec.structs.replace(
             job, state="failed", error="the replica running it stopped before it finished"
         )

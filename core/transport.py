@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import re
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -186,6 +188,27 @@ def _authority(host: str, port: int) -> str:
     means nothing on the proxy's host)."""
     host = host.partition("%")[0]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _why(exc: OSError) -> str:
+    """Why a connection or lookup failed, said once ("Connection refused").
+
+    trio wraps each address's error in an OSError that repeats the address, with the errors in an
+    ExceptionGroup as its cause; the operating system's own words are what the reader needs.
+    """
+    group = exc.__cause__
+    errors = list(group.exceptions) if isinstance(group, BaseExceptionGroup) else [exc]
+    reasons: list[str] = []
+    for error in errors:
+        if isinstance(error, socket.gaierror) or not isinstance(error, OSError):
+            reason = str(getattr(error, "strerror", None) or error)
+        elif error.errno is not None and error.errno > 0:
+            reason = os.strerror(error.errno)
+        else:
+            reason = str(error)
+        if reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons) or type(exc).__name__
 
 
 def _status(code: int) -> str:
@@ -512,8 +535,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
                 try:
                     sock = await self._open_tcp(host, port)
                 except OSError as exc:
-                    msg = f"connect to {host}:{port} failed: {exc}"
-                    raise httpx.ConnectError(msg, request=call.request) from exc
+                    raise httpx.ConnectError(str(exc), request=call.request) from exc
             else:
                 via = f" (through proxy {self._proxy.address})"
                 sock, prefix = await self._open_via_proxy(call)
@@ -546,7 +568,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
             try:
                 addresses = await self._resolve(host, port)
             except OSError as exc:
-                raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from exc
+                raise httpx.ConnectError(f"could not resolve {host}: {_why(exc)}", request=request) from exc
             if not addresses:
                 raise httpx.ConnectError(f"{host} resolved to no address", request=request)
             address = addresses[0]
@@ -554,7 +576,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         try:
             sock = await trio.open_tcp_stream(proxy.host, proxy.port)
         except OSError as exc:
-            msg = f"connect to proxy {proxy.address} failed: {exc}"
+            msg = f"could not connect to proxy {proxy.address}: {_why(exc)}"
             raise ProxyConnectError(msg, request=request) from exc
         if scheme == "http":
             return sock, b"http://" + authority.encode("ascii")
@@ -601,16 +623,29 @@ class PooledTransport(httpx.AsyncBaseTransport):
         return " (the proxy requires credentials: http://user:password@host:port)"
 
     async def _open_tcp(self, host: str, port: int) -> trio.SocketStream:
+        """A connection to host:port; an OSError whose message says once what failed and why."""
+        authority = _authority(host, port)
         if self._resolve is None:
-            return await trio.open_tcp_stream(host, port)
-        addresses = await self._resolve(host, port)
-        errors: list[OSError] = []
+            try:
+                return await trio.open_tcp_stream(host, port)
+            except OSError as exc:
+                raise OSError(f"could not connect to {authority}: {_why(exc)}") from exc
+        try:
+            addresses = await self._resolve(host, port)
+        except OSError as exc:
+            raise OSError(f"could not resolve {host}: {_why(exc)}") from exc
+        failures: dict[str, str] = {}
         for address in addresses:  # in the resolver's order: it may have vetted them
             try:
                 return await trio.open_tcp_stream(address, port)
             except OSError as exc:
-                errors.append(exc)
-        raise OSError(f"no address of {host} accepted a connection ({addresses}): {errors}")
+                failures[address] = _why(exc)
+        reasons = set(failures.values())
+        if len(reasons) == 1:
+            tried = "" if list(failures) == [host] else f" ({', '.join(failures)})"
+            raise OSError(f"could not connect to {authority}{tried}: {reasons.pop()}")
+        each = "; ".join(f"{address}: {why}" for address, why in failures.items())
+        raise OSError(f"could not connect to {authority}: {each or 'no address to connect to'}")
 
     async def _exchange(self, conn: _Conn, call: _Call, *, reused: bool) -> tuple[h11.Response, bytes, bool]:
         """Send `call` on `conn` and read the response; owns `conn` from here on.

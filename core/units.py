@@ -56,6 +56,11 @@ def size_bytes(size: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
 
 
+def plural(count: int, noun: str) -> str:
+    """`count` and the noun, plural unless the count is one: "1 attempt", "3 attempts"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def format_duration(value: float) -> str:
     """The shortest readable duration string for a number of seconds, for summaries."""
     for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):

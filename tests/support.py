@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -86,6 +87,13 @@ class NatsServer:
             self.process.send_signal(sig)
             self.process.wait(10)
         self.process = None
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed) for a server to take, or to be refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # --- HTTP receiver ------------------------------------------------------------------------

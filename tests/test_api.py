@@ -58,6 +58,50 @@ async def test_invalid_events_get_4xx_with_the_path(tmp_path: Path, nats_server:
     assert elsewhere.status_code == 404
 
 
+async def test_every_request_body_names_the_path_of_what_is_missing(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    auth = {"Authorization": "Bearer test-token"}
+    url = "http://127.0.0.1:9/in"
+    async with run_gateway(tmp_path, _config(nats_server.url, url)) as gw:
+
+        async def call(method: str, path: str, body: object) -> str:
+            response = await gw.http.request(method, f"{gw.url}/api/v1{path}", json=body, headers=auth)
+            assert response.status_code == 422, response.text
+            return str(response.json()["message"])
+
+        created = await gw.http.post(
+            f"{gw.url}/api/v1/endpoints", json={"name": "made", "url": url}, headers=auth
+        )
+        assert created.status_code == 201, created.text
+        messages = {
+            "event without type": await call("POST", "/events", {"data": {}}),
+            "event without data": await call("POST", "/events", {"type": "a"}),
+            "event with an unknown key": await call("POST", "/events", {"type": "a", "data": 1, "x": 2}),
+            "event not an object": await call("POST", "/events", ["a"]),
+            "endpoint without name": await call("POST", "/endpoints", {"url": url}),
+            "endpoint without url": await call("POST", "/endpoints", {"name": "x"}),
+            "endpoint without scheme": (
+                await call("POST", "/endpoints", {"name": "x", "url": url, "signing": {"secret": "s"}})
+            ).partition(" (installed")[0],  # then the signers installed here
+            "patch removing url": await call("PATCH", "/endpoints/made", {"url": None}),
+            "recover without since": await call("POST", "/endpoints/svc/recover", {}),
+            "recover not an object": await call("POST", "/endpoints/svc/recover", "1h"),
+        }
+    assert messages == {
+        "event without type": "Object missing required field `type` - at `$.type`",
+        "event without data": "Object missing required field `data` - at `$.data`",
+        "event with an unknown key": "Object contains unknown field `x` - at `$.x`",
+        "event not an object": "Expected `object`, got `array` - at `$`",
+        "endpoint without name": '$.name: missing required key "name"',
+        "endpoint without url": "$.url: set exactly one of url or subject",
+        "endpoint without scheme": '$.signing.scheme: missing required key "scheme"',
+        "patch removing url": "$.url: set exactly one of url or subject",
+        "recover without since": "Object missing required field `since` - at `$.since`",
+        "recover not an object": "Expected `object`, got `str` - at `$`",
+    }
+
+
 async def test_event_id_is_an_idempotency_key(tmp_path: Path, nats_server: NatsServer) -> None:
     async with receiver() as rx, run_gateway(tmp_path, _config(nats_server.url, rx.url)) as gw:
         first = await gw.publish("order.created", {"n": 1}, id="order-1-created")

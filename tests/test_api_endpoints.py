@@ -118,7 +118,7 @@ async def test_crud_answers_with_the_documented_statuses_and_bodies(
         (bad_duration, "$.retry.schedule[0]"),
         (bad_secret, "$.signing.secret"),
         (bad_filter, "$.filter.a"),
-        (no_name, '$: missing required key "name"'),
+        (no_name, '$.name: missing required key "name"'),
         (unknown_key, "$.colour"),
     ):
         assert response.status_code == 422, response.text
@@ -145,7 +145,7 @@ async def test_crud_answers_with_the_documented_statuses_and_bodies(
     assert patched.json()["config"]["timeout"] == "5s"
     assert patched.json()["filter"] == {"amount": {"$gte": 10}}
     assert patched.json()["types"] == ["order.*"]  # kept: a merge patch changes only what it names
-    assert patched.json()["revision"] > body["revision"]
+    assert body["revision"] == 1 and patched.json()["revision"] == 2
     assert renamed.status_code == 422 and "$.name" in renamed.json()["message"]
     assert placeholder.status_code == 422 and "$.signing.secret" in placeholder.json()["message"]
 
@@ -154,6 +154,43 @@ async def test_crud_answers_with_the_documented_statuses_and_bodies(
     for response in (shown, listed, patched, gone, renamed, placeholder):
         assert secret not in response.text
         assert YAML_TOKEN not in response.text
+
+
+async def test_an_endpoints_revision_counts_its_own_changes(tmp_path: Path, nats_server: NatsServer) -> None:
+    url = "http://127.0.0.1:9/in"
+    async with run_gateway(tmp_path, _config(nats_server.url)) as gw:
+        revisions: dict[str, list[int]] = {"a": [], "b": []}
+        for method, name, body in (
+            ("POST", "a", {"name": "a", "url": url}),
+            ("POST", "b", {"name": "b", "url": url}),
+            ("PATCH", "a", {"timeout": "5s"}),
+            ("PATCH", "b", {"timeout": "5s"}),
+            ("PATCH", "a", {"timeout": "6s"}),
+        ):
+            response = await _call(gw, method, "" if method == "POST" else f"/{name}", body)
+            assert response.status_code in (200, 201), response.text
+            revisions[name].append(response.json()["revision"])
+        refused = await _call(gw, "PATCH", "/a", {"timeout": "soon"})
+        shown = (await _call(gw, "GET", "/a")).json()
+        listed = {e["name"]: e["revision"] for e in (await _call(gw, "GET")).json()["data"]}
+        await _call(gw, "DELETE", "/b")
+        recreated = await _call(gw, "POST", body={"name": "b", "url": url})
+
+        # A document stored before revisions were kept per endpoint keeps the number it was shown
+        # with (its KV revision), and counts on from there.
+        broker = gw.running.broker
+        bucket = broker.topology.endpoint_configs_bucket
+        kv_revision = await broker.kv_create(bucket, "old", json.dumps({"name": "old", "url": url}).encode())
+        with trio.fail_after(10):
+            while (old := await _call(gw, "GET", "/old")).status_code == 404:
+                await trio.sleep(0.05)
+        old_patched = await _call(gw, "PATCH", "/old", {"timeout": "5s"})
+    assert revisions == {"a": [1, 2, 3], "b": [1, 2]}
+    assert refused.status_code == 422 and shown["revision"] == 3 and shown["config"]["timeout"] == "6s"
+    assert listed == {"fixed": None, "a": 3, "b": 2}
+    assert recreated.json()["revision"] == 1
+    assert old.json()["revision"] == kv_revision
+    assert old_patched.json()["revision"] == kv_revision + 1
 
 
 async def test_an_api_endpoint_gets_events_at_once_follows_changes_and_stops_when_deleted(

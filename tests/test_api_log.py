@@ -17,6 +17,7 @@ from tests.support import (
     NatsServer,
     Received,
     base_config,
+    free_port,
     receiver,
     run_gateway,
     stream_messages,
@@ -299,6 +300,130 @@ async def test_retry_of_a_delivery_on_its_way_is_refused(tmp_path: Path, nats_se
     assert ok.requests == []
 
 
+async def test_retry_now_sends_a_retrying_deliverys_next_attempt_at_once(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with (
+        receiver(_first_attempt_fails) as later,
+        receiver() as limited,
+        receiver() as off,
+        receiver(lambda r, n: 500) as inline,
+    ):
+        text = base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              later: {{url: "{later.url}/in", retry: {{schedule: [1h, 1h], jitter: 0}}}}
+              limited: {{url: "{limited.url}/in", rate_limit: {{rate: 1, per: 1h, burst: 1}}}}
+              off: {{url: "{off.url}/in"}}
+              inline: {{url: "{inline.url}/in", ordered: true, retry: {{schedule: [1h], jitter: 0}}}}
+            """,
+        )
+        async with run_gateway(tmp_path, text) as gw:
+
+            async def retry(delivery: str, query: str = "?now=true") -> Any:
+                return await gw.http.post(f"{gw.url}/api/v1/deliveries/{delivery}/retry{query}", headers=AUTH)
+
+            await gw.publish("x", {}, id="late", to=["later"])
+            [first] = await later.wait_for(1)
+            waiting = await _until(
+                gw, "/deliveries", lambda p: _statuses(p) == {"later": "retrying"}, endpoint="later"
+            )
+            row = waiting["data"][0]
+            plain = await retry(row["id"], "")
+            bad_flag = await retry(row["id"], "?now=yes")
+            async with trio.open_nursery() as nursery:  # a double click, or two replicas
+                clicks: list[Any] = []
+                for _ in range(2):
+                    nursery.start_soon(lambda: _append(clicks, retry(row["id"])))
+            second = (await later.wait_for(2))[1]
+            settled = await _until(gw, f"/deliveries/{row['id']}", lambda d: d["status"] == "succeeded")
+            schedules = await stream_messages(
+                nats_server.url, "HOOKGATE_DELIVERIES", "hookgate.schedules.later.>"
+            )
+            again = await retry(row["id"])  # succeeded: a plain retry, with a fresh schedule
+            third = (await later.wait_for(3))[2]
+            with trio.move_on_after(0.5):
+                await later.wait_for(4)
+
+            await gw.publish("x", {}, id="first-in-the-hour", to=["limited"])
+            await limited.wait_for(1)
+            await gw.publish("x", {}, id="deferred", to=["limited"])
+            pending = await _until(
+                gw, "/deliveries", lambda p: len(p["data"]) == 1, endpoint="limited", status="pending"
+            )
+            pending_now = await retry(pending["data"][0]["id"])
+
+            await gw.http.post(f"{gw.url}/api/v1/endpoints/off/disable", headers=AUTH)
+            await gw.publish("x", {}, id="held", to=["off"])
+            held = await _until(
+                gw, "/deliveries", lambda p: len(p["data"]) == 1, endpoint="off", status="held"
+            )
+            held_now = await retry(held["data"][0]["id"])
+
+            await gw.publish("x", {}, id="head", to=["inline"])
+            head = await _until(
+                gw, "/deliveries", lambda p: len(p["data"]) == 1, endpoint="inline", status="retrying"
+            )
+            head_now = await retry(head["data"][0]["id"])
+
+    assert row["next_attempt_at"] > row["created_at"]  # an hour later
+    assert (plain.status_code, plain.json()["error"]) == (409, "delivery_active")
+    assert "now=true" in plain.json()["message"]
+    assert bad_flag.status_code == 422 and "now" in bad_flag.json()["message"]
+    assert sorted(c.status_code for c in clicks) == [202, 409]
+    accepted = next(c.json() for c in clicks if c.status_code == 202)
+    assert accepted == {
+        "delivery": row["id"],
+        "endpoint": "later",
+        "attempt": 2,
+        "status": "pending",
+        "pulled_forward": True,
+    }
+    refused = next(c.json() for c in clicks if c.status_code == 409)
+    assert refused["error"] == "delivery_active"
+    # Sent at once instead of in an hour, as the next attempt of the same delivery, once.
+    assert second.at - first.at < 30
+    assert second.headers["hookgate-attempt"] == "2"
+    assert second.headers["webhook-id"] == first.headers["webhook-id"] == "late"
+    assert second.headers["hookgate-delivery-id"] == first.headers["hookgate-delivery-id"] == row["id"]
+    assert [a["attempt"] for a in settled["attempt_log"]] == [1, 2]
+    assert schedules == []  # nothing left to fire later
+    assert again.status_code == 202 and again.json()["pulled_forward"] is False
+    assert again.json()["attempt"] == 3 and third.headers["hookgate-attempt"] == "3"
+    assert len(later.requests) == 3
+    assert (pending_now.status_code, pending_now.json()["error"]) == (409, "delivery_active")
+    assert len(limited.requests) == 1
+    assert (held_now.status_code, held_now.json()["error"]) == (409, "endpoint_disabled")
+    assert "disabled" in held_now.json()["message"] and off.requests == []
+    # An ordered endpoint retries its head in place, not by a schedule: nothing to pull forward.
+    assert (head_now.status_code, head_now.json()["error"]) == (409, "ordered_endpoint")
+    assert len(inline.requests) == 1
+
+
+async def _append(into: list[Any], call: Any) -> None:
+    into.append(await call)
+
+
+async def test_a_refused_connection_is_reported_once(tmp_path: Path, nats_server: NatsServer) -> None:
+    port = free_port()
+    text = base_config(
+        nats_server.url,
+        f"""
+        endpoints:
+          down: {{url: "http://127.0.0.1:{port}/in", retry: {{schedule: []}}}}
+        """,
+    )
+    async with run_gateway(tmp_path, text) as gw:
+        await gw.publish("x", {}, to=["down"])
+        page = await _until(gw, "/deliveries", lambda p: _statuses(p) == {"down": "dead"}, endpoint="down")
+        detail = await _get(gw, f"/deliveries/{page['data'][0]['id']}")
+    message = f"could not connect to 127.0.0.1:{port}: Connection refused"
+    assert page["data"][0]["last_error"] == message
+    [attempt] = detail["attempt_log"]
+    assert attempt["error_kind"] == "connect" and attempt["error"] == message
+
+
 def test_api_times_accept_durations_and_rfc3339() -> None:
     from hookgate.units import parse_time
 
@@ -327,11 +452,16 @@ async def test_a_long_attempt_shows_as_delivering(tmp_path: Path, nats_server: N
             lambda p: [d["status"] for d in p["data"]] == ["delivering"],
             endpoint="ok",
         )
+        now = await gw.http.post(
+            f"{gw.url}/api/v1/deliveries/{delivering['data'][0]['id']}/retry?now=true", headers=AUTH
+        )
         done = await _until(
             gw, "/deliveries", lambda p: [d["status"] for d in p["data"]] == ["succeeded"], endpoint="ok"
         )
     assert delivering["data"][0]["attempts"] == 1
+    assert (now.status_code, now.json()["error"]) == (409, "delivery_active")
     assert done["data"][0]["attempts"] == 1
+    assert len(slow.requests) == 1
 
 
 async def test_secrets_never_appear_in_the_log_or_its_api(

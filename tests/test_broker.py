@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from pathlib import Path
 
 import trio
 
+from hookgate import config as config_mod
+from hookgate.broker import Broker, OutMsg
+from hookgate.hooks import Hooks
+from hookgate.units import rfc3339
 from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
 
 SECRET = "dedup-secret"
@@ -111,3 +116,47 @@ async def test_events_are_kept_on_disk_across_a_broker_restart(
     nats_server.start()
     events = await stream_messages(nats_server.url, "HOOKGATE_EVENTS")
     assert len(events) == 5
+
+
+async def test_a_pending_schedule_fired_now_is_published_once_and_removed(nats_server: NatsServer) -> None:
+    """What pulling a retry forward relies on: the message goes to its target now, the schedule
+    goes with it, and firing it again (a double click, another replica, or after it fired by
+    itself) is refused by the server."""
+    loaded = config_mod.loads(base_config(nats_server.url), Hooks(()).registry)
+    async with Broker.connect(loaded.config.broker, nats_server.url) as broker:
+        t = broker.topology
+        stream, target = t.deliveries_stream, t.delivery_subject("svc")
+        trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+
+        async def schedule(delivery: str, at: float) -> str:
+            subject = t.schedule_subject("svc", delivery, 2)
+            headers = {"Nats-Schedule": f"@at {rfc3339(at)}", "Nats-Schedule-Target": target, **trace}
+            assert (await broker.publish(OutMsg(subject, delivery.encode(), headers))).ok
+            return subject
+
+        async def on_target() -> list[bytes]:
+            return [m.data for m in (await broker.scan(stream, [target]))[0]]
+
+        hour = await schedule("dlv_hour", time.time() + 3600)
+        pending = (await broker.last_msgs(stream, [hour]))[hour]
+        fired = await broker.fire_now(pending)
+        again = await broker.fire_now(pending)
+        left = await broker.last_msgs(stream, [hour])
+        sent = (await broker.scan(stream, [target]))[0]
+
+        soon = await schedule("dlv_soon", time.time() + 0.5)
+        read_before = (await broker.last_msgs(stream, [soon]))[soon]
+        with trio.fail_after(10):
+            while b"dlv_soon" not in await on_target():  # fires by itself
+                await trio.sleep(0.05)
+        late = await broker.fire_now(read_before)
+        delivered = await on_target()
+
+    due = Broker.due_at(pending)
+    assert due is not None and due > time.time() + 3000
+    assert fired.ok, fired.error
+    assert not again.ok and "wrong last sequence" in (again.error or "")
+    assert left == {}
+    assert [m.data for m in sent] == [b"dlv_hour"] and sent[0].headers["traceparent"] == trace["traceparent"]
+    assert not late.ok and "wrong last sequence" in (late.error or "")
+    assert delivered == [b"dlv_hour", b"dlv_soon"]

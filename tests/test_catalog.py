@@ -12,7 +12,7 @@ import trio
 
 from hookgate import config as config_mod
 from hookgate.broker import Broker
-from hookgate.catalog import Catalog, EndpointDocument
+from hookgate.catalog import Catalog, EndpointDocument, pack
 from hookgate.hooks import Hooks
 from hookgate.ssrf import EgressGuard
 from hookgate.types import Event
@@ -60,6 +60,13 @@ async def test_catalog_starts_from_the_stored_documents_and_follows_every_change
                 bucket, "orders", _doc("orders", types=["order.*"], filter={"amount": {"$gte": 10}})
             )
             assert revision is not None and await catalog.wait_for(revision)
+            orders = catalog.get("orders")
+            assert orders is not None and orders.revision == orders.kv_revision == revision  # a bare document
+            packed = await broker.kv_create(bucket, "packed", pack(msgspec.json.decode(_doc("packed")), 4))
+            assert packed is not None and await catalog.wait_for(packed)
+            entry = catalog.get("packed")
+            assert entry is not None and (entry.revision, entry.kv_revision) == (4, packed)
+            await broker.kv_delete(bucket, "packed")
             (route,) = [r for r in catalog.implicit_routes() if r.name == "endpoint:orders"]
             assert route.to == ("orders",)
             assert route.matches(_event("order.paid", b'{"amount": 10}'))

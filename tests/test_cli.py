@@ -86,6 +86,9 @@ def test_check_summarises_a_valid_config(tmp_path: Path) -> None:
             signing: {{scheme: standard-webhooks, secret: {WHSEC}}}
           audit-log:
             subject: audit.events
+          once:
+            subject: once.events
+            retry: {{schedule: []}}
         routes:
           - name: shop-to-billing
             from: [acme-shop]
@@ -101,7 +104,7 @@ def test_check_summarises_a_valid_config(tmp_path: Path) -> None:
     assert out.startswith(f"{path}: OK\n")
     assert "listen:    127.0.0.1:9999" in out
     assert f"embedded nats-server, data in {tmp_path / '.hookgate'}" in out
-    assert re.search(r"sources:\s+2\n", out) and re.search(r"endpoints:\s+2\n", out)
+    assert re.search(r"sources:\s+2\n", out) and re.search(r"endpoints:\s+3\n", out)
     assert re.search(r"routes:\s+2\n", out)
     assert re.search(r"acme-shop\s+POST /webhooks/acme-shop\s+verify: hmac", out)
     assert re.search(r"partner\s+POST /webhooks/partner\s+verify: none", out)
@@ -109,6 +112,7 @@ def test_check_summarises_a_valid_config(tmp_path: Path) -> None:
         r"billing-svc\s+http://billing.test/hooks\s+timeout 2m, 3 attempts, signing: standard-webhooks", out
     )
     assert re.search(r"audit-log\s+subject audit.events\s+timeout 15s, 8 attempts, signing: none", out)
+    assert re.search(r"once\s+subject once.events\s+timeout 15s, 1 attempt, signing: none", out)
     assert re.search(r"shop-to-billing\s+acme-shop \[order\.\*\] -> billing-svc", out)
     assert re.search(r"route-1\s+any source \[all types\] -> audit-log", out)
 

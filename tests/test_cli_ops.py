@@ -291,6 +291,35 @@ async def test_retry_recover_and_redrive(
     assert (enabled.code, enabled.out) == (0, "endpoint ok enabled\n")
 
 
+async def test_retry_now_sends_a_waiting_retry_at_once(
+    tmp_path: Path, nats_server: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = base_config(
+        nats_server.url,
+        """
+        endpoints:
+          later: {url: "http://127.0.0.1:PORT/in", retry: {schedule: [1h], jitter: 0}}
+        """,
+    )
+    async with (
+        receiver(lambda r, n: 500 if n == 0 else 200) as later,
+        run_gateway(tmp_path, text.replace("PORT", str(later.port))) as gw,
+    ):
+        await gw.publish("x", {}, id="late", to=["later"])
+        page = await _until(gw, "/deliveries", lambda p: [d["status"] for d in p["data"]] == ["retrying"])
+        delivery = page["data"][0]["id"]
+        plain = await hg(capsys, gw, "retry", delivery)
+        now = await hg(capsys, gw, "retry", delivery, "--now")
+        await later.wait_for(2)
+        again = await hg(capsys, gw, "retry", delivery, "--now", "--json")
+        await later.wait_for(3)
+    assert plain.code == 1 and "409 delivery_active" in plain.err and "--now" in plain.err
+    assert (now.code, now.out) == (0, f"delivery {delivery} to later attempt 2 pulled forward: sent now\n")
+    assert [r.headers["hookgate-attempt"] for r in later.requests] == ["1", "2", "3"]
+    # Delivered by then: --now resends it as a plain retry does.
+    assert again.code == 0 and again.json()["pulled_forward"] is False and again.json()["attempt"] == 3
+
+
 async def test_connection_from_flags_env_and_config(tmp_path: Path, nats_server: NatsServer) -> None:
     (tmp_path / "gw").mkdir()  # the gateway's own config there: none in the CLI's working directory
     async with receiver() as rx, run_gateway(tmp_path / "gw", _one_endpoint(nats_server.url, rx.url)) as gw:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import msgspec
+import pytest
 import trio
 
 from hookgate.deliverylog import DeadLetter
@@ -225,8 +227,10 @@ def test_exponential_policy_and_retry_after_bounds() -> None:
 
 
 async def test_retry_after_is_honoured_and_final_statuses_are_not_retried(
-    tmp_path: Path, nats_server: NatsServer
+    tmp_path: Path, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="hookgate.dispatcher")
+
     def slow_down(request: Received, n: int) -> int | tuple[int, dict[str, str]]:
         return (429, {"Retry-After": "1"}) if n == 0 else 200
 
@@ -254,6 +258,8 @@ async def test_retry_after_is_honoured_and_final_statuses_are_not_retried(
     assert len(strict.requests) == 1
     letter = msgspec.msgpack.decode(dead[0].data, type=DeadLetter)
     assert letter.delivery.endpoint == "strict" and letter.last_attempt.status == 422
+    logged = f"delivery {letter.delivery.id} to strict is failed after 1 attempt (last: HTTP 422)"
+    assert logged in caplog.text
 
 
 async def test_ordered_endpoint_delivers_in_publish_order_even_when_one_fails_first(

@@ -242,9 +242,35 @@ async def test_connect_error_on_closed_port() -> None:
         port = s.getsockname()[1]
     with trio.fail_after(LIMIT):
         async with PooledTransport() as transport:
-            with pytest.raises(httpx.ConnectError):
+            with pytest.raises(httpx.ConnectError) as info:
                 request = httpx.Request("GET", f"http://127.0.0.1:{port}/")
                 await transport.handle_async_request(request)
+    assert str(info.value) == f"could not connect to 127.0.0.1:{port}: Connection refused"
+
+
+async def test_connect_error_names_the_addresses_tried_and_says_why_once() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host == "gone.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return ["127.0.0.1", "127.0.0.2"] if host == "two.test" else ["127.0.0.1"]
+
+    messages = []
+    with trio.fail_after(LIMIT):
+        async with PooledTransport(resolve=resolve) as transport:
+            for host in ("127.0.0.1", "svc.test", "two.test", "gone.test"):
+                with pytest.raises(httpx.ConnectError) as info:
+                    await transport.send(parse_url(f"http://{host}:{port}/"), [], b"x", 5)
+                messages.append(str(info.value))
+    assert messages == [
+        f"could not connect to 127.0.0.1:{port}: Connection refused",
+        f"could not connect to svc.test:{port} (127.0.0.1): Connection refused",
+        f"could not connect to two.test:{port} (127.0.0.1, 127.0.0.2): Connection refused",
+        "could not resolve gone.test: Name or service not known",
+    ]
 
 
 async def test_tls_failure_is_connect_error() -> None:

@@ -492,7 +492,7 @@ async def test_proxy_down_is_a_connect_error() -> None:
                         await transport.send(parse_url(f"{scheme}://{NAME}:{target.port}/"), [], b"x", 5)
                     assert isinstance(info.value, ProxyConnectError)
                     message = str(info.value)
-                    assert message.startswith(f"connect to proxy 127.0.0.1:{port} failed")
+                    assert message == f"could not connect to proxy 127.0.0.1:{port}: Connection refused"
                     assert "TLS" not in message and PASSWORD not in message and "p%40ss" not in message
             assert target.accepted == 0
 

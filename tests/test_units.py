@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from hookgate.units import Duration, Size, format_duration, seconds, size_bytes
+from hookgate.units import Duration, Size, format_duration, plural, seconds, size_bytes
 
 
 @pytest.mark.parametrize(
@@ -95,3 +95,7 @@ def test_non_strings_are_refused() -> None:
 def test_format_duration(value: float, expected: str) -> None:
     assert format_duration(value) == expected
     assert seconds(expected) == value
+
+
+def test_plural_counts_one_as_singular() -> None:
+    assert [plural(n, "attempt") for n in (0, 1, 2)] == ["0 attempts", "1 attempt", "2 attempts"]
