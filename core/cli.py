@@ -296,16 +296,21 @@ def _run(path: str, log_level: str | None) -> int:
         return 130
     except BaseExceptionGroup as group:
         # Nurseries wrap errors in groups; a broker that cannot start is a plain message, not a trace.
-        unavailable, rest = group.split(gateway.BrokerUnavailable)
+        unavailable, rest = group.split(_STARTUP_ERRORS)
         if rest is not None or unavailable is None:
             raise
         for exc in _leaves(unavailable):
             print(f"hookgate: {exc}", file=sys.stderr)
         return 1
-    except gateway.BrokerUnavailable as exc:
+    except _STARTUP_ERRORS as exc:
         print(f"hookgate: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# Failures to start that are told in one line: a broker that cannot be reached or refuses us, a
+# certificate that cannot be used.
+_STARTUP_ERRORS = (gateway.BrokerUnavailable, gateway.StartupError)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
