@@ -75,6 +75,11 @@ def _connection() -> argparse.ArgumentParser:
             f"(default: ${client.CONFIG_ENV} or {client.DEFAULT_CONFIG})"
         ),
     )
+    group.add_argument(
+        "--cacert",
+        metavar="FILE",
+        help="CA certificates (PEM) to verify an https gateway with (default: $SSL_CERT_FILE, else certifi)",
+    )
     return parent
 
 
@@ -228,7 +233,7 @@ def _check(path: str) -> int:
 def _call_api(handler: Handler, args: argparse.Namespace) -> int:
     try:
         target = client.resolve(args.url, args.token, args.config)
-        with client.ApiClient(target) as api:
+        with client.ApiClient(target, cacert=args.cacert) as api:
             return handler(api, args)
     except client.ApiError as exc:
         print(f"hookgate: {exc}", file=sys.stderr)
