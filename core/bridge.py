@@ -504,9 +504,10 @@ class NatsBridge:
             ) from None
         except TimeoutError:
             if self._violations:
+                violation = self._violations[-1].removeprefix("nats: ")
                 raise BrokerRefused(
-                    f"{what}: the NATS server refused hookgate's user: {self._violations[-1]}; grant it "
-                    "the permissions in docs/external-nats.md"
+                    f"{what}: the NATS server refused hookgate's user: {violation} (the NATS client "
+                    "reports it in lower case); grant it the permissions in docs/external-nats.md"
                 ) from None
             raise BrokerUnavailable(f"{what}: JetStream did not answer in time") from None
 

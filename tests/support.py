@@ -38,37 +38,49 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class NatsServer:
-    """A nats-server with JetStream on a random loopback port, data in a temp dir; restartable."""
+    """A nats-server with JetStream on a random loopback port, data in a temp dir; restartable.
 
-    def __init__(self, store: Path):
+    `config` is nats-server config text (authorization, tls, ...) for the server to load; the
+    command line still sets its address, port and store. Its log is `store / "nats-server.log"`.
+    """
+
+    def __init__(self, store: Path, config: str = "", scheme: str = "nats"):
         self.store = store
+        self.config = config
+        self.scheme = scheme
         self.port = -1
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.store / "nats-server.log"
 
     def start(self) -> None:
         self.store.mkdir(parents=True, exist_ok=True)
         for old in self.store.glob("*.ports"):
             old.unlink()
-        self.process = subprocess.Popen(
-            [
-                find_server_binary(),
-                "-js",
-                "-sd",
-                str(self.store / "js"),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "--ports_file_dir",
-                str(self.store),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        args = [
+            find_server_binary(),
+            "-js",
+            "-sd",
+            str(self.store / "js"),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--ports_file_dir",
+            str(self.store),
+        ]
+        if self.config:
+            conf = self.store / "nats-server.conf"
+            conf.write_text(self.config)
+            args += ["-c", str(conf)]
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
         ports = self.store / f"nats-server_{self.process.pid}.ports"
         for _ in range(500):
             if ports.exists() and ports.read_text().strip():
@@ -79,7 +91,8 @@ class NatsServer:
             import time
 
             time.sleep(0.01)
-        raise RuntimeError("nats-server did not start")
+        self.stop()
+        raise RuntimeError(f"nats-server did not start: {self.log_file.read_text()[-2000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
