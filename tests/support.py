@@ -22,6 +22,7 @@ from typing import Any
 import h11
 import httpx
 import nats
+import pytest
 import trio
 
 from hookgate import config as config_mod
@@ -274,6 +275,25 @@ async def run_gateway(
                 yield Gateway(running, stopping, http)
             finally:
                 stopping.set()
+
+
+async def startup_error(directory: Path, text: str, kind: type[BaseException]) -> BaseException:
+    """The one error of type `kind` that the gateway stops with at startup on this config."""
+    with trio.fail_after(20), pytest.raises(BaseExceptionGroup) as info:
+        async with run_gateway(directory, text):
+            pass
+    matched, _ = info.value.split(kind)
+    assert matched is not None, info.value
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [matched]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    (error,) = leaves
+    return error
 
 
 def base_config(nats_url: str | None, extra: str = "", data_dir: Path | None = None) -> str:
