@@ -1039,7 +1039,7 @@ def _refusal(exc: BaseException, o: ConnectOptions) -> str | None:
         elif o.user:
             how = f"broker.user {o.user!r} and its password"
         else:
-            how = "no credentials (set broker.token, user and password, creds or nkey_seed)"
+            how = "a connection without credentials (set broker.token, user and password, creds or nkey_seed)"
         return f"NATS at {servers} refused {how}: {text.removeprefix('nats: ')}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (

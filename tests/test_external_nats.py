@@ -111,6 +111,10 @@ async def test_an_nkey_user_delivers_end_to_end_and_a_wrong_seed_is_refused(
     )
     for seed in (user.seed, stranger.seed):
         assert seed[2:20] not in wrong + garbage
+    assert await refusal(tmp_path, f"url: {server.url}") == (
+        f"NATS at {server.url} refused a connection without credentials (set broker.token, user and "
+        "password, creds or nkey_seed): 'Authorization Violation'"
+    )
 
 
 # --- decentralized auth: a creds file ----------------------------------------------------------
