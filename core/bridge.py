@@ -14,9 +14,10 @@ import contextlib
 import json
 import logging
 import math
+import re
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+import nkeys
 import trio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -49,15 +51,24 @@ class BrokerUnavailable(Exception):
     """The broker could not be reached or did not answer in time."""
 
 
+class BrokerRefused(BrokerUnavailable):
+    """The broker answered and refused us: credentials, TLS, permissions, its version. Retrying the
+    same settings cannot help, so the gateway stops with this message instead."""
+
+
 @dataclass(frozen=True)
 class ConnectOptions:
     servers: list[str]
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     creds_file: str | None = None
+    nkey_seed_file: str | None = None
     tls: ssl.SSLContext | None = None
     name: str = "hookgate"
+    # The oldest nats-server version that has what we use, and what that is (for the message).
+    min_server_version: tuple[int, int, int] | None = None
+    min_server_needs: str = ""
 
 
 @dataclass(frozen=True)
@@ -275,6 +286,7 @@ class NatsBridge:
         self._ack_counter = 0
         self._consumers: list[PullConsumer] = []
         self._closing = False
+        self._violations: collections.deque[str] = collections.deque(maxlen=5)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -318,8 +330,23 @@ class NatsBridge:
 
     async def _connect(self) -> None:
         o = self.options
+        _check_credential_files(o)
+        # While connecting, nats-py retries every failure forever (we ask it to: a sidecar's NATS
+        # may start later). A server that answers and refuses us is not worth waiting for, so
+        # once every server has refused, the attempt is cancelled and the refusal reported.
+        refusals: list[str] = []
+        connecting = True
+        nc = Client()
 
         async def on_error(exc: Exception) -> None:
+            refusal = _refusal(exc, o) if connecting else None
+            if refusal is not None:
+                refusals.append(refusal)
+                if len(refusals) >= len(o.servers):
+                    attempt.cancel()
+                return
+            if _PERMISSIONS_VIOLATION in str(exc).lower():
+                self._violations.append(str(exc))
             log.warning("nats: %s", exc)
 
         async def on_disconnect() -> None:
@@ -329,8 +356,10 @@ class NatsBridge:
         async def on_reconnect() -> None:
             for consumer in self._consumers:
                 consumer.forget_requests()  # the server dropped them with the old connection
-            url = self._nc.connected_url if self._nc else None
-            log.info("reconnected to NATS at %s", url.netloc if url else "?")
+            url = nc.connected_url
+            log.info("reconnected to NATS at %s", _where(url))
+            if (problem := self._version_problem()) is not None:
+                log.error("%s", problem)
 
         kwargs: dict[str, Any] = {
             "servers": o.servers,
@@ -352,14 +381,61 @@ class NatsBridge:
             kwargs["password"] = o.password
         if o.creds_file:
             kwargs["user_credentials"] = o.creds_file
+        if o.nkey_seed_file:
+            # The path, not the seed: nats-py reads the file whenever it signs a server's nonce.
+            kwargs["nkeys_seed"] = o.nkey_seed_file
         if o.tls is not None:
             kwargs["tls"] = o.tls
+        servers = ", ".join(_redact(s) for s in o.servers)
+        attempt = asyncio.ensure_future(nc.connect(**kwargs))
         try:
-            self._nc = await nats.connect(**kwargs)
+            await attempt
+        except asyncio.CancelledError:
+            if not refusals:
+                raise  # cancelled from outside
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise BrokerRefused(refusals[-1]) from None
         except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error) as exc:
-            servers = ", ".join(_redact(s) for s in o.servers)
             raise BrokerUnavailable(f"cannot connect to NATS at {servers}: {exc}") from None
+        finally:
+            connecting = False
+        self._nc = nc
+        if (problem := self._version_problem()) is not None:
+            await self._close()
+            raise BrokerRefused(problem)
         self._js = self._nc.jetstream(timeout=5)
+
+    @property
+    def server_version(self) -> str:
+        """The version of the nats-server we are connected to, as it says ("2.15.1")."""
+        version = self._server_version()
+        return ".".join(str(n) for n in version) if version is not None else "unknown"
+
+    def _server_version(self) -> tuple[int, int, int] | None:
+        if self._nc is None:
+            return None
+        version = self._nc.connected_server_version
+        try:
+            return (version.major, version.minor, version.patch)
+        except ValueError:  # not semantic versioning: a server we cannot judge
+            return None
+
+    def _version_problem(self) -> str | None:
+        """Why the connected server is too old for us, or None."""
+        needed = self.options.min_server_version
+        found = self._server_version()
+        if needed is None or found is None or found >= needed:
+            return None
+        url = self._nc.connected_url if self._nc is not None else None
+        return (
+            f"nats-server {'.'.join(map(str, found))} at {_where(url)} is too old: hookgate needs "
+            f"nats-server {'.'.join(map(str, needed))} or newer ({self.options.min_server_needs})"
+        )
+
+    def permission_violations(self) -> list[str]:
+        """The latest permission violations the server reported (publishes or subscriptions refused)."""
+        return list(self._violations)
 
     async def _close(self) -> None:
         self._closing = True
@@ -384,51 +460,86 @@ class NatsBridge:
     async def _ensure_streams(self, specs: list[StreamSpec]) -> None:
         jsm = self.js._jsm
         for spec in specs:
-            config = StreamConfig(
-                name=spec.name,
-                subjects=spec.subjects,
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                discard=DiscardPolicy.OLD,
-                max_age=spec.max_age,
-                duplicate_window=spec.duplicate_window,
-                num_replicas=spec.replicas,
-                allow_msg_schedules=spec.allow_msg_schedules or None,
-            )
-            try:
-                await jsm.stream_info(spec.name)
-            except nats.js.errors.NotFoundError:
-                await jsm.add_stream(config)
-                log.info("created stream %s", spec.name)
-            else:
-                await jsm.update_stream(config)
+            with self._jetstream_errors(f"stream {spec.name}"):
+                await self._ensure_stream(jsm, spec)
+
+    async def _ensure_stream(self, jsm: Any, spec: StreamSpec) -> None:
+        config = StreamConfig(
+            name=spec.name,
+            subjects=spec.subjects,
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=spec.max_age,
+            duplicate_window=spec.duplicate_window,
+            num_replicas=spec.replicas,
+            allow_msg_schedules=spec.allow_msg_schedules or None,
+        )
+        try:
+            await jsm.stream_info(spec.name)
+        except nats.js.errors.NotFoundError:
+            await jsm.add_stream(config)
+            log.info("created stream %s", spec.name)
+        else:
+            await jsm.update_stream(config)
+
+    @contextlib.contextmanager
+    def _jetstream_errors(self, what: str) -> Iterator[None]:
+        """Setup failures as BrokerRefused (settings or permissions to fix) or BrokerUnavailable
+        (JetStream not ready yet: the gateway tries again)."""
+        try:
+            yield
+        except nats.errors.NoRespondersError:
+            raise BrokerRefused(
+                f"{what}: nothing answers JetStream requests: enable JetStream on the NATS server, "
+                "and for hookgate's account"
+            ) from None
+        except nats.js.errors.APIError as exc:
+            if exc.code == 503:  # no JetStream leader yet (a cluster starting or electing)
+                raise BrokerUnavailable(
+                    f"{what}: JetStream is not available yet: {exc.description}"
+                ) from None
+            raise BrokerRefused(
+                f"{what}: JetStream refused it: {exc.description} (error {exc.err_code})"
+            ) from None
+        except TimeoutError:
+            if self._violations:
+                violation = self._violations[-1].removeprefix("nats: ")
+                raise BrokerRefused(
+                    f"{what}: the NATS server refused hookgate's user: {violation} (the NATS client "
+                    "reports it in lower case); grant it the permissions in docs/external-nats.md"
+                ) from None
+            raise BrokerUnavailable(f"{what}: JetStream did not answer in time") from None
 
     async def ensure_consumers(self, specs: list[ConsumerSpec]) -> list[PullConsumer]:
         return await self.run(self._ensure_consumers, specs)
 
     async def _ensure_consumers(self, specs: list[ConsumerSpec]) -> list[PullConsumer]:
-        jsm = self.js._jsm
         out = []
         for spec in specs:
-            config = ConsumerConfig(
-                durable_name=spec.durable,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=spec.ack_wait,
-                max_ack_pending=spec.max_ack_pending,
-                max_deliver=-1,
-                filter_subject=spec.filter_subject,
-            )
-            # The server treats a create of an existing durable as an update of its settings.
-            await jsm.add_consumer(spec.stream, config)
-            assert self._nc is not None
-            # A worker that stops releases its pull (see release_consumer), so a worker started
-            # for a changed config always pulls afresh.
-            consumer = PullConsumer(self._nc, spec, buffer=spec.buffer)
-            await consumer.start()
-            self._consumers.append(consumer)
-            out.append(consumer)
+            with self._jetstream_errors(f"consumer {spec.durable} of stream {spec.stream}"):
+                out.append(await self._ensure_consumer(spec))
         return out
+
+    async def _ensure_consumer(self, spec: ConsumerSpec) -> PullConsumer:
+        config = ConsumerConfig(
+            durable_name=spec.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=spec.ack_wait,
+            max_ack_pending=spec.max_ack_pending,
+            max_deliver=-1,
+            filter_subject=spec.filter_subject,
+        )
+        # The server treats a create of an existing durable as an update of its settings.
+        await self.js._jsm.add_consumer(spec.stream, config)
+        assert self._nc is not None
+        # A worker that stops releases its pull (see release_consumer), so a worker started
+        # for a changed config always pulls afresh.
+        consumer = PullConsumer(self._nc, spec, buffer=spec.buffer)
+        await consumer.start()
+        self._consumers.append(consumer)
+        return consumer
 
     async def release_consumer(self, consumer: PullConsumer) -> None:
         """Stop pulling for a consumer this process no longer serves; what it buffered is nak'ed."""
@@ -677,10 +788,11 @@ class NatsBridge:
 
     async def ensure_kv(self, bucket: str, replicas: int) -> None:
         async def go() -> None:
-            try:
-                await self.js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                await self.js.create_key_value(bucket=bucket, history=1, replicas=replicas)
+            with self._jetstream_errors(f"key-value bucket {bucket}"):
+                try:
+                    await self.js.key_value(bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    await self.js.create_key_value(bucket=bucket, history=1, replicas=replicas)
 
         await self.run(go)
 
@@ -865,6 +977,92 @@ def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
         return "no JetStream stream captures this subject"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+_PERMISSIONS_VIOLATION = "permissions violation"
+
+
+def _check_credential_files(o: ConnectOptions) -> None:
+    """Refuse unreadable or malformed credential files before nats-py reads them: it would loop
+    for ever on a creds file without a JWT, and report a bad seed without saying which file."""
+    if o.nkey_seed_file:
+        seed = _read_secret("broker.nkey_seed", o.nkey_seed_file).strip()
+        _check_seed("broker.nkey_seed", o.nkey_seed_file, seed, "holds nothing else")
+    if o.creds_file:
+        text = _read_secret("broker.creds", o.creds_file)
+        jwt_block = re.search(r"-----BEGIN NATS USER JWT-----\s*\n\s*(\S+)", text)
+        seed_block = re.search(r"-----BEGIN USER NKEY SEED-----\s*\n\s*(\S+)", text)
+        if jwt_block is None or seed_block is None:
+            raise BrokerRefused(
+                f"broker.creds: {o.creds_file} is not a NATS credentials file (it needs a "
+                "'BEGIN NATS USER JWT' and a 'BEGIN USER NKEY SEED' block, as nsc writes them)"
+            )
+        _check_seed("broker.creds", o.creds_file, seed_block.group(1), "in its seed block")
+
+
+def _read_secret(key: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise BrokerRefused(f"{key}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise BrokerRefused(f"{key}: {path} is not a text file") from None
+
+
+def _check_seed(key: str, path: str, seed: str, where: str) -> None:
+    # The seed is never part of a message, not even in part.
+    try:
+        role, _ = nkeys.decode_seed(bytearray(seed.encode()))
+    except (nkeys.NkeysError, ValueError):
+        role = None
+    if role != nkeys.PREFIX_BYTE_USER:
+        raise BrokerRefused(
+            f"{key}: {path} does not hold a user nkey seed (one line starting with SU, {where})"
+            if role is None
+            else f"{key}: the seed in {path} is not a user's (its role is not U: use a user nkey)"
+        )
+
+
+def _refusal(exc: BaseException, o: ConnectOptions) -> str | None:
+    """What a server that refused us said, for the user to act on; None for other failures."""
+    servers = ", ".join(_redact(s) for s in o.servers)
+    text = str(exc)
+    lowered = text.lower()
+    if "authorization violation" in lowered or "authentication" in lowered:
+        if o.creds_file:
+            how = f"the user in broker.creds ({o.creds_file})"
+        elif o.nkey_seed_file:
+            how = f"the nkey whose seed is in broker.nkey_seed ({o.nkey_seed_file})"
+        elif o.token:
+            how = "broker.token"
+        elif o.user:
+            how = f"broker.user {o.user!r} and its password"
+        else:
+            how = "a connection without credentials (set broker.token, user and password, creds or nkey_seed)"
+        return f"NATS at {servers} refused {how}: {text.removeprefix('nats: ')}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"cannot verify the TLS certificate of NATS at {servers}: {exc.verify_message}; set "
+            "broker.tls.ca_file to the CA that signed it"
+        )
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or text
+        if "CERTIFICATE_REQUIRED" in reason.upper():
+            return (
+                f"NATS at {servers} requires a client certificate: set broker.tls.cert_file and "
+                "broker.tls.key_file"
+            )
+        if o.tls is not None and "ALERT" in reason.upper():
+            return f"NATS at {servers} refused the TLS handshake ({reason}): check broker.tls.cert_file"
+    return None
+
+
+def _where(url: Any) -> str:
+    """host:port of a connected URL, without credentials."""
+    if url is None or url.hostname is None:
+        return "?"
+    return f"{url.hostname}:{url.port}" if url.port else url.hostname
 
 
 def _redact(url: str) -> str:

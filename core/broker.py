@@ -17,6 +17,7 @@ from datetime import datetime
 import trio
 
 from hookgate.bridge import (
+    BrokerRefused,
     BrokerUnavailable,
     Commit,
     ConnectOptions,
@@ -34,7 +35,9 @@ from hookgate.config import BrokerConfig
 from hookgate.units import plural, seconds
 
 __all__ = [
+    "MIN_SERVER_VERSION",
     "Broker",
+    "BrokerRefused",
     "BrokerUnavailable",
     "Commit",
     "InMsg",
@@ -49,6 +52,12 @@ __all__ = [
 log = logging.getLogger("hookgate.broker")
 
 DELIVERY_DEDUP_WINDOW = 2 * 3600.0
+
+# Retries are JetStream scheduled messages (`Nats-Schedule: @at ...`, ADR-51), which nats-server
+# has since 2.12.0. An older server stores the schedule as a plain message on the schedules
+# subject and never fires it, so every retry would be lost: it is refused at startup.
+MIN_SERVER_VERSION = (2, 12, 0)
+MIN_SERVER_NEEDS = "retries are JetStream scheduled messages, Nats-Schedule, new in nats-server 2.12"
 
 
 @dataclass(frozen=True)
@@ -379,17 +388,38 @@ class Broker:
 
 
 def connect_options(config: BrokerConfig, url: str | list[str]) -> ConnectOptions:
+    """The connection settings for nats-py; unusable TLS files raise BrokerRefused."""
     servers = [url] if isinstance(url, str) else list(url)
     tls = None
     if config.tls is not None:
-        tls = ssl.create_default_context(cafile=config.tls.ca_file)
+        try:
+            tls = ssl.create_default_context(cafile=config.tls.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerRefused(
+                f"broker.tls.ca_file: cannot use {config.tls.ca_file}: {_reason(exc)}"
+            ) from None
         if config.tls.cert_file:
-            tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+            try:
+                tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                key = f" with the key {config.tls.key_file}" if config.tls.key_file else ""
+                raise BrokerRefused(
+                    f"broker.tls.cert_file: cannot use {config.tls.cert_file}{key}: {_reason(exc)}"
+                ) from None
     return ConnectOptions(
         servers=servers,
         token=config.token,
         user=config.user,
         password=config.password,
         creds_file=config.creds,
+        nkey_seed_file=config.nkey_seed,
         tls=tls,
+        min_server_version=MIN_SERVER_VERSION,
+        min_server_needs=MIN_SERVER_NEEDS,
     )
+
+
+def _reason(exc: OSError | ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return exc.strerror or str(exc)

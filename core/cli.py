@@ -76,6 +76,11 @@ def _connection() -> argparse.ArgumentParser:
             f"(default: ${client.CONFIG_ENV} or {client.DEFAULT_CONFIG})"
         ),
     )
+    group.add_argument(
+        "--cacert",
+        metavar="FILE",
+        help="CA certificates (PEM) to verify an https gateway with (default: $SSL_CERT_FILE, else certifi)",
+    )
     return parent
 
 
@@ -256,7 +261,7 @@ def _egress_warnings(loaded: config.LoadedConfig) -> list[str]:
 def _call_api(handler: Handler, args: argparse.Namespace) -> int:
     try:
         target = client.resolve(args.url, args.token, args.config)
-        with client.ApiClient(target) as api:
+        with client.ApiClient(target, cacert=args.cacert) as api:
             return handler(api, args)
     except client.ApiError as exc:
         print(f"hookgate: {exc}", file=sys.stderr)
@@ -324,16 +329,21 @@ def _run(path: str, log_level: str | None) -> int:
         return 130
     except BaseExceptionGroup as group:
         # Nurseries wrap errors in groups; a broker that cannot start is a plain message, not a trace.
-        unavailable, rest = group.split(gateway.BrokerUnavailable)
+        unavailable, rest = group.split(_STARTUP_ERRORS)
         if rest is not None or unavailable is None:
             raise
         for exc in _leaves(unavailable):
             print(f"hookgate: {exc}", file=sys.stderr)
         return 1
-    except gateway.BrokerUnavailable as exc:
+    except _STARTUP_ERRORS as exc:
         print(f"hookgate: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# Failures to start that are told in one line: a broker that cannot be reached or refuses us, a
+# certificate that cannot be used.
+_STARTUP_ERRORS = (gateway.BrokerUnavailable, gateway.StartupError)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

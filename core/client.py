@@ -8,6 +8,7 @@ never part of any message.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -128,17 +129,29 @@ def _normalise_url(url: str) -> str:
 
 
 class ApiClient:
-    """Synchronous calls to `/api/v1`; every failure is an `ApiError`."""
+    """Synchronous calls to `/api/v1`; every failure is an `ApiError`.
 
-    def __init__(self, target: Target, timeout: float = 30.0):
+    An https gateway's certificate is verified against `cacert` (a PEM file of CA certificates)
+    when given, else against $SSL_CERT_FILE or $SSL_CERT_DIR when set, else certifi's CAs.
+    """
+
+    def __init__(self, target: Target, timeout: float = 30.0, cacert: str | None = None):
         self.target = target
         self.timeout = timeout
+        verify: ssl.SSLContext | bool = True
+        if cacert:
+            try:
+                verify = ssl.create_default_context(cafile=cacert)
+            except (OSError, ssl.SSLError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ApiError(f"--cacert: cannot use {cacert}: {reason}") from None
         self._http = httpx.Client(
             headers={
                 "Authorization": f"Bearer {target.token}",
                 "User-Agent": f"hookgate-cli/{__version__}",
             },
             timeout=timeout,
+            verify=verify,
         )
 
     def __enter__(self) -> ApiClient:
@@ -180,6 +193,11 @@ class ApiClient:
             ) from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             reason = tables.one_line(str(exc)) or type(exc).__name__
+            if "CERTIFICATE_VERIFY_FAILED" in reason:
+                raise ApiError(
+                    f"cannot verify the TLS certificate of the API at {self.target.url} ({reason}); "
+                    "pass --cacert with the CA that signed it (or set SSL_CERT_FILE)"
+                ) from None
             raise ApiError(
                 f"cannot reach the API at {self.target.url} ({reason}); "
                 f"is the gateway running there? Set --url or ${URL_ENV}"

@@ -51,9 +51,17 @@ class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+# Files named in the config (TLS certificates and keys, NATS credentials, the embedded broker's
+# store) are relative to the config file's directory, whatever the working directory; `load`
+# makes them absolute.
+FilePath = Annotated[
+    str, msgspec.Meta(min_length=1, description="a file path, absolute or relative to the config file")
+]
+
+
 class TLSFiles(_Base):
-    certfile: str
-    keyfile: str
+    certfile: FilePath
+    keyfile: FilePath
 
 
 class ServerConfig(_Base):
@@ -75,9 +83,9 @@ class ServerConfig(_Base):
 
 
 class BrokerTLS(_Base):
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    ca_file: FilePath | None = None
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
 
 
 class BrokerConfig(_Base):
@@ -93,7 +101,13 @@ class BrokerConfig(_Base):
     token: str | None = None
     user: str | None = None
     password: str | None = None
-    creds: str | None = None
+    creds: Annotated[
+        FilePath | None, msgspec.Meta(description="a NATS .creds file (user JWT and seed), as nsc writes it")
+    ] = None
+    nkey_seed: Annotated[
+        FilePath | None,
+        msgspec.Meta(description="a file holding a user nkey seed (SU...) alone; not the seed itself"),
+    ] = None
     tls: BrokerTLS | None = None
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     # How long events, deliveries and attempts are kept.
@@ -295,9 +309,7 @@ class LoadedConfig:
 # Keys of the contract that this version does not implement yet. They are refused whatever their
 # value rather than ignored, so a config never silently loses a safety setting (an SSRF guard, an
 # auth rule) that its author believes is in force.
-UNSUPPORTED: dict[str, str] = {
-    "$.broker.nkey_seed": "NKey authentication",
-}
+UNSUPPORTED: dict[str, str] = {}
 
 
 class ConfigError(Exception):
@@ -764,9 +776,34 @@ def load(
     registry: ComponentRegistry,
     env: dict[str, str] | None = None,
 ) -> LoadedConfig:
-    """Load and validate a config file; raise ConfigError listing every problem found."""
+    """Load and validate a config file; raise ConfigError listing every problem found.
+
+    The file paths in it are made absolute, relative to the config file's directory.
+    """
     file = str(path)
-    return loads(_read(path), registry, file=file, env=env)
+    loaded = loads(_read(path), registry, file=file, env=env)
+    resolve_paths(loaded.config, Path(os.path.abspath(path)).parent)
+    return loaded
+
+
+def resolve_paths(config: Config, base: Path) -> None:
+    """Make every file path in the config absolute, relative to `base` (the config's directory)."""
+
+    def resolve(value: str) -> str:
+        return value if os.path.isabs(value) else os.path.normpath(base / value)
+
+    if config.server.tls is not None:
+        config.server.tls.certfile = resolve(config.server.tls.certfile)
+        config.server.tls.keyfile = resolve(config.server.tls.keyfile)
+    broker = config.broker
+    broker.data_dir = resolve(broker.data_dir)
+    broker.creds = resolve(broker.creds) if broker.creds is not None else None
+    broker.nkey_seed = resolve(broker.nkey_seed) if broker.nkey_seed is not None else None
+    if broker.tls is not None:
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(broker.tls, key)
+            if value is not None:
+                setattr(broker.tls, key, resolve(value))
 
 
 def load_server(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> ServerConfig:
@@ -924,6 +961,9 @@ _HTTP_URL = re.compile(r"https?://[^/\s?#]+\S*")
 _SUBJECT = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+_BROKER_AUTH = ("token", "user", "password", "creds", "nkey_seed")
+# An nkey seed: "S", its role, and base32 (58 characters in all).
+_NKEY_SEED = re.compile(r"S[UAONCX][A-Z2-7]{56}")
 # Headers every delivery carries already; a second copy would contradict them.
 _OWN_HEADERS = frozenset(
     {
@@ -1036,15 +1076,28 @@ def _check_broker(problem: Report, broker: BrokerConfig) -> None:
             if scheme is not None and scheme not in _NATS_SCHEMES:
                 where = "$.broker.url" if isinstance(broker.url, str) else f"$.broker.url[{i}]"
                 problem(where, f"expected a nats://, tls://, ws:// or wss:// URL, got {_show(url)}")
+        # A NATS connection authenticates one way; a second one set would be silently ignored.
+        ways = [key for key in ("token", "user", "creds", "nkey_seed") if getattr(broker, key) is not None]
+        for key in ways[1:]:
+            problem(f"$.broker.{key}", f"set one way to authenticate: {ways[0]} is set already")
     else:
         # These settings only reach an external server; the embedded one would silently ignore them.
-        for key in ("token", "user", "password", "creds", "tls"):
+        for key in (*_BROKER_AUTH, "tls"):
             if getattr(broker, key) is not None:
                 problem(f"$.broker.{key}", "only used with an external broker: set broker.url")
         if broker.replicas != 1:
             problem("$.broker.replicas", "the embedded broker is a single server: replicas must be 1")
     if broker.password is not None and broker.user is None:
         problem("$.broker.password", "set user with password")
+    if broker.nkey_seed is not None and _NKEY_SEED.fullmatch(broker.nkey_seed.strip()):
+        # Never echoed: it is a secret.
+        problem(
+            "$.broker.nkey_seed",
+            "this is a seed itself, not a file: put the seed in a file readable only by hookgate "
+            "and give its path",
+        )
+    if broker.tls is not None and broker.tls.key_file is not None and broker.tls.cert_file is None:
+        problem("$.broker.tls.key_file", "set cert_file with key_file")
     retention = seconds(broker.retention)
     if retention == 0:
         problem("$.broker.retention", "must be more than 0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,10 @@ from hookgate.api import Api
 from hookgate.api_endpoints import EndpointApi
 from hookgate.api_log import LogApi
 from hookgate.app import App
-from hookgate.broker import Broker, BrokerUnavailable
+from hookgate.broker import Broker, BrokerRefused, BrokerUnavailable
 from hookgate.catalog import Catalog, instantiate
 from hookgate.components import ConfiguredComponents
-from hookgate.config import Component, LoadedConfig
+from hookgate.config import Component, LoadedConfig, ServerConfig
 from hookgate.dispatcher import Dispatcher
 from hookgate.embedded import embedded_nats
 from hookgate.endpoint_state import EndpointStates
@@ -44,6 +45,10 @@ log = logging.getLogger("hookgate")
 # Room above server.max_body for the event envelope (headers, ids) in one NATS message.
 ENVELOPE_ALLOWANCE = 256 * 1024
 MIN_MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+class StartupError(Exception):
+    """A setting the gateway cannot start with; its text is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ async def run(
     its own).
     """
     config = loaded.config
+    _check_server_tls(config.server)
     stopping = stopping if stopping is not None else trio.Event()
     hooks.register(ConfiguredComponents(), name="hookgate.core.components")
     max_body = size_bytes(config.server.max_body)
@@ -167,6 +173,23 @@ async def _serve_http(
     await serve(app, hc, shutdown_trigger=stopping.wait, task_status=task_status)  # type: ignore[arg-type]
 
 
+def _check_server_tls(server: ServerConfig) -> None:
+    """Refuse unusable certificate files before anything starts (hypercorn would fail later, with
+    a traceback)."""
+    if server.tls is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            server.tls.certfile, server.tls.keyfile
+        )
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror
+        raise StartupError(
+            f"server.tls: cannot use the certificate {server.tls.certfile} with the key "
+            f"{server.tls.keyfile}: {reason or exc}"
+        ) from None
+
+
 @contextlib.asynccontextmanager
 async def _broker_url(loaded: LoadedConfig, max_body: int) -> AsyncIterator[str | list[str]]:
     broker = loaded.config.broker
@@ -195,7 +218,9 @@ async def _connect(
                 )
                 break
             except BrokerUnavailable as exc:
-                if loaded.config.broker.url is None:
+                # Refused (credentials, TLS, permissions, version): the same settings cannot
+                # succeed later. The embedded server was started for us and should work at once.
+                if isinstance(exc, BrokerRefused) or loaded.config.broker.url is None:
                     raise
                 log.warning("%s; retrying in %.0fs", exc, delay)
             await trio.sleep(delay)

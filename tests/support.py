@@ -23,6 +23,7 @@ from typing import Any
 import h11
 import httpx
 import nats
+import pytest
 import trio
 
 from hookgate import config as config_mod
@@ -39,37 +40,49 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class NatsServer:
-    """A nats-server with JetStream on a random loopback port, data in a temp dir; restartable."""
+    """A nats-server with JetStream on a random loopback port, data in a temp dir; restartable.
 
-    def __init__(self, store: Path):
+    `config` is nats-server config text (authorization, tls, ...) for the server to load; the
+    command line still sets its address, port and store. Its log is `store / "nats-server.log"`.
+    """
+
+    def __init__(self, store: Path, config: str = "", scheme: str = "nats"):
         self.store = store
+        self.config = config
+        self.scheme = scheme
         self.port = -1
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.store / "nats-server.log"
 
     def start(self) -> None:
         self.store.mkdir(parents=True, exist_ok=True)
         for old in self.store.glob("*.ports"):
             old.unlink()
-        self.process = subprocess.Popen(
-            [
-                find_server_binary(),
-                "-js",
-                "-sd",
-                str(self.store / "js"),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "--ports_file_dir",
-                str(self.store),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        args = [
+            find_server_binary(),
+            "-js",
+            "-sd",
+            str(self.store / "js"),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--ports_file_dir",
+            str(self.store),
+        ]
+        if self.config:
+            conf = self.store / "nats-server.conf"
+            conf.write_text(self.config)
+            args += ["-c", str(conf)]
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
         ports = self.store / f"nats-server_{self.process.pid}.ports"
         for _ in range(500):
             if ports.exists() and ports.read_text().strip():
@@ -80,7 +93,8 @@ class NatsServer:
             import time
 
             time.sleep(0.01)
-        raise RuntimeError("nats-server did not start")
+        self.stop()
+        raise RuntimeError(f"nats-server did not start: {self.log_file.read_text()[-2000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -269,6 +283,25 @@ async def run_gateway(
                 yield Gateway(running, stopping, http)
             finally:
                 stopping.set()
+
+
+async def startup_error(directory: Path, text: str, kind: type[BaseException]) -> BaseException:
+    """The one error of type `kind` that the gateway stops with at startup on this config."""
+    with trio.fail_after(20), pytest.raises(BaseExceptionGroup) as info:
+        async with run_gateway(directory, text):
+            pass
+    matched, _ = info.value.split(kind)
+    assert matched is not None, info.value
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [matched]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    (error,) = leaves
+    return error
 
 
 def base_config(nats_url: str | None, extra: str = "", data_dir: Path | None = None) -> str:

@@ -608,11 +608,16 @@ def _place(data: dict[str, Any], pattern: str, value: Any) -> str:
     return path
 
 
-@pytest.mark.parametrize("pattern", list(UNSUPPORTED))
+# Every key of the contract is implemented now; the refusal stays for keys still to come.
+EXAMPLE_UNSUPPORTED = {"$.broker.example_key": "an example", "$.endpoints.*.example_key": "an example"}
+
+
+@pytest.mark.parametrize("pattern", list(EXAMPLE_UNSUPPORTED))
 @pytest.mark.parametrize("value", [{"a": 1}, False, [], None])
 def test_keys_not_supported_yet_are_refused_whatever_their_value(
-    registry: ComponentRegistry, pattern: str, value: Any
+    registry: ComponentRegistry, pattern: str, value: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("hookgate.config.UNSUPPORTED", EXAMPLE_UNSUPPORTED)
     data: dict[str, Any] = {
         "sources": {"x": {}},
         "endpoints": {"x": {"url": "http://x.test", "retry": {}}},
@@ -624,18 +629,22 @@ def test_keys_not_supported_yet_are_refused_whatever_their_value(
     (problem,) = info.value.problems
     assert problem.path == path
     assert problem.line is not None
-    assert problem.message.startswith("not supported yet (") and problem.message.endswith("); remove it")
+    assert problem.message == "not supported yet (an example); remove it"
 
 
-def test_the_design_examples_unsupported_keys(registry: ComponentRegistry) -> None:
-    assert problems(
+def test_every_key_of_the_design_example_is_supported(registry: ComponentRegistry) -> None:
+    assert UNSUPPORTED == {}
+    config = ok(
         registry,
         """
         egress:
           allow_networks: []
           proxy: http://proxy.test:3128
         broker:
-          nkey_seed: SUAM
+          url: [nats://n1.test:4222, nats://n2.test:4222]
+          nkey_seed: secrets/hookgate.nk
+          tls: {ca_file: ca.pem, cert_file: client.pem, key_file: client.key}
+          replicas: 3
         endpoints:
           billing:
             url: http://billing.test
@@ -644,9 +653,10 @@ def test_the_design_examples_unsupported_keys(registry: ComponentRegistry) -> No
         routes:
           - to: [billing]
         """,
-    ) == [
-        "hookgate.yaml:5: $.broker.nkey_seed: not supported yet (NKey authentication); remove it",
-    ]
+    ).config
+    # Config text without a file: paths stay as written (relative to the working directory).
+    assert config.broker.nkey_seed == "secrets/hookgate.nk"
+    assert config.broker.tls is not None and config.broker.tls.key_file == "client.key"
 
 
 def test_route_filters_and_egress_networks_are_validated_with_their_paths(
@@ -780,6 +790,80 @@ def test_broker_rules(registry: ComponentRegistry) -> None:
         'hookgate.yaml:2: $.broker.url[1]: expected a nats://, tls://, ws:// or wss:// URL, got "http://b.test"',
         "hookgate.yaml:3: $.broker.password: set user with password",
     ]
+
+
+def test_broker_credentials_need_an_external_broker_and_one_way_to_authenticate(
+    registry: ComponentRegistry,
+) -> None:
+    assert problems(registry, "broker:\n  nkey_seed: user.nk\n  creds: user.creds\n") == [
+        "hookgate.yaml:2: $.broker.nkey_seed: only used with an external broker: set broker.url",
+        "hookgate.yaml:3: $.broker.creds: only used with an external broker: set broker.url",
+    ]
+    text = """
+        broker:
+          url: nats://n.test
+          token: t
+          user: u
+          password: p
+          nkey_seed: user.nk
+          tls: {key_file: client.key}
+        """
+    assert problems(registry, text) == [
+        "hookgate.yaml:4: $.broker.user: set one way to authenticate: token is set already",
+        "hookgate.yaml:6: $.broker.nkey_seed: set one way to authenticate: token is set already",
+        "hookgate.yaml:7: $.broker.tls.key_file: set cert_file with key_file",
+    ]
+    assert problems(registry, "broker:\n  url: nats://n.test\n  creds: ''\n") == [
+        'hookgate.yaml:3: $.broker.creds: expected a string of length >= 1, got ""',
+    ]
+    assert problems(registry, text.replace("token: t", "")) == [
+        "hookgate.yaml:6: $.broker.nkey_seed: set one way to authenticate: user is set already",
+        "hookgate.yaml:7: $.broker.tls.key_file: set cert_file with key_file",
+    ]
+
+
+def test_a_seed_given_for_the_seed_file_is_refused_without_echoing_it(registry: ComponentRegistry) -> None:
+    seed = "SUAIBDPBAUTWCWBKIO6XHQNINK5FWJW4OHLXC3HQ2KFE4PEJUA44CNHTC4"
+    (problem,) = problems(registry, f"broker:\n  url: nats://n.test\n  nkey_seed: {seed}\n")
+    assert problem.startswith("hookgate.yaml:3: $.broker.nkey_seed: this is a seed itself, not a file")
+    assert seed not in problem and seed[:12] not in problem
+
+
+def test_load_resolves_file_paths_against_the_config_files_directory(
+    registry: ComponentRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "etc" / "hookgate"
+    conf.mkdir(parents=True)
+    (conf / "hookgate.yaml").write_text(
+        cfg(
+            """
+            server:
+              tls: {certfile: tls/cert.pem, keyfile: /abs/key.pem}
+            broker:
+              url: nats://n.test
+              data_dir: data
+              nkey_seed: ../secrets/hookgate.nk
+              tls: {ca_file: ca.pem, cert_file: ./client.pem, key_file: client.key}
+            """
+        )
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    c = load(Path("..") / "etc" / "hookgate" / "hookgate.yaml", registry, env={}).config
+    base = str(conf)
+    assert c.server.tls is not None and c.broker.tls is not None
+    assert (c.server.tls.certfile, c.server.tls.keyfile) == (f"{base}/tls/cert.pem", "/abs/key.pem")
+    assert c.broker.data_dir == f"{base}/data"
+    assert c.broker.nkey_seed == f"{tmp_path}/etc/secrets/hookgate.nk"
+    assert (c.broker.tls.ca_file, c.broker.tls.cert_file, c.broker.tls.key_file) == (
+        f"{base}/ca.pem",
+        f"{base}/client.pem",
+        f"{base}/client.key",
+    )
+    monkeypatch.chdir(tmp_path)
+    c = load(conf / "hookgate.yaml", registry, env={}).config
+    assert c.broker.creds is None and c.broker.nkey_seed == f"{tmp_path}/etc/secrets/hookgate.nk"
 
 
 def test_a_retry_delay_must_fit_in_the_retention(registry: ComponentRegistry) -> None:
