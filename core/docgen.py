@@ -13,6 +13,7 @@ depends on the schema alone, in the schema's own order.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -306,8 +307,12 @@ def _slug(title: str) -> str:
 
 
 def _text(text: str) -> str:
-    """Schema text as Markdown: `<`, `>` and `&` escaped outside code spans, so `<name>` stays text."""
-    parts = text.strip().split("`")
+    """Schema text as Markdown: `<`, `>` and `&` escaped outside code spans, so `<name>` stays text.
+
+    Docstrings are dedented first: some msgspec versions keep their indentation, which Markdown
+    would read as code blocks.
+    """
+    parts = inspect.cleandoc(text).split("`")
     for i in range(0, len(parts), 2):
         parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return "`".join(parts)
