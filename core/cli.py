@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from hookgate import __version__, client, commands, config, gateway, hookspecs, logs
+from hookgate import __version__, client, commands, config, docgen, gateway, hookspecs, logs
 from hookgate.hooks import Hooks
 from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.types import ComponentKind
@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
         "--builtin-only",
         action="store_true",
         help="only the plugins shipped with hookgate, not others installed (config/hookgate.schema.json)",
+    )
+    schema.add_argument(
+        "--markdown",
+        action="store_true",
+        help="the configuration reference in Markdown instead (docs/reference/configuration.md)",
     )
     return parser
 
@@ -172,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _plugins()
     if args.command == "schema":
         hooks = _builtin_hooks() if args.builtin_only else Hooks()
-        text = json.dumps(config.json_schema(hooks.registry), indent=2) + "\n"
+        schema = config.json_schema(hooks.registry)
+        text = docgen.markdown(schema) if args.markdown else json.dumps(schema, indent=2) + "\n"
         if args.output:
             with open(args.output, "w", encoding="utf-8") as f:
                 f.write(text)
