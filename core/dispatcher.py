@@ -206,7 +206,8 @@ def request_headers(
     headers.append(("webhook-timestamp", str(ts)))
     headers.append(("hookgate-delivery-id", delivery.id))
     headers.append(("hookgate-attempt", str(delivery.attempt)))
-    headers.append(("user-agent", "hookgate"))
+    if not any(name.lower() == "user-agent" for name, _ in headers):
+        headers.append(("user-agent", "hookgate"))  # a provider's own is forwarded as it came
     return headers
 
 

@@ -120,6 +120,8 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    # Every header line as it came, lower-cased names: `headers` keeps only the last of a repeat.
+    header_lines: list[tuple[str, str]] = field(default_factory=list)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -186,6 +188,7 @@ class Receiver:
                     {k.decode().lower(): v.decode("latin-1") for k, v in request.headers},
                     bytes(body),
                     trio.current_time(),
+                    [(k.decode().lower(), v.decode("latin-1")) for k, v in request.headers],
                 )
                 n = len(self.requests)
                 self.requests.append(received)

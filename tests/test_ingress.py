@@ -6,6 +6,7 @@ import hashlib
 import hmac
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -64,6 +65,8 @@ async def test_signed_webhook_is_accepted_and_forwarded_with_original_bytes(
     assert got.headers["webhook-id"] == event_id
     assert got.headers["hookgate-attempt"] == "1"
     assert got.headers["hookgate-delivery-id"].startswith("dlv_")
+    # The provider's own User-Agent goes through, and is not joined by a second one.
+    assert [v for k, v in got.header_lines if k == "user-agent"] == [f"python-httpx/{httpx.__version__}"]
 
 
 async def test_wrongly_signed_webhook_gets_401_and_is_neither_stored_nor_delivered(
