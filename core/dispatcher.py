@@ -617,6 +617,10 @@ class EndpointWorker:
             # Gone: the receiver asks us to stop. Disable the endpoint and keep this delivery in
             # line, unspent, for when it is enabled again.
             await self.d.states.set(endpoint.name, True, f"the endpoint answered 410 Gone to {delivery.id}")
+            if ordered:
+                # Rescheduling would put the head behind everything queued after it: it waits in
+                # place instead, and goes first once the endpoint is enabled.
+                return delivery if await self._hold_while_disabled(msg) else None
             self.broker.commit_later(self._schedule(msg, delivery, time.time(), counted=False))
             return None
         latency = time.time() - started
@@ -689,6 +693,17 @@ class EndpointWorker:
             await trio.sleep(retry_in)
             return msgspec.structs.replace(delivery, attempt=delivery.attempt + 1)
         return None
+
+    async def _hold_while_disabled(self, msg: InMsg) -> bool:
+        """Hold an ordered head while its endpoint is disabled (kept alive by `_keep_alive`).
+        True once enabled again; False if this worker stops first, having handed the head back
+        to the consumer, which redelivers it before anything behind it."""
+        while self.d.states.disabled(self.endpoint.name):
+            if self.stopping:
+                self.broker.commit_later(Commit(nak=msg))
+                return False
+            await trio.sleep(STATE_POLL)
+        return True
 
     async def _track_failures(self, result: Result, attempt: Attempt) -> None:
         """Operational events, and disabling after `disable_after` of continuous failure."""

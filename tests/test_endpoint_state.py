@@ -71,6 +71,39 @@ async def test_410_disables_keeps_deliveries_and_enable_puts_them_back(
     ]
 
 
+async def test_a_410_on_the_head_of_an_ordered_endpoint_keeps_the_order(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    gone = True
+
+    def respond(request: Received, n: int) -> int:
+        return 410 if gone else 200
+
+    async with receiver(respond) as rx:
+        text = base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              svc: {{url: "{rx.url}/in", ordered: true, retry: {{schedule: [100ms]}}}}
+            routes:
+              - {{from: [internal], to: [svc]}}
+            """,
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            for n in (1, 2, 3, 4):
+                await gw.publish("order.created", {"n": n})
+            await rx.wait_for(1)
+            await _ops(nats_server.url, {"endpoint.disabled"})
+            gone = False
+            enabled = await gw.http.post(
+                f"{gw.url}/api/v1/endpoints/svc/enable", headers={"Authorization": "Bearer test-token"}
+            )
+            got = await rx.wait_for(5, timeout=15)
+    assert enabled.status_code == 200
+    assert [r.json()["data"]["n"] for r in got] == [1, 1, 2, 3, 4]
+    assert [r.headers["hookgate-attempt"] for r in got] == ["1"] * 5  # the 410 spent no attempt
+
+
 async def test_continuous_failure_disables_after_disable_after_and_the_cli_enables(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
