@@ -205,7 +205,9 @@ class PullConsumer:
         # Outstanding pull requests, oldest first: [messages still owed, expiry (loop time)].
         self.requests: collections.deque[list[float]] = collections.deque()
         self.arrived = asyncio.Event()
+        self.stopped = False
         self._sub: Subscription | None = None
+        self._unsubscribing: asyncio.Future[None] | None = None
 
     @property
     def owed(self) -> int:
@@ -217,9 +219,13 @@ class PullConsumer:
     async def _on_message(self, msg: Msg) -> None:
         status = (msg.headers or {}).get("Status") if not msg.data else None
         if status is None:
-            self.queue.append(msg)
             self._settle_owed(1)
-            self.arrived.set()
+            if self.stopped:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak()  # for whoever pulls next (see stop)
+            else:
+                self.queue.append(msg)
+                self.arrived.set()
         elif status in ("404", "408", "409"):
             # No messages / request expired / request ended: it owes what it did not deliver.
             pending = (msg.headers or {}).get("Nats-Pending-Messages")
@@ -230,6 +236,8 @@ class PullConsumer:
                     self.requests[0][0] = 0
                 self._drop_settled()
         # 100 (idle heartbeat) needs nothing.
+        if self.stopped and not self.requests:
+            await self._unsubscribe()
 
     def _settle_owed(self, count: int) -> None:
         while count and self.requests:
@@ -260,17 +268,35 @@ class PullConsumer:
         self.requests.clear()
 
     async def stop(self) -> None:
-        """Stop receiving, and hand back what was pulled but never taken, for prompt redelivery."""
-        with contextlib.suppress(nats.errors.Error):
-            await self.nc.flush(1)  # messages answering our last pulls arrive before unsubscribing
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
+        """Stop taking messages, and hand back what was pulled but never taken, for prompt
+        redelivery.
+
+        The server keeps this consumer's pull requests open until they are used up or expire. A
+        message it hands one of them meanwhile (such as one nak'ed a moment ago) would wait for
+        ack_wait in an inbox nobody reads, so the subscription stays until no request is owed, or
+        the last one has expired: whatever still arrives is nak'ed at once, and each such message
+        uses up part of a request.
+        """
+        self.stopped = True
         while self.queue:
             with contextlib.suppress(nats.errors.Error):
                 await self.queue.popleft().nak()
+        if not self.requests:
+            await self._unsubscribe()
+            return
+        loop = asyncio.get_running_loop()
+        expires_in = max(r[1] for r in self.requests) - loop.time()
+        loop.call_later(max(0.0, expires_in), self._unsubscribe_soon)
+
+    def _unsubscribe_soon(self) -> None:
+        self._unsubscribing = asyncio.ensure_future(self._unsubscribe())  # kept: a task needs a reference
+
+    async def _unsubscribe(self) -> None:
         self.requests.clear()
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
 
 class NatsBridge:

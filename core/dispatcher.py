@@ -35,7 +35,7 @@ from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.tracing import NO_SPAN, OFF, Span, Tracing, carried
 from hookgate.transport import PooledTransport, Target, parse_url
 from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
-from hookgate.units import plural, rfc3339, seconds
+from hookgate.units import format_duration, plural, rfc3339, seconds
 
 log = logging.getLogger("hookgate.dispatcher")
 
@@ -417,6 +417,7 @@ class EndpointWorker:
         self.held: dict[int, InMsg] = {}  # fetched and not yet settled, by stream sequence
         # Attempts in flight: delivery id -> (delivery, trio time started, marked delivering yet).
         self.in_flight: dict[str, tuple[Delivery, float, bool]] = {}
+        self.handed_back: set[int] = set()  # stream sequences settled as cut off by a shutdown
         self.failing_since: float | None = None  # start of the current run of failed attempts
         self.disable_after = seconds(endpoint.config.disable_after) if endpoint.config.disable_after else None
         config = endpoint.config
@@ -532,7 +533,8 @@ class EndpointWorker:
         try:
             await self.deliver(msg)
         except trio.Cancelled:
-            self.broker.commit_later(Commit(nak=msg))  # shut down mid-attempt
+            if msg.stream_seq not in self.handed_back:
+                self.broker.commit_later(Commit(nak=msg))  # shut down before or between attempts
             raise
         except Exception:
             log.exception(
@@ -576,7 +578,9 @@ class EndpointWorker:
         if last.next_attempt_at is not None:
             await trio.sleep(max(0.0, last.next_attempt_at - time.time()))  # kept alive meanwhile
         log.info("delivery %s to %s resumes at attempt %d", delivery.id, delivery.endpoint, last.attempt + 1)
-        return msgspec.structs.replace(delivery, attempt=last.attempt + 1)
+        # An attempt cut off by a shutdown does not use up a try of the schedule.
+        series_start = delivery.series_start + (1 if last.error_kind == "shutdown" else 0)
+        return msgspec.structs.replace(delivery, attempt=last.attempt + 1, series_start=series_start)
 
     async def _attempt_once(self, msg: InMsg, delivery: Delivery) -> Delivery | None:
         """One attempt and its outcome; for an ordered endpoint, the delivery to retry in place."""
@@ -607,8 +611,10 @@ class EndpointWorker:
             with self.d.tracing.attempt(delivery, msg.headers) as span:
                 result = await self._attempt(delivery, event, int(started), span)
                 span.done(result.status, result.error, result.error_kind)
-        except BaseException:
+        except BaseException as exc:
             self.flow.release()  # cancelled or crashed: do not hold the probe slot
+            if isinstance(exc, trio.Cancelled) and self.stopping and delivery.id in self.in_flight:
+                self._hand_back_cut_off(msg, delivery, started)
             raise
         finally:
             self.in_flight.pop(delivery.id, None)
@@ -693,6 +699,34 @@ class EndpointWorker:
             await trio.sleep(retry_in)
             return msgspec.structs.replace(delivery, attempt=delivery.attempt + 1)
         return None
+
+    def _hand_back_cut_off(self, msg: InMsg, delivery: Delivery, started: float) -> None:
+        """Shutdown cut this attempt off: record it, and hand the delivery back due now as its next
+        attempt. A cut-off does not use up a try of its retry schedule. An ordered head is nak'ed
+        instead, to stay first in line, and resumes from this record."""
+        now = time.time()
+        attempt = Attempt(
+            delivery_id=delivery.id,
+            event_id=delivery.event.id,
+            endpoint=self.endpoint.name,
+            attempt=delivery.attempt,
+            started_at=started,
+            latency=now - started,
+            outcome="retrying",
+            error_kind="shutdown",
+            error=f"cut off when the gateway stopped, after the {format_duration(self.d.grace)} grace period",
+            next_attempt_at=now,
+        )
+        topology = self.broker.topology
+        record = OutMsg(topology.delivery_log_subject(self.endpoint.name, delivery.id), _encode_json(attempt))
+        if self.endpoint.config.ordered:
+            commit = Commit([record], nak=msg)
+        else:
+            unspent = msgspec.structs.replace(delivery, series_start=delivery.series_start + 1)
+            commit = self._schedule(msg, unspent, now, counted=True)
+            commit.publishes.append(record)
+        self.broker.commit_later(commit)
+        self.handed_back.add(msg.stream_seq)
 
     async def _hold_while_disabled(self, msg: InMsg) -> bool:
         """Hold an ordered head while its endpoint is disabled (kept alive by `_keep_alive`).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -215,3 +216,54 @@ async def test_external_nats_over_tls(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(10)
+
+
+async def test_shutdown_hands_back_cut_off_and_unstarted_deliveries_at_once(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    # The grace period (base_config: 2s) cuts off a hanging attempt. It and the deliveries that
+    # were fetched but never started go back to the consumer at once, not when ack_wait (30s)
+    # runs out; the cut-off attempt is recorded, and the resend is its next attempt.
+    hanging = True
+
+    def respond(request: Received, n: int) -> float | int:
+        return 60.0 if hanging else 200
+
+    async with receiver(respond) as rx:
+        text = base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              svc: {{url: "{rx.url}/in", concurrency: 1}}
+            routes:
+              - {{from: [internal], to: [svc]}}
+            """,
+        )
+        async with run_gateway(tmp_path, text) as gw:
+            for n in (1, 2, 3):
+                await gw.publish("work", {"n": n})
+            await rx.wait_for(1)
+            stopped_at = trio.current_time()
+            gw.stopping.set()
+        shutdown = trio.current_time() - stopped_at
+        hanging = False
+        async with run_gateway(tmp_path, text):
+            restarted_at = trio.current_time()
+            try:
+                got = await rx.wait_for(4, timeout=25)
+            except trio.TooSlowError:
+                raise AssertionError(
+                    [
+                        (r.json()["data"], r.headers["hookgate-attempt"], r.at - restarted_at)
+                        for r in rx.requests
+                    ]
+                ) from None
+            waited = got[-1].at - restarted_at
+    assert shutdown < 2 + 1.0, f"shutdown took {shutdown:.1f}s with a 2s grace"
+    assert waited < 10, f"the handed-back deliveries came {waited:.1f}s after the restart"
+    resent = {r.json()["data"]["n"]: r.headers["hookgate-attempt"] for r in got[1:]}
+    assert resent == {1: "2", 2: "1", 3: "1"}
+    records = [json.loads(m.data) for m in await attempt_records(nats_server.url)]
+    (cut_off,) = [r for r in records if r["error_kind"] == "shutdown"]
+    assert (cut_off["attempt"], cut_off["outcome"]) == (1, "retrying")
+    assert "grace" in cut_off["error"]
