@@ -136,12 +136,11 @@ class EmbeddedNats:
             log_handle.close()
         ports_file = self.data_dir / f"{Path(binary).name}_{self.process.pid}.ports"
         with trio.move_on_after(15):
-            while not ports_file.exists():
+            while (url := _listening_url(ports_file)) is None:
                 if self.process.poll() is not None:
                     break
                 await trio.sleep(0.02)
             else:
-                url = json.loads(ports_file.read_text())["nats"][0]
                 self.port = int(url.rsplit(":", 1)[1])
                 log.info("embedded nats-server pid %d listening on %s", self.process.pid, self.url)
                 return
@@ -209,3 +208,12 @@ async def embedded_nats(data_dir: str | os.PathLike[str], max_payload: int) -> A
             yield server
         finally:
             nursery.cancel_scope.cancel()
+
+
+def _listening_url(ports_file: Path) -> str | None:
+    """The client URL in nats-server's ports file, or None until it has been written whole (the
+    file exists, empty, for a moment before the server writes it)."""
+    try:
+        return str(json.loads(ports_file.read_text())["nats"][0])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
