@@ -32,6 +32,7 @@ import yaml
 from hookgate import tracing
 from hookgate.filters import FilterError, compile_filter
 from hookgate.flow import CircuitBreakerConfig, RateLimitConfig
+from hookgate.http_fields import sendable_value
 from hookgate.ssrf import EgressGuard
 from hookgate.transport import parse_proxy
 from hookgate.types import INTERNAL_SOURCE, ComponentKind, ComponentRegistry
@@ -1126,11 +1127,17 @@ def _check_endpoint(
             )
     if seconds(endpoint.timeout) == 0:
         problem(f"{path}.timeout", "must be more than 0")
-    for header in endpoint.headers:
+    for header, value in endpoint.headers.items():
         if not _HEADER_NAME.fullmatch(header):
             problem(_child(f"{path}.headers", header), "not a valid header name")
         elif header.lower() in _OWN_HEADERS or header.lower().startswith("hookgate-"):
             problem(_child(f"{path}.headers", header), "hookgate sets this header itself")
+        elif not sendable_value(value):
+            # Not echoed: a header value may be a credential.
+            problem(
+                _child(f"{path}.headers", header),
+                "the value holds a control character or is not ISO-8859-1; it could not be sent",
+            )
     # A retry is a scheduled message in a stream whose max age is the retention: a longer delay
     # would expire before it fires, and the delivery would silently stop.
     retention = seconds(broker.retention) if broker is not None else 0

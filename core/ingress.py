@@ -28,11 +28,20 @@ from hookgate.broker import Broker
 from hookgate.config import SourceConfig
 from hookgate.filters import ParsedBody, is_form, is_missing
 from hookgate.hooks import Hooks
+from hookgate.http_fields import TOKEN, sendable
 from hookgate.ids import event_id_for, new_event_id
 from hookgate.intake import store_event
 from hookgate.metrics import Metrics
 from hookgate.tracing import OFF, Span, Tracing
-from hookgate.types import Event, HandshakeResponse, IngressRequest, Rejection, SourceView, find_header
+from hookgate.types import (
+    Event,
+    HandshakeResponse,
+    Headers,
+    IngressRequest,
+    Rejection,
+    SourceView,
+    find_header,
+)
 
 log = logging.getLogger("hookgate.ingress")
 
@@ -253,9 +262,11 @@ class Ingress:
         await self._respond(send, source, event_id)
 
     async def _check(self, request: IngressRequest, source: Source) -> Rejection | None:
-        rejection = await self.hooks.first_rejection(
-            "hookgate_authenticate", request=request, source=source.view
-        )
+        rejection = unsendable_header(request.headers)
+        if rejection is None:
+            rejection = await self.hooks.first_rejection(
+                "hookgate_authenticate", request=request, source=source.view
+            )
         if rejection is None:
             rejection = await self.hooks.first_rejection(
                 "hookgate_verify_signature", request=request, source=source.view
@@ -288,6 +299,24 @@ class Ingress:
             )
         else:
             await send_bytes(send, response.status, response.body.encode(), response.content_type)
+
+
+def unsendable_header(headers: Headers) -> Rejection | None:
+    """A 400 for a header that could never be forwarded (a control character in its value).
+
+    The HTTP server lets such a value through, but no endpoint can be sent it, so an event that
+    held it would be acknowledged and then fail every attempt. Refusing it here loses nothing
+    that was acknowledged, and the provider learns at once. The message names the header, never
+    its value: the value may be a credential.
+    """
+    for name, value in headers:
+        if not sendable(name, value):
+            if not TOKEN.fullmatch(name):
+                message = "a header name is not an HTTP token; it could not be forwarded"
+            else:
+                message = f"the value of header {name!r} holds a control character; it could not be forwarded"
+            return Rejection(status=400, code="invalid_header", message=message)
+    return None
 
 
 async def _send_handshake(send: Send, handshake: HandshakeResponse) -> None:
