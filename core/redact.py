@@ -133,6 +133,8 @@ def redact_text(text: str, headers: Sequence[tuple[str, str]] = (), url: str | N
     Values shorter than MIN_ECHO are left: they are no credential, and hiding them would garble
     the text ("HTTP 502" with a header value "5").
     """
+    if url is not None and url in text:  # as quoted whole: hidden however short its password
+        text = text.replace(url, _without_password(url))
     hidden: set[str] = set()
     for name, value in headers:
         if is_secret_header(name) or not sendable_value(value):
