@@ -63,6 +63,8 @@ class Source:
     event_id: str | None
     strict_type: bool = False
     strict_id: bool = False
+    # Headers the access rules consumed (their credentials): checked here, never stored or sent on.
+    consumed: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -83,7 +85,14 @@ class Source:
             event_id=config.event_id or default_id,
             strict_type=config.event_type is not None,
             strict_id=config.event_id is not None,
+            consumed=frozenset().union(*(_credential_headers(rule) for rule in access_rules)),
         )
+
+    def stored_headers(self, request: IngressRequest) -> Headers:
+        """The request's headers as the event keeps them: without the consumed credentials."""
+        if not self.consumed:
+            return request.headers
+        return [(k, v) for k, v in request.headers if k.lower() not in self.consumed]
 
     # A selector the user configured must find a readable body (else 400); a verifier's default
     # selector may meet a body it cannot read (a provider's form post) and then yields nothing.
@@ -92,6 +101,14 @@ class Source:
 
     def select_id(self, request: IngressRequest, body: _Body) -> str | None:
         return _select_or_none(self.event_id, self.strict_id, request, body)
+
+
+def _credential_headers(rule: Any) -> frozenset[str]:
+    """The lower-case names of the headers an access rule says it consumed (`credential_headers`)."""
+    names = getattr(rule, "credential_headers", None) or ()
+    if isinstance(names, str):  # one name, written without the tuple
+        names = (names,)
+    return frozenset(name.lower() for name in names)
 
 
 def _select_or_none(spec: str | None, strict: bool, request: IngressRequest, body: _Body) -> str | None:
@@ -236,7 +253,7 @@ class Ingress:
             received_at=time.time(),
             body=body,
             content_type=request.header("content-type") or "application/octet-stream",
-            headers=request.headers,
+            headers=source.stored_headers(request),
             external_id=external_id,
         )
         # The event id is derived from the provider's id, so it is the dedup key and is always

@@ -196,6 +196,11 @@ class AccessRule(Protocol):
 
     def check(self, request: IngressRequest) -> Rejection | None: ...
 
+    # An access rule may also define `credential_headers`: the names of the request headers that
+    # hold the credential it checks (e.g. ("authorization",)). The core drops them from the stored
+    # event, so they reach no endpoint and no log. Leave them out of it (an empty tuple) when the
+    # rule's config asks to forward them (`forward_credential: true` on the built-in rules).
+
 
 class Handshake(Protocol):
     """Answers a provider's handshake (`handshake:` on a source), or None if it is not one."""

@@ -6,18 +6,35 @@ attempt's error, the API or the log.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import jwt
+import msgspec
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from hookgate import config
+from hookgate.config import ConfigError
+from hookgate.hooks import Hooks
+from hookgate.hookspecs import hookimpl
 from hookgate.intake import encode_event
-from hookgate.types import Event
-from tests.support import Gateway, NatsServer, base_config, publish_with_nats, receiver, run_gateway
+from hookgate.types import ComponentRegistry, Event, IngressRequest, Rejection
+from tests.plugin_support import sources_config
+from tests.support import (
+    Gateway,
+    NatsServer,
+    base_config,
+    publish_with_nats,
+    receiver,
+    run_gateway,
+    stream_messages,
+    write_config,
+)
 from tests.test_ingress import acme_config, signed
 
 AUTH = {"Authorization": "Bearer test-token"}
@@ -146,3 +163,122 @@ async def test_a_url_password_never_appears_in_an_attempt_error_the_api_or_the_l
     assert TOKEN not in detail.text
     assert TOKEN not in caplog.text
     assert rx.requests == []
+
+
+# --- credentials an access rule consumed --------------------------------------------------------
+
+JWT_SECRET = "a-jwt-secret-that-is-long-enough-for-hs256"
+API_KEY = "k-api-key-123456"
+PASSWORD = "pa55-word-987"
+
+CREDENTIAL_SOURCES = f"""
+header-key:
+  auth: [{{type: api_key, header: X-Api-Key, key: {API_KEY}}}]
+query-key:
+  auth: [{{type: api_key, query: api_key, key: {API_KEY}}}]
+basic:
+  auth: [{{type: basic, username: acme, password: {PASSWORD}}}]
+jwt:
+  auth: [{{type: bearer_jwt, secret: {JWT_SECRET}}}]
+kept:
+  auth: [{{type: api_key, header: X-Api-Key, key: {API_KEY}, forward_credential: true}}]
+"""
+
+
+def _jwt() -> str:
+    return jwt.encode({"exp": int(time.time()) + 300}, JWT_SECRET, algorithm="HS256")
+
+
+async def test_the_credential_an_access_rule_checked_is_not_forwarded_or_stored(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    basic = "Basic " + base64.b64encode(f"acme:{PASSWORD}".encode()).decode()
+    bearer = f"Bearer {_jwt()}"
+    sent = {
+        "header-key": ("", {"X-Api-Key": API_KEY}),
+        "query-key": (f"?api_key={API_KEY}", {}),
+        "basic": ("", {"Authorization": basic}),
+        "jwt": ("", {"Authorization": bearer}),
+        "kept": ("", {"X-Api-Key": API_KEY}),
+    }
+    async with (
+        receiver() as rx,
+        run_gateway(tmp_path, sources_config(nats_server.url, rx.url, CREDENTIAL_SOURCES)) as gw,
+    ):
+        for source, (query, credential) in sent.items():
+            response = await gw.http.post(
+                f"{gw.url}/webhooks/{source}{query}",
+                content=b'{"a": 1}',
+                headers={**credential, "X-Other": f"other-{source}", "Content-Type": "application/json"},
+            )
+            assert response.status_code == 202, (source, response.text)
+        got = {r.headers["hookgate-source"]: r for r in await rx.wait_for(len(sent))}
+        stored = await stream_messages(nats_server.url, "HOOKGATE_EVENTS")
+    for source in sent:
+        assert got[source].headers["x-other"] == f"other-{source}"
+        assert got[source].path == "/hooks"
+    for source in ("header-key", "query-key", "basic", "jwt"):
+        assert "x-api-key" not in got[source].headers
+        assert "authorization" not in got[source].headers
+        assert API_KEY not in str(got[source].headers)
+    assert got["kept"].headers["x-api-key"] == API_KEY  # forward_credential: true
+    # Nor is it stored: the event log and anything reading the stream never see it.
+    stored_bytes = b"".join(m.data for m in stored if not m.subject.endswith(".kept"))
+    for secret in (API_KEY, PASSWORD, basic, bearer):
+        assert secret.encode() not in stored_bytes
+
+
+async def test_forward_credential_is_refused_for_a_query_key(tmp_path: Path) -> None:
+    text = base_config(
+        None,
+        "sources:\n  q:\n    auth: [{type: api_key, query: api_key, key: k, forward_credential: true}]\n",
+        data_dir=tmp_path,
+    )
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path, Hooks().registry)
+    (problem,) = info.value.problems
+    assert problem.path == "$.sources.q.auth[0].forward_credential"
+    assert "query parameter is never forwarded" in problem.message
+
+
+class _TokenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    header: str
+
+
+class _TokenRule:
+    """A third-party access rule: any non-empty value in its header passes, and it says so."""
+
+    def __init__(self, config: _TokenConfig):
+        self.header = config.header
+        self.credential_headers = (config.header,)
+
+    def check(self, request: IngressRequest) -> Rejection | None:
+        if request.header(self.header):
+            return None
+        return Rejection(status=403, code="forbidden", message="no token")
+
+
+class _TokenPlugin:
+    @hookimpl
+    def hookgate_register_components(self, registry: ComponentRegistry) -> None:
+        registry.add_access_rule("token", _TokenConfig, _TokenRule)
+
+
+async def test_a_plugin_rule_declares_the_headers_it_consumed(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    sources = "partner:\n  auth: [{type: token, header: X-Partner-Token}]\n"
+    async with (
+        receiver() as rx,
+        run_gateway(
+            tmp_path, sources_config(nats_server.url, rx.url, sources), plugins=(_TokenPlugin(),)
+        ) as gw,
+    ):
+        response = await gw.http.post(
+            f"{gw.url}/webhooks/partner", content=b"{}", headers={"X-Partner-Token": "t", "X-Other": "o"}
+        )
+        assert response.status_code == 202
+        (got,) = await rx.wait_for(1)
+    assert "x-partner-token" not in got.headers
+    assert got.headers["x-other"] == "o"
