@@ -136,8 +136,15 @@ class SourceConfig(_Base):
         None
     )
     event_id: Annotated[
-        str | None, msgspec.Meta(description="the dedup key: body.<path> | header.<name>")
+        str | None, msgspec.Meta(description="the provider's event id: body.<path> | header.<name>")
     ] = None
+    dedup: Annotated[
+        Literal["id", "body"],
+        msgspec.Meta(
+            description="what makes a request a duplicate: id (the event_id, the default) or body (a SHA-256 "
+            "of the raw body, for providers that do not sign their delivery id)"
+        ),
+    ] = "id"
     response: ResponseConfig | None = None
     auth: Annotated[
         list[dict[str, Any]],

@@ -29,7 +29,7 @@ from hookgate.config import SourceConfig
 from hookgate.filters import ParsedBody, is_form, is_missing
 from hookgate.hooks import Hooks
 from hookgate.http_fields import TOKEN, sendable
-from hookgate.ids import event_id_for, new_event_id
+from hookgate.ids import event_id_for, event_id_for_body, new_event_id
 from hookgate.intake import store_event
 from hookgate.metrics import Metrics
 from hookgate.tracing import OFF, Span, Tracing
@@ -245,7 +245,14 @@ class Ingress:
         except MalformedBody as exc:
             await send_error(send, 400, "malformed_body", str(exc))
             return
-        event_id = event_id_for(source_name, external_id) if external_id else new_event_id()
+        if source.config.dedup == "body":
+            # The provider's id is kept (external_id) but does not decide: a replay of a signed
+            # body under a fresh, unsigned delivery id is a duplicate.
+            event_id = event_id_for_body(source_name, body)
+        elif external_id:
+            event_id = event_id_for(source_name, external_id)
+        else:
+            event_id = new_event_id()
         event = Event(
             id=event_id,
             source=source_name,
@@ -274,7 +281,9 @@ class Ingress:
         ).inc()
         if result.duplicate:
             log.info(
-                "duplicate webhook for source %s, event id %s: not stored again", source_name, external_id
+                "duplicate webhook for source %s, event id %s: not stored again",
+                source_name,
+                external_id or event_id,
             )
         await self._respond(send, source, event_id)
 

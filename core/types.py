@@ -73,7 +73,8 @@ class Event(msgspec.Struct, kw_only=True):
     content_type: str = "application/json"
     headers: Headers = []
     to: list[str] | None = None  # explicit endpoints (internal publish with "to")
-    external_id: str | None = None  # the provider's own id for this event, the dedup key
+    # The provider's own id for this event: the dedup key, unless the source has `dedup: body`.
+    external_id: str | None = None
 
     @property
     def internal(self) -> bool:
