@@ -263,8 +263,8 @@ class Ingress:
             headers=source.stored_headers(request),
             external_id=external_id,
         )
-        # The event id is derived from the provider's id, so it is the dedup key and is always
-        # header-safe (a provider id may hold any bytes).
+        # The event id is derived from the provider's id (or the body), so it is the dedup key and
+        # is always header-safe (a provider id may hold any bytes).
         span.set("hookgate.event_id", event_id)
         result = await store_event(self.broker, event, f"{source_name}:{event_id}", span)
         if not result.ok:

@@ -125,13 +125,15 @@ def _hide(value: Any) -> Any:
     return PLACEHOLDER
 
 
+# Shorter values are not hidden in free text: no credential is that short, and hiding them would
+# garble the text ("HTTP 502" with a header value "5").
+MIN_ECHO = 4
+
+
 def redact_text(text: str, headers: Sequence[tuple[str, str]] = (), url: str | None = None) -> str:
     """Free text (an attempt's error) with every credential it might echo hidden, the way
     `redact_headers` and `redact` hide them: the values of credential headers, values that cannot
     be sent (those are what a protocol error quotes), and the password of `url`.
-
-    Values shorter than MIN_ECHO are left: they are no credential, and hiding them would garble
-    the text ("HTTP 502" with a header value "5").
     """
     if url is not None and url in text:  # as quoted whole: hidden however short its password
         text = text.replace(url, _without_password(url))
@@ -148,9 +150,6 @@ def redact_text(text: str, headers: Sequence[tuple[str, str]] = (), url: str | N
         if len(value) >= MIN_ECHO and value in text:
             text = text.replace(value, PLACEHOLDER)
     return text
-
-
-MIN_ECHO = 4
 
 
 def _spellings(value: str) -> list[str]:
