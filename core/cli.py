@@ -15,6 +15,7 @@ import trio
 
 from hookgate import __version__, client, commands, config, docgen, gateway, hookspecs, logs
 from hookgate.hooks import Hooks
+from hookgate.redact import redact_text, without_password
 from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.types import ComponentKind
 from hookgate.units import format_duration, plural, seconds
@@ -217,7 +218,8 @@ def _check(path: str) -> int:
         # Relative to the config file, as the gateway resolves it.
         broker = f"embedded nats-server, data in {loaded.path.parent / c.broker.data_dir}"
     else:
-        broker = c.broker.url if isinstance(c.broker.url, str) else ", ".join(c.broker.url)
+        urls = [c.broker.url] if isinstance(c.broker.url, str) else c.broker.url
+        broker = ", ".join(without_password(url) for url in urls)
     print(f"{path}: OK")
     print(f"  listen:    {c.server.listen}{' (TLS)' if c.server.tls else ''}")
     print(f"  broker:    {broker}, retention {c.broker.retention}")
@@ -227,7 +229,7 @@ def _check(path: str) -> int:
         print(f"    {name:<20} POST /webhooks/{name}  verify: {verify.type if verify else 'none'}")
     print(f"  endpoints: {len(c.endpoints)}")
     for name, endpoint in c.endpoints.items():
-        target = endpoint.url or f"subject {endpoint.subject}"
+        target = without_password(endpoint.url) if endpoint.url else f"subject {endpoint.subject}"
         attempts = len(endpoint.retry.delays()) + 1
         signer = loaded.signers.get(name)
         print(
@@ -258,7 +260,9 @@ def _egress_warnings(loaded: config.LoadedConfig) -> list[str]:
         except SsrfRefused as exc:
             path = f"$.endpoints.{name}.url"
             where = f"{loaded.path}:{loaded.line_of(path)}: {path}"
-            warnings.append(f"{where}: warning: every delivery will be refused: {exc}")
+            # The guard's message may quote the URL: hide its password, as the summary above does.
+            reason = redact_text(str(exc), url=endpoint.url)
+            warnings.append(f"{where}: warning: every delivery will be refused: {reason}")
         except (OSError, ValueError):
             continue  # a name this host cannot resolve is vetted where the gateway runs
     return warnings

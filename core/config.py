@@ -32,6 +32,7 @@ import yaml
 from hookgate import tracing
 from hookgate.filters import FilterError, compile_filter
 from hookgate.flow import CircuitBreakerConfig, RateLimitConfig
+from hookgate.http_fields import sendable_value
 from hookgate.ssrf import EgressGuard
 from hookgate.transport import parse_proxy
 from hookgate.types import INTERNAL_SOURCE, ComponentKind, ComponentRegistry
@@ -135,8 +136,15 @@ class SourceConfig(_Base):
         None
     )
     event_id: Annotated[
-        str | None, msgspec.Meta(description="the dedup key: body.<path> | header.<name>")
+        str | None, msgspec.Meta(description="the provider's event id: body.<path> | header.<name>")
     ] = None
+    dedup: Annotated[
+        Literal["id", "body"],
+        msgspec.Meta(
+            description="what makes a request a duplicate: id (the event_id, the default) or body (a SHA-256 "
+            "of the raw body, for providers that do not sign their delivery id)"
+        ),
+    ] = "id"
     response: ResponseConfig | None = None
     auth: Annotated[
         list[dict[str, Any]],
@@ -1126,11 +1134,17 @@ def _check_endpoint(
             )
     if seconds(endpoint.timeout) == 0:
         problem(f"{path}.timeout", "must be more than 0")
-    for header in endpoint.headers:
+    for header, value in endpoint.headers.items():
         if not _HEADER_NAME.fullmatch(header):
             problem(_child(f"{path}.headers", header), "not a valid header name")
         elif header.lower() in _OWN_HEADERS or header.lower().startswith("hookgate-"):
             problem(_child(f"{path}.headers", header), "hookgate sets this header itself")
+        elif not sendable_value(value):
+            # Not echoed: a header value may be a credential.
+            problem(
+                _child(f"{path}.headers", header),
+                "the value holds a control character or is not ISO-8859-1; it could not be sent",
+            )
     # A retry is a scheduled message in a stream whose max age is the retention: a longer delay
     # would expire before it fires, and the delivery would silently stop.
     retention = seconds(broker.retention) if broker is not None else 0

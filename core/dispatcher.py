@@ -29,8 +29,9 @@ from hookgate.deliverylog import DeadLetter, DeliveryMarker, entry_decoder
 from hookgate.endpoint_state import EndpointStates
 from hookgate.flow import CircuitState, FlowControl
 from hookgate.hooks import Hooks
+from hookgate.http_fields import sendable
 from hookgate.metrics import Metrics
-from hookgate.redact import redact_headers
+from hookgate.redact import redact_headers, redact_text
 from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.tracing import NO_SPAN, OFF, Span, Tracing, carried
 from hookgate.transport import PooledTransport, Target, parse_url
@@ -195,7 +196,9 @@ def request_headers(
     headers: Headers = []
     if not event.internal:
         headers.extend(
-            (k, v) for k, v in event.headers if k.lower() not in HOP_BY_HOP and k.lower() not in OURS
+            (k, v)
+            for k, v in event.headers
+            if k.lower() not in HOP_BY_HOP and k.lower() not in OURS and sendable(k, v)
         )
         headers.append(("hookgate-source", event.source))
         headers.append(("hookgate-event-id", event.id))
@@ -797,6 +800,8 @@ class EndpointWorker:
                 await self.hooks.call("hookgate_sign", request=request, endpoint=endpoint.view)
                 result = await self._post(endpoint.transport, request)
         result.request_headers = redact_headers(request.headers)
+        if result.error:
+            result.error = redact_text(result.error, request.headers, request.url)
         return result
 
     def _target(self, url: str) -> Target:

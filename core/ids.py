@@ -18,6 +18,12 @@ def event_id_for(source: str, external_id: str) -> str:
     return f"evt_{digest}"
 
 
+def event_id_for_body(source: str, body: bytes) -> str:
+    """The event id of a request deduplicated by its body (`dedup: body`): the same bytes on a
+    source always map to it, whatever delivery id came with them."""
+    return event_id_for(source, "\0body:sha256:" + hashlib.sha256(body).hexdigest())
+
+
 def delivery_id(event_id: str, endpoint: str) -> str:
     """One delivery per (event, endpoint); the router's redelivery lands on the same id."""
     return "dlv_" + hashlib.blake2b(f"{event_id}\0{endpoint}".encode(), digest_size=12).hexdigest()

@@ -28,11 +28,20 @@ from hookgate.broker import Broker
 from hookgate.config import SourceConfig
 from hookgate.filters import ParsedBody, is_form, is_missing
 from hookgate.hooks import Hooks
-from hookgate.ids import event_id_for, new_event_id
+from hookgate.http_fields import TOKEN, sendable
+from hookgate.ids import event_id_for, event_id_for_body, new_event_id
 from hookgate.intake import store_event
 from hookgate.metrics import Metrics
 from hookgate.tracing import OFF, Span, Tracing
-from hookgate.types import Event, HandshakeResponse, IngressRequest, Rejection, SourceView, find_header
+from hookgate.types import (
+    Event,
+    HandshakeResponse,
+    Headers,
+    IngressRequest,
+    Rejection,
+    SourceView,
+    find_header,
+)
 
 log = logging.getLogger("hookgate.ingress")
 
@@ -54,6 +63,8 @@ class Source:
     event_id: str | None
     strict_type: bool = False
     strict_id: bool = False
+    # Headers the access rules consumed (their credentials): checked here, never stored or sent on.
+    consumed: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -74,7 +85,14 @@ class Source:
             event_id=config.event_id or default_id,
             strict_type=config.event_type is not None,
             strict_id=config.event_id is not None,
+            consumed=frozenset().union(*(_credential_headers(rule) for rule in access_rules)),
         )
+
+    def stored_headers(self, request: IngressRequest) -> Headers:
+        """The request's headers as the event keeps them: without the consumed credentials."""
+        if not self.consumed:
+            return request.headers
+        return [(k, v) for k, v in request.headers if k.lower() not in self.consumed]
 
     # A selector the user configured must find a readable body (else 400); a verifier's default
     # selector may meet a body it cannot read (a provider's form post) and then yields nothing.
@@ -83,6 +101,14 @@ class Source:
 
     def select_id(self, request: IngressRequest, body: _Body) -> str | None:
         return _select_or_none(self.event_id, self.strict_id, request, body)
+
+
+def _credential_headers(rule: Any) -> frozenset[str]:
+    """The lower-case names of the headers an access rule says it consumed (`credential_headers`)."""
+    names = getattr(rule, "credential_headers", None) or ()
+    if isinstance(names, str):  # one name, written without the tuple
+        names = (names,)
+    return frozenset(name.lower() for name in names)
 
 
 def _select_or_none(spec: str | None, strict: bool, request: IngressRequest, body: _Body) -> str | None:
@@ -219,7 +245,14 @@ class Ingress:
         except MalformedBody as exc:
             await send_error(send, 400, "malformed_body", str(exc))
             return
-        event_id = event_id_for(source_name, external_id) if external_id else new_event_id()
+        if source.config.dedup == "body":
+            # The provider's id is kept (external_id) but does not decide: a replay of a signed
+            # body under a fresh, unsigned delivery id is a duplicate.
+            event_id = event_id_for_body(source_name, body)
+        elif external_id:
+            event_id = event_id_for(source_name, external_id)
+        else:
+            event_id = new_event_id()
         event = Event(
             id=event_id,
             source=source_name,
@@ -227,11 +260,11 @@ class Ingress:
             received_at=time.time(),
             body=body,
             content_type=request.header("content-type") or "application/octet-stream",
-            headers=request.headers,
+            headers=source.stored_headers(request),
             external_id=external_id,
         )
-        # The event id is derived from the provider's id, so it is the dedup key and is always
-        # header-safe (a provider id may hold any bytes).
+        # The event id is derived from the provider's id (or the body), so it is the dedup key and
+        # is always header-safe (a provider id may hold any bytes).
         span.set("hookgate.event_id", event_id)
         result = await store_event(self.broker, event, f"{source_name}:{event_id}", span)
         if not result.ok:
@@ -248,14 +281,18 @@ class Ingress:
         ).inc()
         if result.duplicate:
             log.info(
-                "duplicate webhook for source %s, event id %s: not stored again", source_name, external_id
+                "duplicate webhook for source %s, event id %s: not stored again",
+                source_name,
+                external_id or event_id,
             )
         await self._respond(send, source, event_id)
 
     async def _check(self, request: IngressRequest, source: Source) -> Rejection | None:
-        rejection = await self.hooks.first_rejection(
-            "hookgate_authenticate", request=request, source=source.view
-        )
+        rejection = unsendable_header(request.headers)
+        if rejection is None:
+            rejection = await self.hooks.first_rejection(
+                "hookgate_authenticate", request=request, source=source.view
+            )
         if rejection is None:
             rejection = await self.hooks.first_rejection(
                 "hookgate_verify_signature", request=request, source=source.view
@@ -288,6 +325,24 @@ class Ingress:
             )
         else:
             await send_bytes(send, response.status, response.body.encode(), response.content_type)
+
+
+def unsendable_header(headers: Headers) -> Rejection | None:
+    """A 400 for a header that could never be forwarded (a control character in its value).
+
+    The HTTP server lets such a value through, but no endpoint can be sent it, so an event that
+    held it would be acknowledged and then fail every attempt. Refusing it here loses nothing
+    that was acknowledged, and the provider learns at once. The message names the header, never
+    its value: the value may be a credential.
+    """
+    for name, value in headers:
+        if not sendable(name, value):
+            if not TOKEN.fullmatch(name):
+                message = "a header name is not an HTTP token; it could not be forwarded"
+            else:
+                message = f"the value of header {name!r} holds a control character; it could not be forwarded"
+            return Rejection(status=400, code="invalid_header", message=message)
+    return None
 
 
 async def _send_handshake(send: Send, handshake: HandshakeResponse) -> None:

@@ -9,11 +9,14 @@ looks like one (x-idempotency-key) costs little; showing a credential costs a lo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+from hookgate.http_fields import sendable_value
 from hookgate.types import Headers
 
 PLACEHOLDER = "***"
@@ -120,6 +123,59 @@ def _hide(value: Any) -> Any:
     if value is None or isinstance(value, bool):
         return value
     return PLACEHOLDER
+
+
+# Shorter values are not hidden in free text: no credential is that short, and hiding them would
+# garble the text ("HTTP 502" with a header value "5").
+MIN_ECHO = 4
+
+
+def redact_text(text: str, headers: Sequence[tuple[str, str]] = (), url: str | None = None) -> str:
+    """Free text (an attempt's error) with every credential it might echo hidden, the way
+    `redact_headers` and `redact` hide them: the values of credential headers, values that cannot
+    be sent (those are what a protocol error quotes), and the password of `url`.
+    """
+    if url is not None and url in text:  # as quoted whole: hidden however short its password
+        text = text.replace(url, _without_password(url))
+    hidden: set[str] = set()
+    for name, value in headers:
+        if is_secret_header(name) or not sendable_value(value):
+            hidden.update(_spellings(value))
+    if url is not None:
+        password = url_password(url)
+        if password:
+            hidden.update(_spellings(password))
+            hidden.update(_spellings(unquote(password)))
+    for value in sorted(hidden, key=len, reverse=True):  # longest first: a value may hold another
+        if len(value) >= MIN_ECHO and value in text:
+            text = text.replace(value, PLACEHOLDER)
+    return text
+
+
+def _spellings(value: str) -> list[str]:
+    """A value as it may appear in a message: as is, and as str and bytes reprs quote it."""
+    spellings = [value, repr(value)[1:-1]]
+    with contextlib.suppress(UnicodeEncodeError):
+        spellings.append(repr(value.encode("latin-1"))[2:-1])
+    return spellings
+
+
+def url_password(url: str) -> str | None:
+    """The password in a URL's user-info, as written (percent-encoded), or None."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if "@" not in parts.netloc:
+        return None
+    userinfo = parts.netloc.rsplit("@", 1)[0]
+    _, colon, password = userinfo.partition(":")
+    return password if colon and password else None
+
+
+def without_password(url: str) -> str:
+    """A URL with the password of its user-info hidden, for display (`check`, the API)."""
+    return _without_password(url)
 
 
 def _without_password(url: str) -> str:

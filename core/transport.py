@@ -39,6 +39,9 @@ import h11
 import httpx
 import trio
 
+from hookgate.http_fields import FIELD_VALUE as _FIELD_VALUE
+from hookgate.http_fields import TOKEN as _TOKEN
+
 __all__ = [
     "PooledTransport",
     "Proxy",
@@ -97,11 +100,7 @@ class Target:
         object.__setattr__(self, "_events", {})
 
 
-_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # a header name or method (RFC 9110 token)
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # a request target: visible ASCII, no spaces
-# A header value: anything but control characters, which covers CR, LF and NUL (injection). Leading
-# and trailing whitespace is legal on the wire (it is OWS), and obs-text (0x80-0xff) is tolerated.
-_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 
 
 def parse_url(url: str | httpx.URL) -> Target:
@@ -291,15 +290,17 @@ def _method(method: str) -> bytes:
     return raw
 
 
-def _header_value(value: str) -> bytes:
+def _header_value(name: str, value: str) -> bytes:
     if value.isascii() and value.isprintable():  # nearly always; both are cheap C checks
         return value.encode("ascii")
+    # The errors name the header, never its value: it may be a credential, and the message ends
+    # up in attempt records and logs.
     try:
         raw = value.encode("latin-1")
     except UnicodeEncodeError:
-        raise h11.LocalProtocolError(f"header value {value!r} is not ISO-8859-1") from None
+        raise h11.LocalProtocolError(f"the value of header {name!r} is not ISO-8859-1") from None
     if not _FIELD_VALUE.fullmatch(raw):
-        raise h11.LocalProtocolError(f"illegal header value {value!r}")
+        raise h11.LocalProtocolError(f"the value of header {name!r} holds a control character")
     return raw
 
 
@@ -332,7 +333,7 @@ def _send_request(
                 continue
             raw_name = name.encode("ascii")
             if lower == "host" or lower in _H11_READS:
-                raw_value = _header_value(value)
+                raw_value = _header_value(name, value)
                 if h11_headers is None:
                     h11_headers = [(b"Host", target.host_header)]
                 if lower == "host":
@@ -344,7 +345,7 @@ def _send_request(
                 continue
             if len(_NAMES) < _NAMES_MAX:
                 _NAMES[name] = raw_name
-        lines += (raw_name, b": ", _header_value(value), b"\r\n")
+        lines += (raw_name, b": ", _header_value(name, value), b"\r\n")
     if body or raw_method in _BODY_METHODS:
         lines.append(b"Content-Length: %d\r\n" % len(body))
     lines.append(b"\r\n")

@@ -73,7 +73,8 @@ class Event(msgspec.Struct, kw_only=True):
     content_type: str = "application/json"
     headers: Headers = []
     to: list[str] | None = None  # explicit endpoints (internal publish with "to")
-    external_id: str | None = None  # the provider's own id for this event, the dedup key
+    # The provider's own id for this event: the dedup key, unless the source has `dedup: body`.
+    external_id: str | None = None
 
     @property
     def internal(self) -> bool:
@@ -198,6 +199,11 @@ class AccessRule(Protocol):
     """Decides whether a caller may send to a source (`auth:` on a source). Refuse with 403."""
 
     def check(self, request: IngressRequest) -> Rejection | None: ...
+
+    # An access rule may also define `credential_headers`: the names of the request headers that
+    # hold the credential it checks (e.g. ("authorization",)). The core drops them from the stored
+    # event, so they reach no endpoint and no log. Leave them out of it (an empty tuple) when the
+    # rule's config asks to forward them (`forward_credential: true` on the built-in rules).
 
 
 class Handshake(Protocol):

@@ -9,13 +9,16 @@
 
 The key is compared in constant time (digests of equal length), every configured key is tried, and
 the key is never logged or echoed. A missing, repeated or wrong key is refused with 403. Prefer
-`header:`: query strings end up in access logs along the way.
+`header:`: query strings end up in access logs along the way. The key header is dropped from the
+event before it is stored, so it reaches no endpoint (`forward_credential: true` keeps it); the
+query string is never stored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Annotated
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -35,10 +38,16 @@ class ApiKeyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     key: str | list[str]
     header: str | None = None
     query: str | None = None
+    forward_credential: Annotated[
+        bool,
+        msgspec.Meta(description="also send the key header on to endpoints; by default it is dropped"),
+    ] = False
 
     def __post_init__(self) -> None:
         if (self.header is None) == (self.query is None):
             raise ValueError("set exactly one of header or query")
+        if self.query is not None and self.forward_credential:
+            raise _at(".forward_credential", "a query parameter is never forwarded; only a header key can be")
         if self.header is not None and not (self.header and set(self.header) <= _TOKEN_CHARS):
             raise _at(".header", "expected a header name like X-Api-Key")
         if self.query is not None and not self.query:
@@ -72,6 +81,9 @@ class ApiKeyRule:
     def __init__(self, config: ApiKeyConfig):
         self.header = config.header
         self.query = config.query
+        # The key header is dropped from the stored event (a query string is never stored).
+        forwarded = config.header is None or config.forward_credential
+        self.credential_headers = () if forwarded else (config.header,)
         keys = [config.key] if isinstance(config.key, str) else config.key
         self._digests = [_digest(k.encode()) for k in keys]
 

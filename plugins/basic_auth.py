@@ -9,7 +9,9 @@
 
 Credentials are UTF-8 and compared in constant time (digests of equal length, the username and
 every password always compared). A missing or malformed header (another scheme, not base64, no
-colon, not UTF-8) or wrong credentials are refused with 403; nothing sent is logged or echoed.
+colon, not UTF-8) or wrong credentials are refused with 403; nothing sent is logged or echoed. The
+Authorization header is dropped from the event before it is stored, so it reaches no endpoint
+(`forward_credential: true` keeps it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+from typing import Annotated
 
 import msgspec
 
@@ -33,6 +36,12 @@ def _at(path: str, message: str) -> ValueError:
 class BasicAuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     username: str
     password: str | list[str]
+    forward_credential: Annotated[
+        bool,
+        msgspec.Meta(
+            description="also send the Authorization header on to endpoints; by default it is dropped"
+        ),
+    ] = False
 
     def __post_init__(self) -> None:
         if not self.username:
@@ -75,6 +84,7 @@ def parse_basic(header: str | None) -> tuple[bytes, bytes] | None:
 
 class BasicAuthRule:
     def __init__(self, config: BasicAuthConfig):
+        self.credential_headers = () if config.forward_credential else ("authorization",)
         passwords = [config.password] if isinstance(config.password, str) else config.password
         self._username = _digest(config.username.encode())
         self._passwords = [_digest(p.encode()) for p in passwords]

@@ -20,7 +20,8 @@ RS256 and ES256 exist here ("none" never does), and each algorithm is verified w
 only: an HS256 token is checked against `secret` and nothing else, so a token "signed" with an RSA
 public key as its HMAC secret is refused. The JWKS file is read when the config loads and when the
 gateway starts; relative paths are relative to the working directory. Refusals are 403; tokens and
-secrets are never logged or echoed.
+secrets are never logged or echoed. The Authorization header is dropped from the event before it
+is stored, so it reaches no endpoint (`forward_credential: true` keeps it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jwt
 import msgspec
@@ -59,6 +60,12 @@ class BearerJwtConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     issuer: str | None = None
     audience: str | list[str] | None = None
     leeway: Duration = "30s"
+    forward_credential: Annotated[
+        bool,
+        msgspec.Meta(
+            description="also send the Authorization header on to endpoints; by default it is dropped"
+        ),
+    ] = False
 
     def __post_init__(self) -> None:
         load_keys(self)  # every problem with the keys is a config error, with its path
@@ -248,6 +255,7 @@ def _reason(exc: Exception) -> str:
 
 class BearerJwtRule:
     def __init__(self, config: BearerJwtConfig):
+        self.credential_headers = () if config.forward_credential else ("authorization",)
         keys = load_keys(config)
         self.algorithms = keys.algorithms
         self._keys = keys.by_algorithm

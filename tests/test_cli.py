@@ -251,6 +251,34 @@ def test_check_warns_of_plain_http_endpoints_under_https_only(tmp_path: Path) ->
     assert "egress.https_only" in result.stdout
 
 
+def test_check_never_prints_a_url_password(tmp_path: Path) -> None:
+    """Endpoint and broker URLs are shown as the API shows them, and the egress warnings (which
+    quote a refused URL) hide the password too, however short it is."""
+    path = write(
+        tmp_path,
+        """
+        broker:
+          url: [nats://hookgate:n4ts-Pass@127.0.0.1:4222, nats://hookgate:n4ts-Pass@127.0.0.2:4222]
+        egress:
+          https_only: true
+        endpoints:
+          billing:
+            url: http://svc:B1lling-Pass@billing.test/hooks
+          short:
+            url: http://svc:pw@127.0.0.1:8000/hooks
+        """,
+    )
+    result = hookgate("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    for secret in ("n4ts-Pass", "B1lling-Pass", ":pw@"):
+        assert secret not in result.stdout + result.stderr
+    assert "nats://hookgate:***@127.0.0.1:4222, nats://hookgate:***@127.0.0.2:4222" in result.stdout
+    assert "http://svc:***@billing.test/hooks" in result.stdout
+    warnings = [line for line in result.stdout.splitlines() if "warning:" in line]
+    assert len(warnings) == 2
+    assert all("egress.https_only" in w and "svc:***@" in w for w in warnings)
+
+
 def test_run_refuses_a_bad_config_before_starting(tmp_path: Path) -> None:
     path = write(tmp_path, "server:\n  listen: nowhere\n")
     result = hookgate("run", "-c", str(path))

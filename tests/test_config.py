@@ -901,6 +901,9 @@ def test_a_retry_delay_must_fit_in_the_retention(registry: ComponentRegistry) ->
          "hookgate.yaml:4: $.endpoints.a.headers.hookgate-attempt: hookgate sets this header itself"),
         ("endpoints:\n  a:\n    url: http://a.test\n    headers: {'X Team': x}\n",
          'hookgate.yaml:4: $.endpoints.a.headers["X Team"]: not a valid header name'),
+        ('endpoints:\n  a:\n    url: http://a.test\n    headers: {X-Team: "tok\\x01en"}\n',
+         "hookgate.yaml:4: $.endpoints.a.headers.X-Team: the value holds a control character or is not "
+         "ISO-8859-1; it could not be sent"),
         ("sources:\n  a: {event_id: 'header.'}\n",
          'hookgate.yaml:2: $.sources.a.event_id: "header." needs a name after the dot'),
     ],

@@ -189,7 +189,7 @@ async def test_gateway_delivers_with_the_right_key_and_refuses_and_stores_nothin
         assert "k-new" not in refused.text and "k-old" not in refused.text and "k-guess" not in refused.text
     assert old.status_code == 202
     assert got.body == b'{"n": 4}'
-    assert got.headers["x-api-key"] == "k-old"  # forwarded as the provider sent it
+    assert "x-api-key" not in got.headers  # checked, then dropped: the key stays at the gateway
     assert len(await stream_messages(nats_server.url, "HOOKGATE_EVENTS")) == 1
     assert rx.requests == [got]
 

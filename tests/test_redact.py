@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from hookgate.redact import PLACEHOLDER, is_secret_header, placeholders, redact, redact_headers
+from hookgate.redact import (
+    PLACEHOLDER,
+    is_secret_header,
+    placeholders,
+    redact,
+    redact_headers,
+    redact_text,
+    without_password,
+)
 
 
 def test_secret_keys_headers_and_url_passwords_are_redacted() -> None:
@@ -86,6 +94,31 @@ def test_redact_keeps_names_and_order_and_hides_only_values() -> None:
         ("Authorization", PLACEHOLDER),
         ("x-n", "1"),
     ]
+
+
+def test_error_text_hides_credential_headers_unsendable_values_and_url_passwords() -> None:
+    headers = [
+        ("Authorization", "Bearer tok-abc"),
+        ("X-Note", "a\x01tok-def"),
+        ("X-Team", "billing"),
+        ("X-Api-Key-Version", "5"),  # too short to be a credential: "HTTP 502" stays readable
+    ]
+    url = "https://hookgate:p%40ss-word@hooks.example/in"
+    text = (
+        "HTTP 502; sent Bearer tok-abc; illegal header value 'a\\x01tok-def' b'a\\x01tok-def'; "
+        "refused https://hookgate:p%40ss-word@hooks.example/in (p@ss-word); team billing"
+    )
+    assert redact_text(text, headers, url) == (
+        f"HTTP 502; sent {PLACEHOLDER}; illegal header value '{PLACEHOLDER}' b'{PLACEHOLDER}'; "
+        f"refused https://hookgate:{PLACEHOLDER}@hooks.example/in ({PLACEHOLDER}); team billing"
+    )
+    assert redact_text("no secrets here", headers) == "no secrets here"
+
+
+def test_without_password_shows_the_user_and_hides_the_password() -> None:
+    assert without_password("http://user:pw@h.example:8/x?q=1") == "http://user:***@h.example:8/x?q=1"
+    assert without_password("http://h.example/x") == "http://h.example/x"
+    assert without_password("nats://a:b@n1:4222") == "nats://a:***@n1:4222"
 
 
 def test_a_redacted_url_password_sent_back_is_found() -> None:

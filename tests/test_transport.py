@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+from hookgate.http_fields import TOKEN
 from hookgate.transport import PooledTransport, RawResponse, parse_url
 
 LIMIT = 5  # seconds; every test runs under trio.fail_after(LIMIT)
@@ -557,6 +558,11 @@ async def test_send_refuses_illegal_headers_before_connecting(
                 await transport.send(parse_url(server.url()), headers, b"x", 5, method=method)
             assert has_no_request(info.value)
             assert server.accepted == 0
+    # A refused value may be a credential: the error names the header, never the value.
+    for name, value in headers:
+        if TOKEN.fullmatch(name):  # refused for its value
+            assert value not in str(info.value)
+            assert repr(value)[1:-1] not in str(info.value)
 
 
 async def test_send_keepalive_reuses_one_connection() -> None:
