@@ -242,6 +242,6 @@ class _Query:
         value = self.text("limit")
         if value is None:
             return 50
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise BadQuery(f"limit must be a number, got {value!r}")
         return int(value)
