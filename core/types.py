@@ -101,7 +101,10 @@ class Delivery(msgspec.Struct, kw_only=True):
         return self.attempt - self.series_start + 1
 
 
-ErrorKind = Literal["timeout", "connect", "tls", "http_status", "protocol", "destination", "ssrf_refused"]
+# internal: the gateway or a plugin failed during the attempt (a bug), not the endpoint.
+ErrorKind = Literal[
+    "timeout", "connect", "tls", "http_status", "protocol", "destination", "ssrf_refused", "internal"
+]
 # dead: used up its attempts; failed: a failure that retrying cannot fix (refused by the SSRF guard,
 # or a status listed in `retry.final_statuses`). Both leave a dead letter for redrive.
 Outcome = Literal["succeeded", "retrying", "dead", "failed", "deferred"]
