@@ -130,6 +130,7 @@ async def test_bad_times_and_names_get_4xx_not_5xx(
             for action in ("enable", "disable", "redrive"):
                 await call((action, name), "POST", f"/endpoints/{quoted}/{action}")
             await call(("recover", name), "POST", f"/endpoints/{quoted}/recover", json={"since": "1h"})
+            await call(("delivery", name), "GET", f"/deliveries/{quoted}")
         # The edges of the range are fine.
         for value in ("0", "253402300799"):
             await call(("edge", value), "GET", "/events", params={"since": "0", "until": value})
@@ -146,6 +147,8 @@ async def test_bad_times_and_names_get_4xx_not_5xx(
             assert status == 200, (key, message)
         else:
             assert (status, error) == (404, "not_found"), (key, message)
+            what = "delivery" if key[0] == "delivery" else "endpoint"
+            assert message.startswith(f"no {what} "), (key, message)
     assert _errors_logged(caplog) == []
 
 
