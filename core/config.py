@@ -224,7 +224,7 @@ class RouteConfig(_Base):
 
 
 class EgressConfig(_Base):
-    """Outbound deliveries: the SSRF guard."""
+    """Outbound deliveries: the SSRF guard, forward proxies, and the NATS subjects endpoints may use."""
 
     allow_networks: Annotated[
         list[str],
