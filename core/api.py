@@ -77,9 +77,11 @@ class Api:
     def _authorized(self, scope: Scope) -> int | None:
         """None when the bearer token is valid, else the status to answer (401 or 403)."""
         header = scope_header(scope, b"authorization")
-        if header is None or not header.startswith(b"Bearer "):
+        scheme, _, credentials = (header or b"").strip().partition(b" ")
+        given = credentials.strip()
+        # Auth schemes are case-insensitive (RFC 9110, 11.1): "bearer" and "BEARER" are "Bearer".
+        if scheme.lower() != b"bearer" or not given:
             return 401
-        given = header[7:].strip()
         # Compare against every token, always, so timing says nothing about which one was close.
         matched = False
         for token in self._tokens:

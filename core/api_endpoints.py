@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import secrets
 from typing import Any, Literal
 
@@ -29,13 +30,14 @@ from hookgate.asgi import (
 )
 from hookgate.broker import Broker
 from hookgate.catalog import Catalog, CatalogEntry, EndpointDocument, pack, unpack
-from hookgate.config import ConfigError, EndpointConfig
+from hookgate.config import NAME_PATTERN, ConfigError, EndpointConfig
 from hookgate.endpoint_state import EndpointStates
 from hookgate.redact import placeholders, redact
 
 log = logging.getLogger("hookgate.api")
 
 PREFIX = "/api/v1/endpoints"
+_NAME = re.compile(NAME_PATTERN.removeprefix("^").removesuffix("$"))
 SUBSCRIPTION_KEYS = ("name", "types", "filter")
 # How long a write waits for this replica's catalog to apply it before answering anyway.
 APPLY_TIMEOUT = 5.0
@@ -130,6 +132,11 @@ class EndpointApi:
         name = path[len(PREFIX) + 1 :] if path.startswith(PREFIX + "/") else ""
         if not name or "/" in name:
             return False
+        if not _NAME.fullmatch(name):
+            # Not a name any endpoint can have (`*`, `>`, non-ASCII...): it would otherwise reach
+            # the KV store as a key, or a wildcard.
+            await _not_found(send, name)
+            return True
         if method == "GET":
             entry = self.catalog.get(name)
             if entry is None:

@@ -57,7 +57,8 @@ class LogApi:
             return False
         if parts[0] in ("deliveries", "endpoints") and len(parts) > 1 and not _TOKEN.fullmatch(parts[1]):
             # Names and delivery ids become NATS subject tokens: '.', '*' or '>' would widen a lookup.
-            await send_error(send, 404, "not_found", f"no {parts[0][:-1]} {parts[1]!r}")
+            what = {"deliveries": "delivery", "endpoints": "endpoint"}[parts[0]]
+            await send_error(send, 404, "not_found", f"no {what} {parts[1]!r}")
             return True
         handler = methods.get(method)
         try:
@@ -242,6 +243,6 @@ class _Query:
         value = self.text("limit")
         if value is None:
             return 50
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise BadQuery(f"limit must be a number, got {value!r}")
         return int(value)

@@ -152,7 +152,7 @@ class Commit:
     ack: InMsg | None = None
     required: int = 0
     nak_delay: float | None = None
-    nak: InMsg | None = None  # nak'ed unconditionally (redeliver at once)
+    nak: InMsg | None = None  # nak'ed unconditionally: redelivered after `nak_delay`, or at once
     # Still being worked on: restart their ack_wait timers (with every message still queued in
     # `keep_queued`'s pull buffer), so a crash is noticed after ack_wait, not after the longest job.
     in_progress: list[InMsg] = field(default_factory=list)
@@ -670,7 +670,7 @@ class NatsBridge:
                     elif commit.nak_delay is not None:
                         await commit.ack.raw.nak(delay=commit.nak_delay or None)
                 if commit.nak is not None:
-                    await commit.nak.raw.nak()
+                    await commit.nak.raw.nak(delay=commit.nak_delay or None)
             for held in commit.in_progress:
                 with contextlib.suppress(nats.errors.MsgAlreadyAckdError, nats.errors.Error):
                     await held.raw.in_progress()

@@ -28,6 +28,7 @@ from hookgate.config import (
     Name,
     Problem,
     RouteConfig,
+    listed_proxy,
     load_endpoint,
 )
 from hookgate.dispatcher import Endpoint, cancel_when_set
@@ -145,7 +146,9 @@ class Catalog:
 
     def check(self, value: Any) -> CheckedEndpoint[EndpointDocument]:
         """A document checked as a YAML endpoint is, plus its filter; raises ConfigError."""
-        checked = load_endpoint(value, EndpointDocument, self.registry, self._config.broker)
+        checked = load_endpoint(
+            value, EndpointDocument, self.registry, self._config.broker, self._config.egress
+        )
         if checked.config.filter is not None:
             try:
                 compile_filter(checked.config.filter, "$.filter")
@@ -156,9 +159,20 @@ class Catalog:
         return checked
 
     def _build(
-        self, name: str, config: EndpointConfig, signer: Component | None, auth: Component | None
+        self,
+        name: str,
+        config: EndpointConfig,
+        signer: Component | None,
+        auth: Component | None,
+        *,
+        from_api: bool = False,
     ) -> Endpoint:
-        proxy = config.proxy if config.proxy is not None else self._config.egress.proxy
+        egress = self._config.egress
+        proxy = config.proxy if config.proxy is not None else egress.proxy
+        if from_api and config.proxy:
+            # An API endpoint names a proxy the config lists (checked): use the config's URL,
+            # with the credentials the operator gave it.
+            proxy = listed_proxy(config.proxy, egress)
         return Endpoint.build(
             name,
             config,
@@ -191,7 +205,7 @@ class Catalog:
             log.error("endpoint %s: its stored document names %r; skipped", name, config.name)
             return None
         try:
-            endpoint = self._build(name, config, checked.signer, checked.auth)
+            endpoint = self._build(name, config, checked.signer, checked.auth, from_api=True)
         except Exception as exc:
             log.error("endpoint %s cannot be built: %s", name, type(exc).__name__)
             return None

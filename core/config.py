@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar, Union, get_args, get_origin
 
+import httpx
 import msgspec
 import yaml
 
@@ -34,7 +35,7 @@ from hookgate.filters import FilterError, compile_filter
 from hookgate.flow import CircuitBreakerConfig, RateLimitConfig
 from hookgate.http_fields import sendable_value
 from hookgate.ssrf import EgressGuard
-from hookgate.transport import parse_proxy
+from hookgate.transport import parse_proxy, parse_url
 from hookgate.types import INTERNAL_SOURCE, ComponentKind, ComponentRegistry
 from hookgate.units import Duration, Size, format_duration, seconds, size_bytes
 
@@ -231,7 +232,7 @@ class RouteConfig(_Base):
 
 
 class EgressConfig(_Base):
-    """Outbound deliveries: the SSRF guard."""
+    """Outbound deliveries: the SSRF guard, forward proxies, and the NATS subjects endpoints may use."""
 
     allow_networks: Annotated[
         list[str],
@@ -242,6 +243,21 @@ class EgressConfig(_Base):
         str | None,
         msgspec.Meta(description="an HTTP forward proxy for every delivery: http://[user:pass@]host:port"),
     ] = None
+    proxies: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="forward proxies that endpoints created through the API may name in `proxy` "
+            "(with or without the credentials given here); egress.proxy is allowed too. "
+            "YAML endpoints may name any proxy"
+        ),
+    ] = []
+    allow_subjects: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="NATS subject patterns (wildcards * and >) that subject endpoints may publish to "
+            "although they start with $ or _INBOX; subjects under broker.prefix stay refused"
+        ),
+    ] = []
 
 
 class LogConfig(_Base):
@@ -988,6 +1004,77 @@ _OWN_HEADERS = frozenset(
 )
 
 
+def subject_refusal(subject: str, prefix: str | None, allow: list[str]) -> str | None:
+    """Why a subject endpoint may not publish to `subject`, or None if it may.
+
+    Refused: subjects under the gateway's own prefix (they would loop, or write into its streams),
+    `$` subjects that name its own streams or buckets (`$KV.HOOKGATE_ENDPOINTS.x`), and, unless a
+    pattern in `allow` (egress.allow_subjects) matches, every other `$` subject (the JetStream API,
+    KV and object stores, system events) and `_INBOX` subjects (replies to other clients).
+    """
+    if prefix is not None:
+        if subject == prefix or subject.startswith(prefix + "."):
+            return f"subjects under {_show(prefix)} are hookgate's own: it would loop"
+        own = prefix.upper().replace("-", "_").replace(".", "_") + "_"  # its streams and buckets
+        if subject.startswith("$") and any(token.startswith(own) for token in subject.split(".")):
+            return f"this subject reaches hookgate's own streams or buckets ({own}*)"
+    if any(subject_matches(pattern, subject) for pattern in allow):
+        return None
+    if subject.startswith("$"):
+        return (
+            "subjects starting with $ belong to NATS itself (the JetStream API, KV buckets, system "
+            "events); list a pattern for it in egress.allow_subjects if it is meant"
+        )
+    if subject.startswith("_INBOX"):
+        return (
+            "_INBOX subjects carry replies to other clients' requests; list a pattern for it in "
+            "egress.allow_subjects if it is meant"
+        )
+    return None
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS subject pattern (`*`: one token, `>`: one or more trailing tokens) matches."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (token != "*" and token != tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+def _is_subject_pattern(pattern: str) -> bool:
+    tokens = pattern.split(".")
+    return (
+        all(
+            token
+            and not any(c.isspace() for c in token)
+            and (token in ("*", ">") or not {"*", ">"} & set(token))
+            for token in tokens
+        )
+        and ">" not in tokens[:-1]
+    )
+
+
+def listed_proxy(proxy: str, egress: EgressConfig) -> str | None:
+    """The proxy URL from the config (egress.proxies, or egress.proxy) that an API endpoint's `proxy`
+    names, or None. It names one by the same host and port, with the same credentials or none (so
+    the API never needs a proxy's password); raises ValueError if `proxy` is not a proxy URL."""
+    wanted = parse_proxy(proxy)
+    for listed in [*egress.proxies, *([egress.proxy] if egress.proxy else [])]:
+        try:
+            have = parse_proxy(listed)
+        except ValueError:
+            continue  # reported when the config loaded
+        if (have.host, have.port) == (wanted.host, wanted.port) and wanted.authorization in (
+            None,
+            have.authorization,
+        ):
+            return listed
+    return None
+
+
 class Report(Protocol):
     def __call__(self, path: str, message: str, *, missing: str | None = None) -> None: ...
 
@@ -1013,13 +1100,13 @@ def _check_rules(
             selector = getattr(source, key)
             if selector in ("body.", "header."):
                 problem(f"{path}.{key}", f"{_show(selector)} needs a name after the dot")
+    egress = config.egress if "egress" in valid else None
     for name, endpoint in config.endpoints.items():
-        _check_endpoint(problem, _child("$.endpoints", name), endpoint, broker)
+        _check_endpoint(problem, _child("$.endpoints", name), endpoint, broker, egress)
     route_names: dict[str, int] = {}
-    proxies = [("$.egress.proxy", config.egress.proxy if "egress" in valid else None)] + [
-        (f"{_child('$.endpoints', name)}.proxy", endpoint.proxy)
-        for name, endpoint in config.endpoints.items()
-    ]
+    proxies = [("$.egress.proxy", egress.proxy if egress is not None else None)]
+    proxies += [(f"$.egress.proxies[{i}]", proxy) for i, proxy in enumerate(egress.proxies if egress else [])]
+    proxies += [(f"{_child('$.endpoints', n)}.proxy", e.proxy) for n, e in config.endpoints.items()]
     for proxy_path, proxy in proxies:
         if proxy:
             try:
@@ -1036,6 +1123,13 @@ def _check_rules(
                 EgressGuard([cidr])
             except ValueError as exc:
                 problem(f"$.egress.allow_networks[{i}]", str(exc).removeprefix("egress.allow_networks: "))
+        for i, pattern in enumerate(config.egress.allow_subjects):
+            if not _is_subject_pattern(pattern):
+                problem(
+                    f"$.egress.allow_subjects[{i}]",
+                    'expected a NATS subject pattern like "$JS.EVENT.ADVISORY.>" (tokens separated by dots; '
+                    f'"*" for one token, ">" for the rest), got {_show(pattern)}',
+                )
     for i, route in zip(route_indexes, config.routes, strict=True):
         if route.filter is not None:
             try:
@@ -1115,12 +1209,23 @@ def _check_broker(problem: Report, broker: BrokerConfig) -> None:
 
 
 def _check_endpoint(
-    problem: Report, path: str, endpoint: EndpointConfig, broker: BrokerConfig | None
+    problem: Report,
+    path: str,
+    endpoint: EndpointConfig,
+    broker: BrokerConfig | None,
+    egress: EgressConfig | None = None,
 ) -> None:
     if (endpoint.url is None) == (endpoint.subject is None):
         problem(path, "set exactly one of url or subject", missing="url" if endpoint.url is None else None)
-    if endpoint.url is not None and not _HTTP_URL.fullmatch(endpoint.url):
-        problem(f"{path}.url", f"expected an http:// or https:// URL, got {_show(endpoint.url)}")
+    if endpoint.url is not None:
+        if not _HTTP_URL.fullmatch(endpoint.url):
+            problem(f"{path}.url", f"expected an http:// or https:// URL, got {_show(endpoint.url)}")
+        else:
+            # The transport's own parser: a URL accepted here is one every delivery can be sent to.
+            try:
+                parse_url(endpoint.url)
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+                problem(f"{path}.url", f"not a URL hookgate can send to: {exc}")
     if endpoint.subject is not None:
         if not _SUBJECT.fullmatch(endpoint.subject):
             problem(
@@ -1128,10 +1233,14 @@ def _check_endpoint(
                 'expected a NATS subject like "billing.events" (no spaces or wildcards), '
                 f"got {_show(endpoint.subject)}",
             )
-        elif broker is not None and endpoint.subject.startswith(broker.prefix + "."):
-            problem(
-                f"{path}.subject", f"subjects under {_show(broker.prefix)} are hookgate's own: it would loop"
+        else:
+            why = subject_refusal(
+                endpoint.subject,
+                broker.prefix if broker is not None else None,
+                egress.allow_subjects if egress is not None else [],
             )
+            if why is not None:
+                problem(f"{path}.subject", why)
     if seconds(endpoint.timeout) == 0:
         problem(f"{path}.timeout", "must be more than 0")
     for header, value in endpoint.headers.items():
@@ -1341,13 +1450,21 @@ class CheckedEndpoint(Generic[EndpointT]):
 
 
 def load_endpoint(
-    value: Any, type_: type[EndpointT], registry: ComponentRegistry, broker: BrokerConfig
+    value: Any,
+    type_: type[EndpointT],
+    registry: ComponentRegistry,
+    broker: BrokerConfig,
+    egress: EgressConfig | None = None,
 ) -> CheckedEndpoint[EndpointT]:
     """Check one endpoint given as JSON (not YAML: no `${VAR}` expansion) like the loader checks a
     YAML one, so both report the same problems; paths start at the document (`$.signing.secret`).
 
+    It comes from an API token holder, not the operator: its `proxy` must be one the config lists
+    (`listed_proxy`), and its subject is held to `egress.allow_subjects`.
+
     Raises ConfigError with every problem found.
     """
+    egress = egress if egress is not None else EgressConfig()
     file = "<request>"
     loader = _Loader(file, {})
     if not isinstance(value, dict):
@@ -1361,12 +1478,21 @@ def load_endpoint(
     endpoint = conv.convert(value, type_, "$")
     signer = auth = None
     if endpoint is not None:
-        _check_endpoint(loader.problem, "$", endpoint, broker)
+        _check_endpoint(loader.problem, "$", endpoint, broker, egress)
         if endpoint.proxy:
             try:
-                parse_proxy(endpoint.proxy)
+                listed = listed_proxy(endpoint.proxy, egress)
             except ValueError as exc:
                 loader.problem("$.proxy", str(exc))
+            else:
+                if listed is None:
+                    allowed = [*egress.proxies, *([egress.proxy] if egress.proxy else [])]
+                    addresses = ", ".join(dict.fromkeys(_proxy_address(p) for p in allowed)) or "none"
+                    loader.problem(
+                        "$.proxy",
+                        "an endpoint created through the API may use only a proxy listed in the "
+                        f"config's egress.proxies (listed: {addresses}), or none",
+                    )
         if endpoint.signing is not None:
             signer = _resolve(conv, registry, ComponentKind.SIGNER, "$.signing", endpoint.signing)
         if endpoint.auth is not None:
@@ -1374,3 +1500,10 @@ def load_endpoint(
     if loader.problems or endpoint is None:
         raise ConfigError(list(dict.fromkeys(loader.problems)))
     return CheckedEndpoint(endpoint, signer, auth)
+
+
+def _proxy_address(url: str) -> str:
+    try:
+        return parse_proxy(url).address
+    except ValueError:
+        return "?"

@@ -34,7 +34,7 @@ from hookgate.metrics import Metrics
 from hookgate.redact import redact_headers, redact_text
 from hookgate.ssrf import EgressGuard, SsrfRefused
 from hookgate.tracing import NO_SPAN, OFF, Span, Tracing, carried
-from hookgate.transport import PooledTransport, Target, parse_url
+from hookgate.transport import PooledTransport, Target
 from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
 from hookgate.units import format_duration, plural, rfc3339, seconds
 
@@ -51,6 +51,10 @@ RESPONSE_EXCERPT = 4096
 # An attempt in flight this long is marked `delivering` in the delivery log; shorter ones are not,
 # so the hot path does not pay for a record that would be stale before anyone could read it.
 MARK_DELIVERING_AFTER = 1.0
+# A delivery that failed unexpectedly outside an attempt is redelivered after BASE, doubling per
+# redelivery up to MAX seconds.
+UNEXPECTED_RETRY_BASE = 1.0
+UNEXPECTED_RETRY_MAX = 60.0
 
 # Not forwarded from the provider's request: they describe the hop, not the event.
 HOP_BY_HOP = frozenset(
@@ -540,10 +544,15 @@ class EndpointWorker:
                 self.broker.commit_later(Commit(nak=msg))  # shut down before or between attempts
             raise
         except Exception:
+            # Outside an attempt (an attempt's own errors are recorded as `internal` attempts):
+            # redelivered after a delay that grows with each try, never at once in a loop.
+            delay = min(UNEXPECTED_RETRY_MAX, UNEXPECTED_RETRY_BASE * 2 ** min(msg.num_delivered - 1, 16))
             log.exception(
-                "endpoint %s: delivery failed unexpectedly; it will be redelivered", self.endpoint.name
+                "endpoint %s: delivery failed unexpectedly; it will be redelivered in %gs",
+                self.endpoint.name,
+                delay,
             )
-            self.broker.commit_later(Commit(nak=msg))
+            self.broker.commit_later(Commit(nak=msg, nak_delay=delay))
 
     async def deliver(self, msg: InMsg) -> None:
         endpoint = self.endpoint
@@ -606,13 +615,18 @@ class EndpointWorker:
             )
             return None
         try:
-            event = await self.hooks.chain(
-                "hookgate_transform", "event", delivery.event, endpoint=endpoint.view
-            )
             started = time.time()
             self.in_flight[delivery.id] = (delivery, trio.current_time(), False)
             with self.d.tracing.attempt(delivery, msg.headers) as span:
-                result = await self._attempt(delivery, event, int(started), span)
+                try:
+                    event = await self.hooks.chain(
+                        "hookgate_transform", "event", delivery.event, endpoint=endpoint.view
+                    )
+                    result = await self._attempt(delivery, event, int(started), span)
+                except Exception as exc:
+                    # A bug of ours or a plugin's: still an attempt, recorded and retried on the
+                    # schedule like any failure, never redelivered at once in a loop.
+                    result = _internal_error(delivery, exc)
                 span.done(result.status, result.error, result.error_kind)
         except BaseException as exc:
             self.flow.release()  # cancelled or crashed: do not hold the probe slot
@@ -808,8 +822,7 @@ class EndpointWorker:
         """`url` parsed and SSRF-checked once; a signing plugin may rewrite it, hence the key."""
         cached = self._parsed
         if cached is None or cached[0] != url:
-            self.endpoint.guard.check_url(url)
-            cached = self._parsed = (url, parse_url(url))
+            cached = self._parsed = (url, self.endpoint.guard.check_url(url))
         return cached[1]
 
     async def _post(self, transport: PooledTransport, request: OutgoingRequest) -> Result:
@@ -874,6 +887,24 @@ class EndpointWorker:
             self.broker.topology.delivery_log_subject(self.endpoint.name, delivery.id), _encode_json(attempt)
         )
         return Commit([dead, attempt_record], ack=msg, required=1)
+
+
+def _internal_error(delivery: Delivery, exc: Exception) -> Result:
+    """An attempt that failed inside the gateway (or a plugin), not at the endpoint. The record says
+    only the exception's type: its message may hold what the attempt carried (a URL's password, a
+    header's value); the gateway's log has the traceback."""
+    log.error(
+        "delivery %s to %s: attempt %d failed inside the gateway",
+        delivery.id,
+        delivery.endpoint,
+        delivery.attempt,
+        exc_info=exc,
+        extra=_context(delivery),
+    )
+    return Result(
+        error_kind="internal",
+        error=f"internal error ({type(exc).__name__}) in the gateway or a plugin; see the gateway's log",
+    )
 
 
 def _context(delivery: Delivery) -> dict[str, Any]:

@@ -435,9 +435,10 @@ def breaker_outcome(status: int | None, error_kind: str | None = None) -> bool |
     to back off: the breaker does so for all deliveries) and 408. Any other response, 4xx included,
     shows a live endpoint deciding about one request and counts as success: a 400 or 404 is retried
     and dead-lettered by the schedule, while an open circuit would defer it forever without using up
-    attempts. An SSRF refusal is not counted: no request was made.
+    attempts. An SSRF refusal is not counted: no request was made; nor is an internal error, which
+    is the gateway's fault (or a plugin's), not the endpoint's.
     """
-    if error_kind == "ssrf_refused":
+    if error_kind in ("ssrf_refused", "internal"):
         return None
     if status is None:
         return False

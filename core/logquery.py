@@ -138,8 +138,8 @@ def decode_cursor(cursor: str, expected_kind: str = "seq") -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, value = text.partition(":")
-        if kind == expected_kind and value.isdigit():
-            return int(value)
+        if kind == expected_kind and value.isascii() and value.isdigit() and len(value) < 19:
+            return int(value)  # a stream sequence: fewer than 19 digits fits in 63 bits
     except (ValueError, UnicodeDecodeError):
         pass
     raise BadQuery(f"not a cursor from this API: {cursor!r}")

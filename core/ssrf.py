@@ -34,6 +34,8 @@ from typing import Any
 import httpx
 import trio
 
+from hookgate.transport import Target, parse_url, shown_url
+
 __all__ = ["EgressGuard", "SsrfRefused"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -165,21 +167,29 @@ class EgressGuard:
             return None
         return found
 
-    def check_url(self, url: str) -> None:
+    def check_url(self, url: str) -> Target:
         """Refuse (SsrfRefused) a URL by its scheme or by a literal-IP host; names are left to
-        `resolve`. Cheap and synchronous: usable at config load and before every attempt."""
+        `resolve`. Cheap and synchronous: usable at config load and before every attempt.
+
+        The URL is parsed by the transport's own parser (`parse_url`), whose result is returned: a
+        URL it cannot send to raises ValueError here, not later in the transport."""
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
-            raise ValueError(f"invalid URL {url!r}: {exc}") from None
+            raise ValueError(f"invalid URL {shown_url(url)!r}: {exc}") from None
         host = parsed.host
         if parsed.scheme not in ("http", "https"):
-            msg = f"refused {url}: only http and https URLs can be delivered to"
+            msg = f"refused {shown_url(url)}: only http and https URLs can be delivered to"
             raise SsrfRefused(msg, host=host, category="scheme")
         if self.https_only and parsed.scheme != "https":
-            msg = f"refused {url}: egress.https_only allows only https URLs"
+            msg = f"refused {shown_url(url)}: egress.https_only allows only https URLs"
             raise SsrfRefused(msg, host=host, category="scheme")
+        try:
+            target = parse_url(parsed)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise ValueError(f"invalid URL: {exc}") from None
         self._check_literal(host)
+        return target
 
     async def resolve(self, host: str, port: int) -> list[str]:
         """Resolve `host` (A and AAAA) and return the addresses that may be connected to, in the

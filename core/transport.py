@@ -50,6 +50,7 @@ __all__ = [
     "Target",
     "parse_proxy",
     "parse_url",
+    "shown_url",
 ]
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -103,22 +104,34 @@ class Target:
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # a request target: visible ASCII, no spaces
 
 
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
+
+
+def shown_url(url: str | httpx.URL) -> str:
+    """A URL for a message: any credentials in it replaced with ***."""
+    return _USERINFO.sub(r"\1***@", str(url))
+
+
 def parse_url(url: str | httpx.URL) -> Target:
     """Parse an endpoint URL for `PooledTransport.send`; do it once per endpoint, not per request.
 
     Raises httpx.UnsupportedProtocol for a scheme other than http/https and httpx.InvalidURL for a
-    URL without a host (or one httpx cannot parse). Userinfo and any fragment are ignored.
+    URL without a host, with a port outside 1-65535, or one httpx cannot parse. Userinfo and any
+    fragment are ignored. The config loader and the API check endpoint URLs with this, so a URL
+    they accept is one the transport can send to.
     """
     parsed = httpx.URL(url)
     scheme = parsed.scheme
     if scheme not in ("http", "https"):
-        raise httpx.UnsupportedProtocol(f"unsupported scheme {scheme!r} in {str(url)!r}")
+        raise httpx.UnsupportedProtocol(f"unsupported scheme {scheme!r} in {shown_url(url)!r}")
     host = parsed.raw_host.decode("ascii")
     if not host:
-        raise httpx.InvalidURL(f"no host in {str(url)!r}")
+        raise httpx.InvalidURL(f"no host in {shown_url(url)!r}")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise httpx.InvalidURL(f"invalid port {parsed.port} in {shown_url(url)!r}")
     path, host_header = parsed.raw_path, parsed.netloc
     if not _TARGET.fullmatch(path) or not _FIELD_VALUE.fullmatch(host_header):
-        raise httpx.InvalidURL(f"cannot send a request to {str(url)!r}")
+        raise httpx.InvalidURL(f"cannot send a request to {shown_url(url)!r}")
     return Target(scheme, host, parsed.port or (443 if scheme == "https" else 80), host_header, path)
 
 
@@ -144,9 +157,6 @@ class Proxy:
         return _authority(self.host, self.port)
 
 
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
-
-
 def parse_proxy(url: str) -> Proxy:
     """Parse a forward proxy URL, ``http://[user:pass@]host[:port]`` (port 80 if omitted).
 
@@ -155,7 +165,7 @@ def parse_proxy(url: str) -> Proxy:
     URL with a path, query or fragment. Percent-encoded credentials are decoded, then sent as
     ``Proxy-Authorization: Basic base64(user:pass)`` (UTF-8).
     """
-    shown = _USERINFO.sub(r"\1***@", url)
+    shown = shown_url(url)
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:

@@ -102,9 +102,18 @@ class Delivery(msgspec.Struct, kw_only=True):
         return self.attempt - self.series_start + 1
 
 
+# internal: the gateway or a plugin failed during the attempt (a bug), not the endpoint.
 # shutdown: the attempt was cut off when the gateway stopped (its grace period ran out).
 ErrorKind = Literal[
-    "timeout", "connect", "tls", "http_status", "protocol", "destination", "ssrf_refused", "shutdown"
+    "timeout",
+    "connect",
+    "tls",
+    "http_status",
+    "protocol",
+    "destination",
+    "ssrf_refused",
+    "internal",
+    "shutdown",
 ]
 # dead: used up its attempts; failed: a failure that retrying cannot fix (refused by the SSRF guard,
 # or a status listed in `retry.final_statuses`). Both leave a dead letter for redrive.

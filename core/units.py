@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 import time
 from datetime import UTC, datetime
@@ -75,23 +76,40 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+# The times parse_time accepts: those RFC 3339 can write, from the unix epoch on.
+EARLIEST_TIME = 0.0
+LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
+_UNIX_SECONDS = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
 def parse_time(text: str, now: float | None = None) -> float:
     """A point in time from the API or CLI: RFC 3339 ("2026-11-27T04:00:00Z"), unix seconds, or a
-    duration meaning that long ago ("30m")."""
+    duration meaning that long ago ("30m").
+
+    Raises ValueError, with a message for the caller, for anything else: text that is none of
+    these, `nan` or `inf`, and times before 1970-01-01T00:00:00Z or after 9999-12-31T23:59:59Z.
+    """
     text = text.strip()
     if _DURATION.fullmatch(text):
-        return (time.time() if now is None else now) - seconds(text)
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        value = (time.time() if now is None else now) - seconds(text)
+    elif _UNIX_SECONDS.fullmatch(text):
+        value = float(text)
+    else:
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                'expected a time like "2026-11-27T04:00:00Z", unix seconds, or a duration ago like "1h", '
+                f"got {text!r}"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        try:
+            value = when.timestamp()
+        except (OverflowError, ValueError):  # a year-1 date with a timezone ahead of UTC
+            value = -math.inf
+    if not EARLIEST_TIME <= value <= LATEST_TIME:  # also false for nan
         raise ValueError(
-            'expected a time like "2026-11-27T04:00:00Z", unix seconds, or a duration ago like "1h", '
-            f"got {text!r}"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+            f"expected a time between {rfc3339(EARLIEST_TIME)} and {rfc3339(LATEST_TIME)}, got {text!r}"
+        )
+    return value

@@ -34,6 +34,39 @@ async def test_tokens_are_required_and_checked(tmp_path: Path, nats_server: Nats
     assert right.status_code == 202
 
 
+async def test_the_bearer_scheme_is_case_insensitive(tmp_path: Path, nats_server: NatsServer) -> None:
+    # RFC 9110, 11.1: auth schemes are case-insensitive; the token itself is not.
+    async with run_gateway(tmp_path, _config(nats_server.url, "http://127.0.0.1:9")) as gw:
+
+        async def get(authorization: str) -> int:
+            headers = {"Authorization": authorization}
+            return (await gw.http.get(f"{gw.url}/api/v1/endpoints", headers=headers)).status_code
+
+        statuses = {
+            value: await get(value)
+            for value in (
+                "Bearer test-token",
+                "bearer test-token",
+                "BEARER test-token",
+                "bEaReR  test-token",
+                "Bearer TEST-TOKEN",
+                "Bearer",
+                "Basic test-token",
+                "Bearertest-token",
+            )
+        }
+    assert statuses == {
+        "Bearer test-token": 200,
+        "bearer test-token": 200,
+        "BEARER test-token": 200,
+        "bEaReR  test-token": 200,
+        "Bearer TEST-TOKEN": 403,
+        "Bearer": 401,
+        "Basic test-token": 401,
+        "Bearertest-token": 401,
+    }
+
+
 async def test_invalid_events_get_4xx_with_the_path(tmp_path: Path, nats_server: NatsServer) -> None:
     async with run_gateway(tmp_path, _config(nats_server.url, "http://127.0.0.1:9")) as gw:
         auth = {"Authorization": "Bearer test-token"}

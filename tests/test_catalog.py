@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,9 +23,10 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 @asynccontextmanager
-async def _catalog(nats_url: str) -> AsyncIterator[tuple[Catalog, Broker]]:
+async def _catalog(nats_url: str, egress: str = "") -> AsyncIterator[tuple[Catalog, Broker]]:
     hooks = Hooks(())
     text = base_config(nats_url, 'endpoints:\n  fixed: {url: "http://127.0.0.1:9/in"}\n')
+    text = text.replace("egress:\n", "egress:\n" + egress)
     loaded = config_mod.loads(text, hooks.registry)
     async with Broker.connect(loaded.config.broker, nats_url) as broker:
         yield Catalog(loaded, hooks, broker, EgressGuard()), broker
@@ -95,6 +97,42 @@ async def test_catalog_starts_from_the_stored_documents_and_follows_every_change
     assert "unknown signer" in text and "$.signing.scheme" in text
     assert "names 'something-else'" in text and "the config wins" in text and "not JSON" in text
     assert SECRET not in text
+
+
+async def test_stored_documents_that_break_the_api_rules_are_not_used(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Written to the bucket by an older version, or by any NATS client that may: checked again here.
+    listed = "http://hg:proxy-pw@proxy.test:3128"
+    async with _catalog(nats_server.url, f'  proxies: ["{listed}"]\n') as (catalog, broker):
+        bucket = broker.topology.endpoint_configs_bucket
+        for name, value in (
+            ("octal", msgspec.json.encode({"name": "octal", "url": "http://0177.0.0.1:8000/i"})),
+            ("loopback-proxy", _doc("loopback-proxy", proxy="http://127.0.0.1:8080")),
+            ("kv", msgspec.json.encode({"name": "kv", "subject": "$KV.HOOKGATE_ENDPOINTS.fixed"})),
+            ("inbox", msgspec.json.encode({"name": "inbox", "subject": "_INBOX.x"})),
+            ("proxied", _doc("proxied", proxy="http://proxy.test:3128")),
+        ):
+            await broker.kv_create(bucket, name, value)
+        stopping = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(catalog.run, stopping)
+            assert sorted(catalog.api_entries) == ["proxied"]
+            entry = catalog.get("proxied")
+            stopping.set()
+    assert entry is not None and entry.endpoint.transport is not None
+    # Named without credentials; sent with those the config gives.
+    proxy = entry.endpoint.transport._proxy
+    assert proxy is not None and (proxy.host, proxy.port) == ("proxy.test", 3128)
+    assert proxy.authorization == b"Basic " + base64.b64encode(b"hg:proxy-pw")
+    text = caplog.text
+    for name, path in (
+        ("octal", "$.url"),
+        ("loopback-proxy", "$.proxy"),
+        ("kv", "$.subject"),
+        ("inbox", "$.subject"),
+    ):
+        assert f"endpoint {name} cannot be used on this replica: {path}: " in text, name
 
 
 async def test_check_reports_paths_from_the_document(nats_server: NatsServer) -> None:
