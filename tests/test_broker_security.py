@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import stat
 from pathlib import Path
 from typing import Any
@@ -180,6 +182,12 @@ async def test_a_key_rotation_keeps_old_endpoints_and_seals_them_again(
                 f"{gw.url}/api/v1/endpoints", json=_secret_bearing("rotated", rx.url), headers=AUTH
             )
             assert created.status_code == 201, created.text
+            # An older version stored documents in the clear, secrets included.
+            plain = {"revision": 4, "endpoint": {**_secret_bearing("legacy", rx.url), "types": ["legacy"]}}
+            broker = gw.running.broker
+            await broker.kv_create(
+                broker.topology.endpoint_configs_bucket, "legacy", json.dumps(plain).encode()
+            )
         before = json.loads((await _raw_kv(nats_server.url))["rotated"])
 
         # The new key first, the old one after it: the old document opens, and is sealed again.
@@ -190,7 +198,11 @@ async def test_a_key_rotation_keeps_old_endpoints_and_seals_them_again(
                     parse_key(NEW_KEY)
                 ):
                     await trio.sleep(0.05)
+            with trio.fail_after(10):
+                while "sealed" not in json.loads((await _raw_kv(nats_server.url))["legacy"]):
+                    await trio.sleep(0.05)
         after = json.loads((await _raw_kv(nats_server.url))["rotated"])
+        legacy = (await _raw_kv(nats_server.url))["legacy"]
 
         # Then the old key can go.
         async with run_gateway(tmp_path, _external(nats_server.url, [NEW_KEY])) as gw:
@@ -202,7 +214,8 @@ async def test_a_key_rotation_keeps_old_endpoints_and_seals_them_again(
     assert after["revision"] == 1  # sealing again is not a change of the endpoint
     assert still.status_code == 200 and still.json()["revision"] == 1
     assert request.headers["authorization"] == f"Bearer {BEARER}"
-    assert "sealed 1 endpoint document(s) again" in caplog.text
+    assert "sealed 2 endpoint document(s) again" in caplog.text
+    assert json.loads(legacy)["revision"] == 4 and BEARER.encode() not in legacy
 
 
 async def test_a_wrong_or_missing_key_is_a_clear_error(
@@ -289,3 +302,25 @@ async def test_broker_sync_reaches_the_embedded_server(
         # The server runs on that config: it answers the gateway.
         assert (await gw.publish("sync.ok", {})).status_code == 202
     assert config["jetstream"]["sync_interval"] == expected
+
+
+async def test_events_acknowledged_before_a_sigkill_of_the_embedded_server_are_kept(tmp_path: Path) -> None:
+    """A crash of the nats-server process loses nothing it acknowledged, whatever broker.sync says:
+    what it stored is in the page cache. (A power loss of the host is what sync is for.)"""
+    text = _embedded(tmp_path).replace("broker:\n", "broker:\n  sync: 2m\n")
+    async with run_gateway(tmp_path, text) as gw:
+        accepted = [
+            n for n in range(200) if (await gw.publish("kept", {}, id=f"kept-{n}")).status_code == 202
+        ]
+        pid = int((tmp_path / "data" / "nats-server.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        # The gateway restarts its server on the same port and store, with the same credentials.
+        with trio.fail_after(20):
+            while (await gw.publish("after", {})).status_code != 202:
+                await trio.sleep(0.1)
+        found = [
+            n
+            for n in accepted
+            if (await gw.http.get(f"{gw.url}/api/v1/events/kept-{n}", headers=AUTH)).status_code == 200
+        ]
+    assert len(accepted) == 200 and found == accepted
