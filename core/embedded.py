@@ -85,9 +85,21 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def make_private_dir(path: Path) -> None:
-    """Create `path` (and parents) and make it the owner's only (0700), as an older one may not be."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    """Create `path` (and parents) and make it the owner's only (0700), as an older one may not be.
+
+    A directory that belongs to someone else (a volume mounted for a group, say) keeps its mode,
+    with a warning: the files hookgate writes in it are 0600 all the same."""
+    path.mkdir(parents=True, mode=0o700, exist_ok=True)
+    try:
+        os.chmod(path, 0o700)
+    except PermissionError:
+        log.warning(
+            "cannot make %s readable by its owner only (it belongs to uid %d, hookgate runs as uid %d); "
+            "the files hookgate writes in it are 0600",
+            path,
+            path.stat().st_uid,
+            os.getuid(),
+        )
 
 
 def _alive(pid: int) -> bool:
