@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.aio.msg import Msg
@@ -23,20 +24,38 @@ from nats.js.errors import NotFoundError
 class EmbeddedServer:
     pid: int
     url: str
+    nkey_seed_file: str  # the user nkey the server accepts (a new one per gateway start)
+
+
+# The credentials of the embedded servers found so far, by URL: every connection below uses them.
+_SEEDS: dict[str, str] = {}
 
 
 def embedded_server(data_dir: Path, timeout: float = 10.0) -> EmbeddedServer:
-    """The nats-server a hookgate started in `data_dir`: its pid file, then its ports file."""
+    """The nats-server a hookgate started in `data_dir`: its pid file, then its ports file, and the
+    seed of the one user it accepts (`nats-client.nk`, readable by the owner only, as this is)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             pid = int((data_dir / "nats-server.pid").read_text().strip())
             ports = json.loads((data_dir / f"nats-server_{pid}.ports").read_text())
-            return EmbeddedServer(pid, ports["nats"][0])
+            seed_file = data_dir / "nats-client.nk"
+            seed_file.read_text()
+            server = EmbeddedServer(pid, ports["nats"][0], str(seed_file))
+            _SEEDS[server.url] = server.nkey_seed_file
+            return server
         except (OSError, ValueError, KeyError, IndexError):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no embedded nats-server found in {data_dir}") from None
             time.sleep(0.05)
+
+
+async def _connect(url: str, **options: Any) -> nats.NATS:
+    """A nats-py connection to `url`, with the embedded server's credentials if it is one."""
+    seed = _SEEDS.get(url)
+    if seed is not None:
+        options["nkeys_seed"] = seed
+    return await nats.connect(url, name="hookgate-bench", **options)
 
 
 @dataclass(frozen=True)
@@ -57,7 +76,7 @@ def publish_bulk(
     """JetStream-publish `count` messages as fast as the server acks them (async publish, windowed)."""
 
     async def go() -> Published:
-        nc = await nats.connect(url, name="hookgate-bench")
+        nc = await _connect(url)
         try:
             js = nc.jetstream(publish_async_max_pending=2000)
             started = time.perf_counter()
@@ -87,7 +106,7 @@ def publish_pipelined(
     inbox, every PubAck on one wildcard subscription, at most `window` unacknowledged at a time."""
 
     async def go() -> Published:
-        nc = await nats.connect(url, name="hookgate-bench", pending_size=64 * 2**20)
+        nc = await _connect(url, pending_size=64 * 2**20)
         acked, errors = 0, 0
         room = asyncio.Semaphore(window)
         done = asyncio.Event()
@@ -122,7 +141,7 @@ def consumer_backlog(url: str, stream: str, durable: str) -> tuple[int, int]:
     """(messages not yet delivered, messages delivered but not yet acked) of a durable consumer."""
 
     async def go() -> tuple[int, int]:
-        nc = await nats.connect(url, name="hookgate-bench")
+        nc = await _connect(url)
         try:
             info = await nc.jetstream().consumer_info(stream, durable)
         finally:
@@ -174,7 +193,7 @@ def stream_numbers(url: str, stream: str) -> dict[str, int]:
     """
 
     async def go() -> dict[str, int]:
-        nc = await nats.connect(url, name="hookgate-bench")
+        nc = await _connect(url)
         try:
             reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=10)
         finally:
@@ -190,7 +209,7 @@ def stream_state(url: str, stream: str) -> tuple[float, int]:
     """(duplicate window in seconds, messages stored) of a stream."""
 
     async def go() -> tuple[float, int]:
-        nc = await nats.connect(url, name="hookgate-bench")
+        nc = await _connect(url)
         try:
             info = await nc.jetstream().stream_info(stream)
         finally:

@@ -1,6 +1,6 @@
-"""hookgate's benchmark harness: one command, five measurements, ratios against bare baselines.
+"""hookgate's benchmark harness: one command, six measurements, ratios against bare baselines.
 
-    python bench/run.py [--quick] [--json PATH] [--only ingress,delivery,e2e,dedup,log] [--profile]
+    python bench/run.py [--quick] [--json PATH] [--only ingress,delivery,e2e,dedup,log,sync] [--profile]
 
 Everything runs on this machine over 127.0.0.1: hookgate as a subprocess (`python -m hookgate.cli
 run`) with its embedded NATS in a temp dir, a trio+h11 receiver, a bare hypercorn-trio app, and a
@@ -26,6 +26,7 @@ from typing import Any
 import logphase
 import phases
 import report
+import syncphase
 from procs import BENCH, Processes
 
 PHASES: dict[str, Callable[[phases.Context], dict[str, Any]]] = {
@@ -34,6 +35,7 @@ PHASES: dict[str, Callable[[phases.Context], dict[str, Any]]] = {
     "e2e": phases.end_to_end,
     "dedup": phases.dedup_memory,
     "log": logphase.delivery_log,
+    "sync": syncphase.sync_cost,
 }
 
 
@@ -154,6 +156,9 @@ def render(r: dict[str, Any]) -> str:
     if "log" in r:
         title = "5. delivery log: nats-server RSS per delivery kept, API latency at that size"
         out += _section(title, r["log"], _log_rows)
+    if "sync" in r:
+        title = "6. broker.sync: ingress with the embedded server syncing its store to disk"
+        out += _section(title, r["sync"], syncphase.rows)
     out.append("\nRATIOS (quote these; absolute numbers on a shared machine are noisy)")
     if "ratio" in r.get("ingress", {}):
         out.append(
@@ -184,6 +189,9 @@ def render(r: dict[str, Any]) -> str:
             f"({g['extrapolated_note']}); first page {first['median_ms']:.0f} ms, "
             f"status=dead page {dead['median_ms']:.0f} ms (medians)"
         )
+    if "ratios_to_2m" in r.get("sync", {}):
+        ratios = r["sync"]["ratios_to_2m"]
+        out.append("  sync     ingress req/s vs sync 2m: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     return "\n".join(out)
 
 

@@ -5,7 +5,9 @@ YAML endpoints are listed read-only. API endpoints are documents in JetStream KV
 and a change applies only to the revision it was computed from. Each write answers once this
 replica's catalog has applied it, so the caller can use the endpoint at once.
 
-Secrets (signing keys, auth credentials) appear in one response only: the 201 of the create.
+Secrets (signing keys, auth credentials) appear in one response only: the 201 of the create. In
+the bucket, documents are sealed with the catalog's key (`hookgate.sealing`); a gateway without a
+key (an external broker and no broker.secrets_keys) refuses to store a document that holds secrets.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from hookgate.catalog import Catalog, CatalogEntry, EndpointDocument, pack, unpa
 from hookgate.config import NAME_PATTERN, ConfigError, EndpointConfig
 from hookgate.endpoint_state import EndpointStates
 from hookgate.redact import placeholders, redact
+from hookgate.sealing import SealError
 
 log = logging.getLogger("hookgate.api")
 
@@ -174,8 +177,10 @@ class EndpointApi:
         if name in self.catalog.config_entries:
             await send_error(send, 409, "conflict", f"endpoint {name!r} exists (in the config file)")
             return
+        if await self._refuse_unsealed(send, raw):
+            return
         try:
-            kv_revision = await self.broker.kv_create(self.bucket, name, pack(raw, 1))
+            kv_revision = await self.broker.kv_create(self.bucket, name, self._pack(raw, 1, name))
         except Exception as exc:
             await _unavailable(send, f"could not store endpoint {name}", exc)
             return
@@ -205,19 +210,33 @@ class EndpointApi:
             await send_error(send, 422, "invalid_endpoint", "$.name: an endpoint cannot be renamed")
             return
         try:
-            current, revision = unpack(stored.value or b"{}", stored.revision)
+            current, revision = unpack(stored.value or b"{}", stored.revision, self.catalog.sealer, name)
         except msgspec.DecodeError:
             # Not written by us: the patch must then give a whole document.
             current, revision = {}, stored.revision
+        except SealError as exc:
+            log.error("endpoint %s: its stored document %s", name, exc)
+            await send_error(
+                send,
+                500,
+                "secrets_key",
+                f"endpoint {name!r} cannot be changed here: its stored document {exc}",
+            )
+            return
         raw = merge_patch(current, patch)
         document = await self._check(send, raw)
         if document is None:
             return
+        if await self._refuse_unsealed(send, raw):
+            return
         revision += 1
         try:
             # Only over the version the patch was applied to: a change made meanwhile (through
-            # any replica) moved the key's KV revision on, and this write is refused.
-            kv_revision = await self.broker.kv_update(self.bucket, name, pack(raw, revision), stored.revision)
+            # any replica) moved the key's KV revision on, and this write is refused. The document
+            # is sealed with the current key, so a change completes a key rotation for it.
+            kv_revision = await self.broker.kv_update(
+                self.bucket, name, self._pack(raw, revision, name), stored.revision
+            )
         except Exception as exc:
             await _unavailable(send, f"could not store endpoint {name}", exc)
             return
@@ -267,6 +286,23 @@ class EndpointApi:
             log.warning("endpoint %s deleted; cleaning up after it failed: %s", name, exc)
         log.info("endpoint %s deleted through the API", name)
         await send_bytes(send, 204, b"")
+
+    def _pack(self, raw: dict[str, Any], revision: int, name: str) -> bytes:
+        return pack(raw, revision, self.catalog.sealer, name)
+
+    async def _refuse_unsealed(self, send: Send, raw: dict[str, Any]) -> bool:
+        """Refuse (403) to store secrets in the clear: a gateway with no key to seal them."""
+        if self.catalog.sealer.can_seal or redact(raw) == raw:
+            return False
+        await send_error(
+            send,
+            403,
+            "secrets_key_missing",
+            "this gateway has no key to seal endpoint secrets with, and will not store them in the "
+            "clear: its operator sets broker.secrets_keys (or create the endpoint without secrets, "
+            'e.g. with "signing": null)',
+        )
+        return True
 
     async def _refuse_read_only(self, send: Send, name: str) -> bool:
         if name in self.catalog.config_entries:

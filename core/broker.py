@@ -8,6 +8,7 @@ crossing, so a hundred concurrent webhooks cost a handful of crossings, not a hu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -202,9 +203,17 @@ class Broker:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(
-        cls, config: BrokerConfig, url: str | list[str], publish_timeout: float = 5.0
+        cls,
+        config: BrokerConfig,
+        url: str | list[str],
+        publish_timeout: float = 5.0,
+        *,
+        nkey_seed_file: str | None = None,
     ) -> AsyncIterator[Broker]:
+        """`nkey_seed_file`: the embedded server's credentials (an external one's are in `config`)."""
         options = connect_options(config, url)
+        if nkey_seed_file is not None:
+            options = dataclasses.replace(options, nkey_seed_file=nkey_seed_file)
         async with NatsBridge.open(options) as bridge:
             broker = cls(bridge, config, publish_timeout)
             await bridge.ensure_streams(broker.topology.streams(config))

@@ -34,7 +34,9 @@ from hookgate.config import (
 from hookgate.dispatcher import Endpoint, cancel_when_set
 from hookgate.filters import FilterError, compile_filter
 from hookgate.hooks import Hooks
+from hookgate.redact import redact
 from hookgate.router import CompiledRoute
+from hookgate.sealing import Sealer, SealError
 from hookgate.ssrf import EgressGuard
 from hookgate.types import ComponentRegistry
 
@@ -58,26 +60,45 @@ class EndpointDocument(EndpointConfig, kw_only=True):  # type: ignore[call-arg]
 Source = Literal["config", "api"]
 
 
-def pack(document: dict[str, Any], revision: int) -> bytes:
+def pack(document: dict[str, Any], revision: int, sealer: Sealer | None = None, name: str = "") -> bytes:
     """What the bucket holds for an API endpoint: its document and its own revision (1 when
-    created, one more per change of it). KV revisions count every write to the whole bucket."""
+    created, one more per change of it). KV revisions count every write to the whole bucket.
+
+    With a sealer that has a key, the document is sealed (`{"revision", "sealed"}`): it holds the
+    endpoint's secrets. `name` is its key in the bucket, which a sealed document is bound to."""
+    if sealer is not None and sealer.can_seal:
+        return msgspec.json.encode({"revision": revision, "sealed": sealer.seal(document, name)})
     return msgspec.json.encode({"revision": revision, "endpoint": document})
 
 
-def unpack(value: bytes, kv_revision: int) -> tuple[Any, int]:
-    """The document and its revision; raises msgspec.DecodeError when the value is not JSON.
+def unpack(value: bytes, kv_revision: int, sealer: Sealer | None = None, name: str = "") -> tuple[Any, int]:
+    """The document and its revision; raises msgspec.DecodeError when the value is not JSON, and
+    SealError when it is sealed and does not open with the sealer's keys.
 
     A bare document, stored before endpoints had their own revision, counts its KV revision: the
     number the API showed for it then, so its revision never goes back."""
     stored = msgspec.json.decode(value)
-    if (
-        isinstance(stored, dict)
-        and stored.keys() == {"revision", "endpoint"}
-        and type(stored["revision"]) is int
-        and isinstance(stored["endpoint"], dict)
-    ):
-        return stored["endpoint"], stored["revision"]
+    if isinstance(stored, dict) and type(stored.get("revision")) is int and len(stored) == 2:
+        if isinstance(stored.get("endpoint"), dict):
+            return stored["endpoint"], stored["revision"]
+        if "sealed" in stored:
+            return (sealer or Sealer([])).open(stored["sealed"], name), stored["revision"]
     return stored, kv_revision
+
+
+def stale_seal(value: bytes, sealer: Sealer) -> bool:
+    """Whether a stored document should be sealed again with the sealer's current key: it is
+    sealed with an older key, or stored in the clear and holds secrets."""
+    if not sealer.can_seal:
+        return False
+    try:
+        stored = msgspec.json.decode(value)
+    except msgspec.DecodeError:
+        return False
+    if isinstance(stored, dict) and isinstance(stored.get("sealed"), dict):
+        return stored["sealed"].get("kid") != sealer.current_kid
+    document = stored.get("endpoint", stored) if isinstance(stored, dict) else stored
+    return bool(document != redact(document))
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,7 @@ class CatalogEntry:
     route: CompiledRoute | None = None  # the subscription of an API endpoint
     revision: int = 0  # of an API endpoint: 1 when created, one more per change
     kv_revision: int = 0  # of its document in the bucket
+    stale_seal: bool = False  # stored in the clear or with an older key: sealed again at startup
 
     @property
     def read_only(self) -> bool:
@@ -99,10 +121,19 @@ Listener = Callable[["Catalog"], None]
 
 
 class Catalog:
-    def __init__(self, loaded: LoadedConfig, hooks: Hooks, broker: Broker, guard: EgressGuard):
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        hooks: Hooks,
+        broker: Broker,
+        guard: EgressGuard,
+        sealer: Sealer | None = None,
+    ):
         self.registry: ComponentRegistry = hooks.registry
         self.broker = broker
         self.guard = guard
+        # Seals API endpoints' documents (they hold secrets) and opens them.
+        self.sealer = sealer if sealer is not None else Sealer([])
         self.bucket = broker.topology.endpoint_configs_bucket
         self._config = loaded.config
         self.config_entries = {
@@ -189,10 +220,13 @@ class Catalog:
             log.warning("endpoint %s is in the config file and in the API's store; the config wins", name)
             return None
         try:
-            document, revision = unpack(update.value or b"", update.revision)
+            document, revision = unpack(update.value or b"", update.revision, self.sealer, name)
             checked = self.check(document)
         except msgspec.DecodeError:
             log.error("endpoint %s: its stored document is not JSON; skipped", name)
+            return None
+        except SealError as exc:
+            log.error("endpoint %s cannot be used on this replica: its stored document %s", name, exc)
             return None
         except ConfigError as exc:
             # The API checked the document before storing it, so this is a replica without the
@@ -212,7 +246,8 @@ class Catalog:
         route = CompiledRoute.compile(
             0, RouteConfig(to=[name], name=f"endpoint:{name}", types=config.types, filter=config.filter)
         )
-        return CatalogEntry(name, "api", config, endpoint, route, revision, update.revision)
+        stale = stale_seal(update.value or b"", self.sealer)
+        return CatalogEntry(name, "api", config, endpoint, route, revision, update.revision, stale)
 
     # --- following the store -------------------------------------------------------------------
 
@@ -258,9 +293,42 @@ class Catalog:
         """Follow the bucket until `stopping`; started once the current documents are applied."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cancel_when_set, stopping, nursery.cancel_scope)
-            await self._follow(task_status)
+            await nursery.start(self._follow)
+            task_status.started()
+            nursery.start_soon(self.seal_again)
 
-    async def _follow(self, task_status: trio.TaskStatus[None]) -> None:
+    async def seal_again(self) -> int:
+        """Seal again, with the current key, the documents stored in the clear or with an older
+        key (a key rotation, or a key set for the first time); returns how many were.
+
+        Runs once at startup, on what the first snapshot found. Each write is conditional on the
+        revision read, so of replicas starting together one wins and the others find it done; the
+        document's own revision does not change."""
+        done = 0
+        for entry in list(self.api_entries.values()):
+            if not entry.stale_seal:
+                continue
+            try:
+                stored = await self.broker.kv_get(self.bucket, entry.name)
+                if stored is None or stored.revision != entry.kv_revision:
+                    continue
+                document, revision = unpack(stored.value or b"{}", stored.revision, self.sealer, entry.name)
+                written = await self.broker.kv_update(
+                    self.bucket,
+                    entry.name,
+                    pack(document, revision, self.sealer, entry.name),
+                    stored.revision,
+                )
+            except Exception as exc:
+                log.warning("endpoint %s: sealing its stored document again failed: %s", entry.name, exc)
+                continue
+            if written is not None:
+                done += 1
+        if done:
+            log.info("sealed %d endpoint document(s) again with key %s", done, self.sealer.current_kid)
+        return done
+
+    async def _follow(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         backoff = 0.5
         while True:

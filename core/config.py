@@ -34,6 +34,7 @@ from hookgate import tracing
 from hookgate.filters import FilterError, compile_filter
 from hookgate.flow import CircuitBreakerConfig, RateLimitConfig
 from hookgate.http_fields import sendable_value
+from hookgate.sealing import parse_key
 from hookgate.ssrf import EgressGuard
 from hookgate.transport import parse_proxy, parse_url
 from hookgate.types import INTERNAL_SOURCE, ComponentKind, ComponentRegistry
@@ -47,6 +48,8 @@ PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(?!\n)$"
 Prefix = Annotated[str, msgspec.Meta(pattern=PREFIX_PATTERN)]
 
 DEFAULT_RETRY_SCHEDULE = ["5s", "5m", "30m", "2h", "5h", "10h", "10h"]
+# broker.sync when it is not set: how often the embedded server forces its store to disk.
+DEFAULT_SYNC = "1s"
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -118,6 +121,32 @@ class BrokerConfig(_Base):
     dedup_window: Duration = "24h"
     # Subjects start with "<prefix>." and streams with "<PREFIX>_".
     prefix: Prefix = "hookgate"
+    sync: Annotated[
+        str | None,
+        msgspec.Meta(
+            description=(
+                'embedded broker only: how often JetStream forces stored data to disk, "always" (every '
+                'write) or a duration; omitted: "1s". An acknowledged event survives a host crash or '
+                "power loss only once synced. An external server's own jetstream.sync_interval applies"
+            ),
+        ),
+    ] = None
+    secrets_keys: Annotated[
+        str | list[str],
+        msgspec.Meta(
+            description=(
+                "keys that seal API endpoints' documents (secrets included) in KV: each 32 random bytes "
+                "in base64 (openssl rand -base64 32); the first seals, all open (rotation: put the new "
+                "one first). Empty ones are ignored. None: an embedded broker keeps a generated key in "
+                "data_dir; with an external broker, endpoints holding secrets cannot be created"
+            )
+        ),
+    ] = []
+
+    def secrets_key_texts(self) -> list[str]:
+        """The configured secrets keys, empty ones left out."""
+        keys = [self.secrets_keys] if isinstance(self.secrets_keys, str) else self.secrets_keys
+        return [key for key in keys if key.strip()]
 
 
 class ResponseConfig(_Base):
@@ -1189,6 +1218,32 @@ def _check_broker(problem: Report, broker: BrokerConfig) -> None:
                 problem(f"$.broker.{key}", "only used with an external broker: set broker.url")
         if broker.replicas != 1:
             problem("$.broker.replicas", "the embedded broker is a single server: replicas must be 1")
+        if broker.sync is not None and broker.sync != "always":
+            try:
+                interval = seconds(broker.sync)
+            except ValueError:
+                got = _show(broker.sync)
+                problem("$.broker.sync", f'expected "always" or a duration like "1s", got {got}')
+            else:
+                if interval == 0:
+                    problem("$.broker.sync", 'must be "always" or more than 0')
+    if urls is not None and broker.sync is not None:
+        problem(
+            "$.broker.sync",
+            "only used with the embedded broker: an external server syncs as its own "
+            "jetstream.sync_interval says",
+        )
+    keys = [broker.secrets_keys] if isinstance(broker.secrets_keys, str) else broker.secrets_keys
+    for i, key in enumerate(keys):
+        if key.strip():
+            try:
+                parse_key(key)
+            except ValueError as exc:
+                # Never echoed: it is a secret, or meant to be one.
+                where = "$.broker.secrets_keys"
+                if not isinstance(broker.secrets_keys, str):
+                    where += f"[{i}]"
+                problem(where, str(exc))
     if broker.password is not None and broker.user is None:
         problem("$.broker.password", "set user with password")
     if broker.nkey_seed is not None and _NKEY_SEED.fullmatch(broker.nkey_seed.strip()):

@@ -5,6 +5,12 @@ on a free loopback port, is stopped when the gateway stops, and is restarted on 
 dies. If the gateway itself is killed with SIGKILL, the kernel sends the server SIGTERM
 (PR_SET_PDEATHSIG), and a server left over from an older crash is found through its pid file and
 stopped before a new one starts, so a stale server never holds the store.
+
+Only the gateway may use it. Each start generates a user nkey: the server's config lists its public
+key alone, and its seed is written to `nats-client.nk` in the data directory, which is the owner's
+only (0700, and every file in it 0600): that is where the gateway's connection reads it, and where
+an operator's tools (the `nats` CLI's `--nkey`, the benchmarks) can find it. A process that can read
+that file can read the JetStream store beside it anyway.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,9 +29,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nkeys
 import trio
 
 from hookgate.bridge import BrokerUnavailable
+from hookgate.sealing import encode_key, new_key, parse_key
 
 log = logging.getLogger("hookgate.embedded")
 
@@ -48,9 +57,49 @@ def find_server_binary() -> str:
     )
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def _prepare_child() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # What the server creates (its pid and ports files, the JetStream store) is the owner's only.
+    os.umask(0o077)
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def new_user_nkey() -> tuple[str, str]:
+    """A fresh user nkey: (its seed, its public key)."""
+    seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER)
+    keypair = nkeys.from_seed(bytearray(seed))
+    try:
+        return seed.decode(), keypair.public_key.decode()
+    finally:
+        keypair.wipe()
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read (0600), whatever mode an older copy had."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and parents) and make it the owner's only (0700), as an older one may not be.
+
+    A directory that belongs to someone else (a volume mounted for a group, say) keeps its mode,
+    with a warning: the files hookgate writes in it are 0600 all the same."""
+    path.mkdir(parents=True, mode=0o700, exist_ok=True)
+    try:
+        os.chmod(path, 0o700)
+    except PermissionError:
+        log.warning(
+            "cannot make %s readable by its owner only (it belongs to uid %d, hookgate runs as uid %d); "
+            "the files hookgate writes in it are 0600",
+            path,
+            path.stat().st_uid,
+            os.getuid(),
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -84,15 +133,42 @@ def _stop_stale_server(pid_file: Path, config_file: Path) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+SECRETS_KEY_FILE = "secrets.key"
+
+
+def generated_secrets_key(data_dir: Path, *, create: bool) -> bytes | None:
+    """The key an embedded broker seals API endpoints' secrets with when broker.secrets_keys is
+    not set: made on first use and kept in the data directory (0600). With configured keys it is
+    only read, so documents it sealed still open; None when there is none."""
+    path = data_dir / SECRETS_KEY_FILE
+    try:
+        return parse_key(path.read_text())
+    except FileNotFoundError:
+        if not create:
+            return None
+    except (OSError, ValueError) as exc:
+        raise BrokerUnavailable(f"cannot use the generated secrets key in {path}: {exc}") from None
+    key = new_key()
+    make_private_dir(data_dir)
+    write_private(path, encode_key(key).encode() + b"\n")
+    log.info("generated a key for endpoint secrets in %s (set broker.secrets_keys to use your own)", path)
+    return key
+
+
 class EmbeddedNats:
-    def __init__(self, data_dir: str | os.PathLike[str], max_payload: int):
+    def __init__(self, data_dir: str | os.PathLike[str], max_payload: int, sync: str = "1s"):
         self.data_dir = Path(data_dir).resolve()
         self.max_payload = max_payload
+        self.sync = sync  # jetstream.sync_interval: "always" or a duration
         self.port = -1
         self.process: subprocess.Popen[bytes] | None = None
         self.config_file = self.data_dir / "nats-server.conf"
         self.pid_file = self.data_dir / "nats-server.pid"
         self.log_file = self.data_dir / "nats-server.log"
+        # The one user the server accepts; a new one for every gateway (kept across restarts of
+        # the server by `supervise`, so the gateway's connection reconnects with the same seed).
+        self.seed_file = self.data_dir / "nats-client.nk"
+        self._seed, self.public_key = new_user_nkey()
 
     @property
     def url(self) -> str:
@@ -107,19 +183,26 @@ class EmbeddedNats:
             "max_payload": self.max_payload,
             "pid_file": str(self.pid_file),
             "ports_file_dir": str(self.data_dir),
-            "jetstream": {"store_dir": str(store)},
+            "jetstream": {"store_dir": str(store), "sync_interval": self.sync},
+            "authorization": {"users": [{"nkey": self.public_key}]},
         }
         # JSON is valid NATS config syntax.
-        self.config_file.write_text(json.dumps(config, indent=2))
+        write_private(self.config_file, json.dumps(config, indent=2).encode())
+        write_private(self.seed_file, self._seed.encode() + b"\n")
 
     async def start(self) -> None:
         binary = find_server_binary()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.data_dir)
         _stop_stale_server(self.pid_file, self.config_file)
         for old in self.data_dir.glob("*.ports"):
             old.unlink(missing_ok=True)
+        # A pid file an older version left readable: the server rewrites it in place.
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(self.pid_file, 0o600)
         self._write_config()
-        log_handle = self.log_file.open("ab")
+        log_fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(log_fd, 0o600)
+        log_handle = os.fdopen(log_fd, "ab")
         try:
             # Popen runs on this (the main) thread on purpose: PDEATHSIG fires when the spawning
             # thread exits, and trio's open_process would spawn from a short-lived worker thread.
@@ -128,7 +211,7 @@ class EmbeddedNats:
                 stdin=subprocess.DEVNULL,
                 stdout=log_handle,
                 stderr=log_handle,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_prepare_child,
             )
         except OSError as exc:
             raise BrokerUnavailable(f"cannot start {binary}: {exc.strerror}") from None
@@ -198,8 +281,10 @@ class EmbeddedNats:
 
 
 @contextlib.asynccontextmanager
-async def embedded_nats(data_dir: str | os.PathLike[str], max_payload: int) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(data_dir, max_payload)
+async def embedded_nats(
+    data_dir: str | os.PathLike[str], max_payload: int, sync: str = "1s"
+) -> AsyncIterator[EmbeddedNats]:
+    server = EmbeddedNats(data_dir, max_payload, sync)
     # Started outside the nursery so a failure to start surfaces as a plain BrokerUnavailable.
     await server.start()
     async with trio.open_nursery() as nursery:

@@ -26,9 +26,9 @@ from hookgate.app import App
 from hookgate.broker import Broker, BrokerRefused, BrokerUnavailable
 from hookgate.catalog import Catalog, instantiate
 from hookgate.components import ConfiguredComponents
-from hookgate.config import Component, LoadedConfig, ServerConfig
+from hookgate.config import DEFAULT_SYNC, Component, LoadedConfig, ServerConfig
 from hookgate.dispatcher import Dispatcher
-from hookgate.embedded import embedded_nats
+from hookgate.embedded import embedded_nats, generated_secrets_key
 from hookgate.endpoint_state import EndpointStates
 from hookgate.hooks import Hooks
 from hookgate.ingress import Ingress, Source
@@ -36,6 +36,7 @@ from hookgate.logquery import DeliveryLog
 from hookgate.metrics import Metrics
 from hookgate.replay import Replayer
 from hookgate.router import Router
+from hookgate.sealing import Sealer, parse_key
 from hookgate.ssrf import EgressGuard
 from hookgate.tracing import tracing_for
 from hookgate.units import seconds, size_bytes
@@ -58,6 +59,17 @@ class Running:
     url: str  # the HTTP base URL it listens on
     broker_url: str | list[str]
     broker: Broker
+    # The embedded broker's credentials: a file holding the user nkey seed it accepts (owner-only).
+    broker_nkey_seed_file: str | None = None
+
+
+@dataclass(frozen=True)
+class BrokerTarget:
+    """Where the broker is, and for an embedded one, how to reach it and its generated key."""
+
+    url: str | list[str]
+    nkey_seed_file: str | None = None
+    generated_key: bytes | None = None  # an embedded broker's key for endpoint secrets
 
 
 async def run(
@@ -82,9 +94,10 @@ async def run(
 
     async with (
         tracing_for(config.tracing, tracer_provider) as tracing,
-        _broker_url(loaded, max_body) as url,
-        _connect(loaded, url, publish_timeout) as broker,
+        _broker_target(loaded, max_body) as target,
+        _connect(loaded, target, publish_timeout) as broker,
     ):
+        url = target.url
         sources = {
             name: Source.build(
                 name,
@@ -97,7 +110,7 @@ async def run(
         }
         guard = EgressGuard(config.egress.allow_networks, https_only=config.egress.https_only)
         # The YAML endpoints, and those created through the API (followed in JetStream KV).
-        catalog = Catalog(loaded, hooks, broker, guard)
+        catalog = Catalog(loaded, hooks, broker, guard, _sealer(loaded, target))
         metrics = Metrics()
         # One view of endpoint states for the API and the dispatcher: a change made here applies
         # here at once, and reaches other replicas within a second.
@@ -151,7 +164,7 @@ async def run(
             http_url = binds[0]
             log.info("hookgate %s listening on %s (broker %s)", __version__, http_url, url)
             await hooks.call("hookgate_startup", info={"listen": http_url, "version": __version__})
-            task_status.started(Running(http_url, url, broker))
+            task_status.started(Running(http_url, url, broker, target.nkey_seed_file))
             await stopping.wait()
             log.info("shutting down: finishing in-flight deliveries")
         await hooks.call("hookgate_shutdown")
@@ -191,22 +204,39 @@ def _check_server_tls(server: ServerConfig) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _broker_url(loaded: LoadedConfig, max_body: int) -> AsyncIterator[str | list[str]]:
+async def _broker_target(loaded: LoadedConfig, max_body: int) -> AsyncIterator[BrokerTarget]:
     broker = loaded.config.broker
     if broker.url is not None:
-        yield broker.url
+        yield BrokerTarget(broker.url)
         return
     data_dir = (
         loaded.path.parent / broker.data_dir if not broker.data_dir.startswith("/") else broker.data_dir
     )
     max_payload = max(MIN_MAX_PAYLOAD, max_body + ENVELOPE_ALLOWANCE)
-    async with embedded_nats(data_dir, max_payload) as server:
-        yield server.url
+    async with embedded_nats(data_dir, max_payload, nats_sync_interval(broker.sync)) as server:
+        key = generated_secrets_key(server.data_dir, create=not broker.secrets_key_texts())
+        yield BrokerTarget(server.url, str(server.seed_file), key)
+
+
+def nats_sync_interval(sync: str | None) -> str:
+    """broker.sync as nats-server's jetstream.sync_interval: "always", or a Go duration."""
+    sync = sync or DEFAULT_SYNC
+    if sync == "always":
+        return sync
+    return f"{max(1, round(seconds(sync) * 1000))}ms"
+
+
+def _sealer(loaded: LoadedConfig, target: BrokerTarget) -> Sealer:
+    """The configured keys (the first seals), then an embedded broker's generated key."""
+    keys = [parse_key(key) for key in loaded.config.broker.secrets_key_texts()]
+    if target.generated_key is not None:
+        keys.append(target.generated_key)
+    return Sealer(keys)
 
 
 @contextlib.asynccontextmanager
 async def _connect(
-    loaded: LoadedConfig, url: str | list[str], publish_timeout: float
+    loaded: LoadedConfig, target: BrokerTarget, publish_timeout: float
 ) -> AsyncIterator[Broker]:
     """Connect, retrying while an external NATS is not up yet (a sidecar may start first)."""
     delay = 0.5
@@ -214,7 +244,12 @@ async def _connect(
         while True:
             try:
                 broker = await stack.enter_async_context(
-                    Broker.connect(loaded.config.broker, url, publish_timeout)
+                    Broker.connect(
+                        loaded.config.broker,
+                        target.url,
+                        publish_timeout,
+                        nkey_seed_file=target.nkey_seed_file,
+                    )
                 )
                 break
             except BrokerUnavailable as exc:

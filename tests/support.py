@@ -307,6 +307,10 @@ async def startup_error(directory: Path, text: str, kind: type[BaseException]) -
     return error
 
 
+# The key tests' gateways seal API endpoints' secrets with (broker.secrets_keys).
+SECRETS_KEY = "dGVzdC1vbmx5LWtleS1mb3ItZW5kcG9pbnQtc2VjcmU="
+
+
 def base_config(nats_url: str | None, extra: str = "", data_dir: Path | None = None) -> str:
     broker = f"url: {nats_url}" if nats_url else f"data_dir: {data_dir}"
     return textwrap.dedent(
@@ -318,6 +322,7 @@ def base_config(nats_url: str | None, extra: str = "", data_dir: Path | None = N
               shutdown_grace: 2s
             broker:
               {broker}
+              secrets_keys: ["{SECRETS_KEY}"]
             egress:
               allow_networks: ["127.0.0.0/8", "::1/128"]   # receivers run on loopback
             """
