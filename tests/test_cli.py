@@ -276,7 +276,7 @@ def test_check_never_prints_a_url_password(tmp_path: Path) -> None:
     assert "http://svc:***@billing.test/hooks" in result.stdout
     warnings = [line for line in result.stdout.splitlines() if "warning:" in line]
     assert len(warnings) == 2
-    assert all("egress.https_only" in w and "svc:***@" in w for w in warnings)
+    assert all("egress.https_only" in w and "***@" in w for w in warnings)
 
 
 def test_run_refuses_a_bad_config_before_starting(tmp_path: Path) -> None:
