@@ -150,10 +150,12 @@ class BrokerConfig(_Base):
 
 
 class ResponseConfig(_Base):
+    """The answer to a provider once its event is stored."""
+
     # Providers retry anything but 2xx, so only 2xx may be configured.
-    status: Annotated[int, msgspec.Meta(ge=200, le=299)] = 202
-    body: str | None = None
-    content_type: str = "application/json"
+    status: Annotated[int, msgspec.Meta(ge=200, le=299, description="the status, 2xx only")] = 202
+    body: Annotated[str | None, msgspec.Meta(description='the body; omitted: {"id": "<event id>"}')] = None
+    content_type: Annotated[str, msgspec.Meta(description="the body's content type")] = "application/json"
 
 
 class SourceConfig(_Base):
@@ -196,12 +198,25 @@ class ExponentialRetry(_Base):
 
 
 class RetryConfig(_Base):
-    # The delays before each retry: attempts = len(schedule) + 1.
-    schedule: list[Duration] = msgspec.field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE))
-    exponential: ExponentialRetry | None = None
-    jitter: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.2
-    # Statuses that end a delivery at once (dead-lettered, not retried), e.g. [400, 404, 422].
-    final_statuses: list[Annotated[int, msgspec.Meta(ge=300, le=599)]] = []
+    """When a failed delivery is tried again, and when it is given up."""
+
+    schedule: Annotated[
+        list[Duration],
+        msgspec.Meta(
+            description="the delays before each retry, so one more attempt than entries",
+            extra_json_schema={"default": DEFAULT_RETRY_SCHEDULE},
+        ),
+    ] = msgspec.field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE))
+    exponential: Annotated[
+        ExponentialRetry | None, msgspec.Meta(description="computed delays instead of a schedule")
+    ] = None
+    jitter: Annotated[
+        float, msgspec.Meta(ge=0, lt=1, description="each delay varies by up to this share, either way")
+    ] = 0.2
+    final_statuses: Annotated[
+        list[Annotated[int, msgspec.Meta(ge=300, le=599)]],
+        msgspec.Meta(description="statuses that end a delivery at once, dead-lettered, e.g. [400, 422]"),
+    ] = []
 
     def delays(self) -> list[float]:
         """Seconds before each retry, without jitter."""
@@ -214,10 +229,12 @@ class RetryConfig(_Base):
 class EndpointConfig(_Base):
     """Where events go: an HTTP(S) url or a NATS subject."""
 
-    url: str | None = None
-    subject: str | None = None
-    timeout: Duration = "15s"
-    headers: dict[str, str] = {}
+    url: Annotated[str | None, msgspec.Meta(description="http(s) URL to POST each delivery to")] = None
+    subject: Annotated[
+        str | None, msgspec.Meta(description="or a NATS subject to publish each delivery to")
+    ] = None
+    timeout: Annotated[Duration, msgspec.Meta(description="for one attempt, connecting included")] = "15s"
+    headers: Annotated[dict[str, str], msgspec.Meta(description="added to every request")] = {}
     signing: Annotated[
         dict[str, Any] | None, msgspec.Meta(description="an outgoing signer: {scheme: <name>, ...options}")
     ] = None
@@ -226,15 +243,23 @@ class EndpointConfig(_Base):
         msgspec.Meta(description="how hookgate authenticates to the endpoint: {type: <name>, ...options}"),
     ] = None
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
-    concurrency: Annotated[int, msgspec.Meta(ge=1)] = 10
+    concurrency: Annotated[int, msgspec.Meta(ge=1, description="attempts in flight at once")] = 10
     rate_limit: RateLimitConfig | None = None
     circuit_breaker: CircuitBreakerConfig | None = None
-    # One at a time, in publish order; a failing head retries in place and holds the rest.
-    ordered: bool = False
-    # A forward proxy for this endpoint; "" goes direct even when egress.proxy is set.
-    proxy: str | None = None
-    # Failing continuously for this long disables the endpoint (its deliveries are kept).
-    disable_after: Duration | None = None
+    ordered: Annotated[
+        bool,
+        msgspec.Meta(
+            description="one at a time, in publish order; a failing head retries in place and holds the rest"
+        ),
+    ] = False
+    proxy: Annotated[
+        str | None,
+        msgspec.Meta(description='a forward proxy for this endpoint; "" goes direct even with egress.proxy'),
+    ] = None
+    disable_after: Annotated[
+        Duration | None,
+        msgspec.Meta(description="failing continuously for this long disables it; its deliveries are kept"),
+    ] = None
 
 
 class RouteConfig(_Base):
@@ -267,7 +292,7 @@ class EgressConfig(_Base):
         list[str],
         msgspec.Meta(description="CIDRs that deliveries may reach although loopback, private or link-local"),
     ] = []
-    https_only: bool = False
+    https_only: Annotated[bool, msgspec.Meta(description="refuse plain http:// endpoints")] = False
     proxy: Annotated[
         str | None,
         msgspec.Meta(description="an HTTP forward proxy for every delivery: http://[user:pass@]host:port"),
@@ -293,10 +318,17 @@ class LogConfig(_Base):
     """How the gateway logs: readable text, or one JSON object per line."""
 
     format: Literal["text", "json"] = "text"
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    # How much of an event's body the event log (GET /api/v1/events/{id}, `hookgate event`) shows;
-    # the whole body is always stored and delivered.
-    body_excerpt: Size = "64KiB"
+    level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        msgspec.Meta(description="hookgate run --log-level (or HOOKGATE_LOG_LEVEL) overrides it"),
+    ] = "info"
+    body_excerpt: Annotated[
+        Size,
+        msgspec.Meta(
+            description="how much of an event's body the event log shows; the whole body is always "
+            "stored and delivered"
+        ),
+    ] = "64KiB"
 
 
 class OpsConfig(_Base):
@@ -627,6 +659,18 @@ _EXPECTED: list[tuple[Any, str]] = [
 ]
 
 
+def _annotates(type_: Any, known: Any) -> bool:
+    """Whether `type_` is `known`, or `known` with more metadata (a description added to a
+    Duration, say: Annotated flattens `Annotated[Duration, Meta(...)]` into one new type)."""
+    if type_ == known:
+        return True
+    if get_origin(type_) is not Annotated or get_origin(known) is not Annotated:
+        return False
+    base, *metadata = get_args(type_)
+    known_base, *known_metadata = get_args(known)
+    return bool(base == known_base and all(m in metadata for m in known_metadata))
+
+
 def _unoptional(type_: Any) -> Any:
     """X for `X | None`; anything else unchanged."""
     if get_origin(type_) in (Union, types.UnionType):
@@ -781,7 +825,7 @@ class _Converter:
         expected = _unoptional(type_)
         got = "" if value is _NO_VALUE else f", got {_show(value)}"
         for known, description in _EXPECTED:
-            if expected == known:
+            if _annotates(expected, known):
                 self.loader.problem(path, f"expected {description}{got}")
                 return
         if get_origin(expected) is Literal:

@@ -258,7 +258,8 @@ def _names(prop: dict[str, Any]) -> str:
 def _description(prop: dict[str, Any]) -> str:
     """The key's description, or else the first of its variants' (`secret: str | list[str]`)."""
     description = prop.get("description")
-    if description and prop.get("pattern") not in _UNITS:
+    unit = _UNITS.get(prop.get("pattern", ""))
+    if description and (unit is None or description != unit[1]):  # not just the unit's own words
         return str(description)
     for variant in [*prop.get("anyOf", []), prop.get("items")]:
         if (
