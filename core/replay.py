@@ -141,6 +141,15 @@ class Replayer:
                 f"delivery {delivery_id} is held: endpoint {endpoint!r} is disabled; enable it, and its "
                 "deliveries go on where they were",
             )
+        if now and status not in ACTIVE:
+            # Not a resend: a double click whose first request has been delivered already must
+            # not send the delivery again.
+            raise ReplayError(
+                409,
+                "not_retrying",
+                f"delivery {delivery_id} is {status}: it has no attempt waiting to be sent now; retry "
+                "it without now=true to send it again",
+            )
         if status in ACTIVE:
             when = f"; next attempt at {state.view.next_attempt_at}" if state.view.next_attempt_at else ""
             hint = " (now=true sends that attempt at once)" if status == "retrying" else ""

@@ -311,12 +311,15 @@ async def test_retry_now_sends_a_waiting_retry_at_once(
         plain = await hg(capsys, gw, "retry", delivery)
         now = await hg(capsys, gw, "retry", delivery, "--now")
         await later.wait_for(2)
-        again = await hg(capsys, gw, "retry", delivery, "--now", "--json")
+        await _until(gw, f"/deliveries/{delivery}", lambda d: d["status"] == "succeeded")
+        again_now = await hg(capsys, gw, "retry", delivery, "--now")
+        again = await hg(capsys, gw, "retry", delivery, "--json")
         await later.wait_for(3)
     assert plain.code == 1 and "409 delivery_active" in plain.err and "--now" in plain.err
     assert (now.code, now.out) == (0, f"delivery {delivery} to later attempt 2 pulled forward: sent now\n")
     assert [r.headers["hookgate-attempt"] for r in later.requests] == ["1", "2", "3"]
-    # Delivered by then: --now resends it as a plain retry does.
+    # Delivered by then: --now does not resend it (a double click is safe); a plain retry does.
+    assert again_now.code == 1 and "409 not_retrying" in again_now.err
     assert again.code == 0 and again.json()["pulled_forward"] is False and again.json()["attempt"] == 3
 
 

@@ -530,7 +530,10 @@ async def test_rate_limit_defers_a_delivery_without_using_an_attempt(
             await rx.wait_for(1)
             with trio.fail_after(10):
                 await plugin.outcome.wait()
-            attempts = await attempt_records(nats_server.url, "main")
+                # The outcome hook runs as the attempt's record is handed to the broker: wait
+                # until it is stored.
+                while not (attempts := await attempt_records(nats_server.url, "main")):
+                    await trio.sleep(0.05)
     assert published.status_code == 202
     (got,) = rx.requests
     assert got.headers["hookgate-attempt"] == "1"
