@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
+from hookgate.admission import Admission
 from hookgate.api_log import LogApi
 from hookgate.asgi import (
     Receive,
@@ -63,6 +64,7 @@ class Api:
         metrics: Metrics | None = None,
         tracing: Tracing = OFF,
         endpoint_api: EndpointApi | None = None,
+        admission: Admission | None = None,
     ):
         self.broker = broker
         self._tokens = [t.encode() for t in tokens if t]
@@ -73,6 +75,7 @@ class Api:
         self.metrics = metrics
         self.tracing = tracing
         self.endpoint_api = endpoint_api
+        self.admission = admission
 
     def _authorized(self, scope: Scope) -> int | None:
         """None when the bearer token is valid, else the status to answer (401 or 403)."""
@@ -128,6 +131,10 @@ class Api:
         await send_json(send, 200, {"endpoint": name, "disabled": disable})
 
     async def _publish(self, scope: Scope, receive: Receive, send: Send, span: Span = NO_SPAN) -> None:
+        overloaded = self.admission.refusal() if self.admission is not None else None
+        if overloaded is not None and self.admission is not None:
+            await self.admission.refuse(send, overloaded)
+            return
         request = await read_json_or_answer(
             scope, receive, send, self.max_body, _publish_decoder, "invalid_event"
         )
@@ -150,7 +157,11 @@ class Api:
             to=request.to,
         )
         span.set("hookgate.event_id", event_id)
-        result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span)
+        if self.admission is None:
+            result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span)
+        else:
+            with self.admission.slot():
+                result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span)
         if not result.ok:
             log.error("could not store event %s: %s", event_id, result.error)
             await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")

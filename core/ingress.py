@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from hookgate.admission import Admission
 from hookgate.asgi import (
     Message,
     Receive,
     Scope,
     Send,
+    client_gone,
     header_list,
     read_body_or_answer,
     send_bytes,
@@ -30,6 +32,7 @@ from hookgate.filters import ParsedBody, is_form, is_missing
 from hookgate.hooks import Hooks
 from hookgate.ids import event_id_for, new_event_id
 from hookgate.intake import store_event
+from hookgate.logs import Summary
 from hookgate.metrics import Metrics
 from hookgate.tracing import OFF, Span, Tracing
 from hookgate.types import Event, HandshakeResponse, IngressRequest, Rejection, SourceView, find_header
@@ -150,6 +153,7 @@ class Ingress:
         max_body: int,
         metrics: Metrics,
         tracing: Tracing = OFF,
+        admission: Admission | None = None,
     ):
         self.sources = sources
         self.hooks = hooks
@@ -157,6 +161,10 @@ class Ingress:
         self.max_body = max_body
         self.metrics = metrics
         self.tracing = tracing
+        self.admission = admission or Admission(2**31, 0, metrics)
+        # Anyone can send bad webhooks at any rate: the log gets one line per source and reason
+        # per interval (the first with its detail, then a count); /metrics counts each one.
+        self.rejections = Summary(log, logging.WARNING)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, source_name: str) -> None:
         status = 0
@@ -188,6 +196,11 @@ class Ingress:
         if method != "POST":
             await send_error(send, 405, "method_not_allowed", "webhooks are POSTed")
             return
+        # Before reading the body: an overloaded gateway says so at once.
+        overloaded = self.admission.refusal()
+        if overloaded is not None:
+            await self.admission.refuse(send, overloaded)
+            return
         body = await read_body_or_answer(scope, receive, send, self.max_body)
         if body is None:
             return
@@ -195,11 +208,11 @@ class Ingress:
 
         rejection = await self._check(request, source)
         if rejection is not None:
-            log.warning(
-                "rejected webhook for source %s: %s (%s)",
-                source_name,
-                rejection.code,
-                rejection.message,
+            self.rejections.note(
+                f"{source_name}:{rejection.code}",
+                f"source {source_name}: {{count}} more webhook(s) rejected ({rejection.code}) since"
+                " the previous line",
+                first=f"rejected webhook for source {source_name}: {rejection.code} ({rejection.message})",
                 extra={"source": source_name},
             )
             self.metrics.ingress_rejections.labels(source_name, rejection.code).inc()
@@ -233,7 +246,17 @@ class Ingress:
         # The event id is derived from the provider's id, so it is the dedup key and is always
         # header-safe (a provider id may hold any bytes).
         span.set("hookgate.event_id", event_id)
-        result = await store_event(self.broker, event, f"{source_name}:{event_id}", span)
+        # A client that has gone will not see an answer: storing its event would only make a
+        # duplicate of the provider's retry (or, without an id, a second event).
+        if client_gone(scope):
+            await self.admission.refuse(send, "client_gone")
+            return
+        overloaded = self.admission.refusal()
+        if overloaded is not None:
+            await self.admission.refuse(send, overloaded)
+            return
+        with self.admission.slot():
+            result = await store_event(self.broker, event, f"{source_name}:{event_id}", span)
         if not result.ok:
             log.error(
                 "could not store webhook for source %s: %s",

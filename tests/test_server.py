@@ -1,0 +1,83 @@
+"""The HTTP server's connection bookkeeping, and the hypercorn internals it relies on."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import resource
+
+import pytest
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.utils import wrap_app
+
+from hookgate import server as server_mod
+from hookgate.metrics import Metrics
+from hookgate.server import Connection, HttpServer, Limits
+
+
+def test_the_hypercorn_internals_used_are_still_there() -> None:
+    # server.py builds these itself; a hypercorn release that changes them must fail here first.
+    assert list(inspect.signature(TCPServer.__init__).parameters) == [
+        "self",
+        "app",
+        "config",
+        "context",
+        "state",
+        "stream",
+    ]
+    assert inspect.iscoroutinefunction(TCPServer.run)
+    assert list(inspect.signature(WorkerContext.__init__).parameters) == ["self", "max_requests"]
+    assert hasattr(WorkerContext(None), "terminated")
+    assert list(inspect.signature(wrap_app).parameters)[:3] == ["app", "wsgi_max_body_size", "mode"]
+
+
+def _server(max_connections: int = 10) -> HttpServer:
+    limits = Limits(max_connections=max_connections, backlog=10, header_timeout=2, body_timeout=5, grace=1)
+    return HttpServer(lambda *a: None, HypercornConfig(), limits, Metrics())
+
+
+async def test_a_connection_deadline_follows_what_it_waits_for() -> None:
+    server = _server()
+    now = trio.current_time()
+    conn = Connection(server, now + 2)
+    server.waiting(conn)
+    assert conn.scope.deadline == now + 2  # the head
+    conn.request_started(has_body=True)
+    assert conn.scope.deadline == pytest.approx(trio.current_time() + 5)  # the body
+    conn.body_complete()
+    assert conn.scope.deadline == math.inf  # being answered: no deadline of ours
+    assert conn not in server._waiting  # and never evicted
+    conn.request_finished(body_complete=True)
+    assert conn.scope.deadline == math.inf  # idle: hypercorn's keep-alive closes it
+    assert conn in server._waiting
+    conn.bytes_arrived()  # the next request begins
+    assert conn.scope.deadline == pytest.approx(trio.current_time() + 2)
+    conn.request_started(has_body=False)
+    assert conn.scope.deadline == math.inf
+
+
+async def test_eviction_takes_the_connection_that_waited_longest() -> None:
+    server = _server()
+    first, second, third = (Connection(server, trio.current_time() + 2) for _ in range(3))
+    for conn in (first, second, third):
+        server.waiting(conn)
+    first.request_started(has_body=False)  # being answered: not evictable
+    assert server._evict()
+    assert second.scope.cancel_called and not first.scope.cancel_called
+    assert server._evict()
+    assert third.scope.cancel_called
+    assert not server._evict()  # only a busy one is left
+
+
+def test_max_connections_stays_within_the_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert server_mod.fd_capped(10) == 10
+    if hard == resource.RLIM_INFINITY:
+        return
+    try:
+        assert server_mod.fd_capped(hard * 2) == hard - server_mod.FD_HEADROOM
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
