@@ -3,8 +3,8 @@
 Under overload, a request that waits in line is worse than one refused at once: the provider gives
 up, and retries later anyway. So the number of events waiting for JetStream to store them
 (`server.max_in_flight`) and the router's backlog (`server.max_unrouted`) are bounded, and past
-either bound a webhook or an internal publish is answered 503 with `Retry-After` before its body
-is read.
+either bound a webhook or an internal publish is answered 503 with `Retry-After` as soon as its
+body is in (an unread body would cost the connection), without verifying or storing it.
 """
 
 from __future__ import annotations

@@ -131,15 +131,22 @@ class Api:
         await send_json(send, 200, {"endpoint": name, "disabled": disable})
 
     async def _publish(self, scope: Scope, receive: Receive, send: Send, span: Span = NO_SPAN) -> None:
-        overloaded = self.admission.refusal() if self.admission is not None else None
-        if overloaded is not None and self.admission is not None:
-            await self.admission.refuse(send, overloaded)
-            return
         request = await read_json_or_answer(
             scope, receive, send, self.max_body, _publish_decoder, "invalid_event"
         )
         if request is None:
             return
+        if self.admission is None:
+            await self._publish_admitted(send, request, span)
+            return
+        # As for webhooks: refused after the body is read, and a slot from there to the answer.
+        if (overloaded := self.admission.refusal()) is not None:
+            await self.admission.refuse(send, overloaded)
+            return
+        with self.admission.slot():
+            await self._publish_admitted(send, request, span)
+
+    async def _publish_admitted(self, send: Send, request: PublishRequest, span: Span) -> None:
         if request.to is not None:
             unknown = [name for name in request.to if name not in self.endpoints]
             if unknown:
@@ -157,11 +164,7 @@ class Api:
             to=request.to,
         )
         span.set("hookgate.event_id", event_id)
-        if self.admission is None:
-            result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span)
-        else:
-            with self.admission.slot():
-                result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span)
+        result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span)
         if not result.ok:
             log.error("could not store event %s: %s", event_id, result.error)
             await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")

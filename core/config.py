@@ -115,8 +115,8 @@ class ServerConfig(_Base):
         int,
         msgspec.Meta(
             ge=1,
-            description="events (webhooks and POST /api/v1/events) waiting for JetStream to store"
-            " them; past it, 503 with Retry-After at once",
+            description="events (webhooks and POST /api/v1/events) being verified and stored, from"
+            " the end of their body to their answer; past it, 503 with Retry-After at once",
         ),
     ] = 512
     max_unrouted: Annotated[

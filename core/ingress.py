@@ -196,14 +196,22 @@ class Ingress:
         if method != "POST":
             await send_error(send, 405, "method_not_allowed", "webhooks are POSTed")
             return
-        # Before reading the body: an overloaded gateway says so at once.
+        body = await read_body_or_answer(scope, receive, send, self.max_body)
+        if body is None:
+            return
+        # An overloaded gateway says so at once, after reading the body (bounded by max_body and
+        # body_timeout): an unread body would cost the connection, and a client that reconnects
+        # costs more than the read. The slot is held from here to the answer: verifying, and
+        # waiting for JetStream. Not while the body arrives, which a slow client can draw out.
         overloaded = self.admission.refusal()
         if overloaded is not None:
             await self.admission.refuse(send, overloaded)
             return
-        body = await read_body_or_answer(scope, receive, send, self.max_body)
-        if body is None:
-            return
+        with self.admission.slot():
+            await self._post(scope, send, source, body, span)
+
+    async def _post(self, scope: Scope, send: Send, source: Source, body: bytes, span: Span) -> None:
+        source_name = source.name
         request = _request(scope, source_name, body)
 
         rejection = await self._check(request, source)
@@ -251,12 +259,7 @@ class Ingress:
         if client_gone(scope):
             await self.admission.refuse(send, "client_gone")
             return
-        overloaded = self.admission.refusal()
-        if overloaded is not None:
-            await self.admission.refuse(send, overloaded)
-            return
-        with self.admission.slot():
-            result = await store_event(self.broker, event, f"{source_name}:{event_id}", span)
+        result = await store_event(self.broker, event, f"{source_name}:{event_id}", span)
         if not result.ok:
             log.error(
                 "could not store webhook for source %s: %s",

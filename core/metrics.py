@@ -105,7 +105,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "hookgate_events_in_flight",
-            "Events (webhooks and internal publishes) waiting for JetStream to store them",
+            "Events (webhooks and internal publishes) being verified and stored (see server.max_in_flight)",
             registry=self.registry,
         )
         self.overloaded = Counter(

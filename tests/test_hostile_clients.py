@@ -318,6 +318,7 @@ async def test_past_max_in_flight_a_webhook_gets_503_with_retry_after_at_once(
                     f"{gw.url}/webhooks/acme", content=body, headers=signed(body, "b")
                 )
                 took = trio.current_time() - start
+                published = await gw.publish("thing.created", {"n": 3})
                 nats_server.process.send_signal(signal.SIGCONT)
         finally:
             nats_server.process.send_signal(signal.SIGCONT)
@@ -325,6 +326,8 @@ async def test_past_max_in_flight_a_webhook_gets_503_with_retry_after_at_once(
     assert second.json()["error"] == "overloaded"
     assert second.headers["retry-after"] == "1"
     assert took < 0.1
+    assert published.status_code == 503 and published.json()["error"] == "overloaded"
+    assert published.headers["retry-after"] == "1"
     assert first[0].status_code == 202  # stored once the broker answered again
     assert metric(metrics, "hookgate_overload_rejections_total", 'reason="in_flight"') >= 1
 
