@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
+import logging
 import math
 import resource
 
@@ -81,3 +83,34 @@ def test_max_connections_stays_within_the_open_files_limit() -> None:
         assert server_mod.fd_capped(hard * 2) == hard - server_mod.FD_HEADROOM
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class _ExhaustedListener:
+    """A listening socket whose accept fails as a process out of file descriptors sees it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def accept(self) -> tuple[object, object]:
+        self.calls += 1
+        await trio.lowlevel.checkpoint()
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def test_accept_failing_with_emfile_is_one_summary_not_a_traceback_each(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(server_mod, "ACCEPT_PAUSE", 0.001)
+    server = _server()
+    listener = _ExhaustedListener()
+    with caplog.at_level(logging.WARNING, logger="hookgate.http"):
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(0.2):
+                await server._accept_loop(listener, None, nursery, WorkerContext(None))  # type: ignore[arg-type]
+        server._limit_log.flush()
+    failures = server.metrics.connections_refused.labels("accept_error")._value.get()
+    assert failures > 10 and failures in (listener.calls, listener.calls - 1)  # cancelled mid-accept
+    lines = [r for r in caplog.records if r.name == "hookgate.http"]
+    assert len(lines) == 2 and not any(r.exc_info for r in lines)
+    assert "EMFILE" in lines[0].getMessage()
+    assert lines[1].getMessage().startswith(f"{int(failures) - 1} connection(s) could not be accepted")
