@@ -398,3 +398,50 @@ async def test_a_flood_of_bad_webhooks_is_a_few_log_lines_whose_counts_add_up(
     assert (
         metric(metrics, "hookgate_ingress_rejections_total", 'reason="invalid_signature",source="acme"') == 40
     )
+
+
+class HoldRouting:
+    """Holds the router in its routing hook until released, so stored events wait to be routed."""
+
+    def __init__(self) -> None:
+        self.holding = trio.Event()
+        self.release = trio.Event()
+
+    @hookimpl
+    async def hookgate_route(self, event: Any, endpoints: list[str]) -> None:
+        self.holding.set()
+        await self.release.wait()
+
+
+async def test_past_max_unrouted_a_webhook_gets_503_until_the_router_catches_up(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    plugin = HoldRouting()
+    async with run_gateway(tmp_path, config(nats_server.url, "max_unrouted: 2"), plugins=(plugin,)) as gw:
+        url = f"{gw.url}/webhooks/acme"
+        try:
+            statuses = []
+            for i in range(3):  # the router holds the first; two more wait behind it
+                body = f'{{"n": {i}}}'.encode()
+                response = await gw.http.post(url, content=body, headers=signed(body, f"u{i}"))
+                statuses.append(response.status_code)
+            with trio.fail_after(5):
+                await plugin.holding.wait()
+                while True:  # the router's backlog is read once a second
+                    body = b'{"n": "late"}'
+                    refused = await gw.http.post(url, content=body, headers=signed(body, "late"))
+                    if refused.status_code == 503:
+                        break
+                    await trio.sleep(0.1)
+        finally:
+            plugin.release.set()
+        with trio.fail_after(5):  # routed again: admitted again
+            while True:
+                body = b'{"n": "again"}'
+                again = await gw.http.post(url, content=body, headers=signed(body, "again"))
+                if again.status_code == 202:
+                    break
+                await trio.sleep(0.1)
+    assert statuses == [202, 202, 202]
+    assert refused.json()["error"] == "overloaded" and refused.headers["retry-after"] == "1"
+    assert "routed" in refused.json()["message"]
