@@ -216,10 +216,10 @@ class Ingress:
 
         rejection = await self._check(request, source)
         if rejection is not None:
+            code = rejection.code.replace("{", "{{").replace("}", "}}")  # a plugin's, not a template
             self.rejections.note(
                 f"{source_name}:{rejection.code}",
-                f"source {source_name}: {{count}} more webhook(s) rejected ({rejection.code}) since"
-                " the previous line",
+                f"source {source_name}: {{count}} more webhook(s) rejected ({code}) since the previous line",
                 first=f"rejected webhook for source {source_name}: {rejection.code} ({rejection.message})",
                 extra={"source": source_name},
             )
