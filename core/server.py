@@ -99,6 +99,8 @@ class Connection:
     def bytes_arrived(self) -> None:
         if self.head_deadline is None and not self.reading and not self.busy:
             self.head_deadline = trio.current_time() + self._server.limits.header_timeout
+            # A keep-alive connection in use again is no longer the one that waited longest.
+            self._server.waiting(self)
             self._arm()
 
     def request_started(self, has_body: bool) -> None:

@@ -74,6 +74,18 @@ async def test_eviction_takes_the_connection_that_waited_longest() -> None:
     assert not server._evict()  # only a busy one is left
 
 
+async def test_a_keep_alive_connection_in_use_again_is_no_longer_the_longest_waiting() -> None:
+    server = _server()
+    reused, newer = (Connection(server, trio.current_time() + 2) for _ in range(2))
+    server.waiting(reused)
+    reused.request_started(has_body=False)
+    reused.request_finished(body_complete=True)  # idle, the longest waiting
+    server.waiting(newer)
+    assert next(iter(server._waiting)) is reused
+    reused.bytes_arrived()  # its next request begins
+    assert server._evict() and newer.scope.cancel_called and not reused.scope.cancel_called
+
+
 def test_max_connections_stays_within_the_open_files_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert server_mod.fd_capped(10) == 10
