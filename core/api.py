@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
+from hookgate.admission import Admission
 from hookgate.api_log import LogApi
 from hookgate.asgi import (
     Receive,
@@ -63,6 +64,7 @@ class Api:
         metrics: Metrics | None = None,
         tracing: Tracing = OFF,
         endpoint_api: EndpointApi | None = None,
+        admission: Admission | None = None,
     ):
         self.broker = broker
         self._tokens = [t.encode() for t in tokens if t]
@@ -73,6 +75,7 @@ class Api:
         self.metrics = metrics
         self.tracing = tracing
         self.endpoint_api = endpoint_api
+        self.admission = admission
 
     def _authorized(self, scope: Scope) -> int | None:
         """None when the bearer token is valid, else the status to answer (401 or 403)."""
@@ -135,6 +138,17 @@ class Api:
         )
         if request is None:
             return
+        if self.admission is None:
+            await self._publish_admitted(send, request, span)
+            return
+        # As for webhooks: refused after the body is read, and a slot from there to the answer.
+        if (overloaded := self.admission.refusal()) is not None:
+            await self.admission.refuse(send, overloaded)
+            return
+        with self.admission.slot():
+            await self._publish_admitted(send, request, span)
+
+    async def _publish_admitted(self, send: Send, request: PublishRequest, span: Span) -> None:
         if request.to is not None:
             unknown = [name for name in request.to if name not in self.endpoints]
             if unknown:

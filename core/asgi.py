@@ -40,6 +40,16 @@ def with_path(message: str) -> str:
     return f"{text} - at `{path}`"
 
 
+# The scope key under which the server puts the request's connection (see `server.Connection`).
+CONNECTION = "hookgate.connection"
+
+
+def client_gone(scope: Scope) -> bool:
+    """True once the client has closed its connection: nobody will read the answer."""
+    connection = scope.get(CONNECTION)
+    return connection is not None and bool(connection.peer_closed)
+
+
 class BodyTooLarge(Exception):
     pass
 

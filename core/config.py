@@ -85,6 +85,53 @@ class ServerConfig(_Base):
     publish_timeout: Duration = "5s"
     # On SIGINT/SIGTERM, how long in-flight deliveries may take to finish.
     shutdown_grace: Duration = "10s"
+    header_timeout: Annotated[
+        Duration,
+        msgspec.Meta(
+            description="a request's headers must arrive within this long of the connection opening"
+            " (or of its first byte after an idle keep-alive); else the connection is closed"
+        ),
+    ] = "10s"
+    body_timeout: Annotated[
+        Duration,
+        msgspec.Meta(
+            description="a request's body must arrive within this long of its headers; else the"
+            " connection is closed"
+        ),
+    ] = "10s"
+    max_connections: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="open connections at most; past it a new connection closes the one that has"
+            " waited longest for its client (never one whose request is being processed), or is"
+            " refused if every one is processing",
+        ),
+    ] = 1024
+    backlog: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="the listen backlog: connections the kernel queues before they are accepted"
+            " (capped by net.core.somaxconn)",
+        ),
+    ] = 1024
+    max_in_flight: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="events (webhooks and POST /api/v1/events) being verified and stored, from"
+            " the end of their body to their answer; past it, 503 with Retry-After at once",
+        ),
+    ] = 512
+    max_unrouted: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            description="events stored but not yet routed (the router's backlog); past it, 503 with"
+            " Retry-After at once; 0: no limit",
+        ),
+    ] = 100000
 
 
 class BrokerTLS(_Base):

@@ -16,9 +16,9 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from hookgate import __version__
+from hookgate.admission import Admission
 from hookgate.api import Api
 from hookgate.api_endpoints import EndpointApi
 from hookgate.api_log import LogApi
@@ -37,6 +37,7 @@ from hookgate.metrics import Metrics
 from hookgate.replay import Replayer
 from hookgate.router import Router
 from hookgate.sealing import Sealer, parse_key
+from hookgate.server import KEEP_ALIVE_TIMEOUT, HttpServer, Limits
 from hookgate.ssrf import EgressGuard
 from hookgate.tracing import tracing_for
 from hookgate.units import seconds, size_bytes
@@ -125,8 +126,10 @@ async def run(
             endpoint_exists=lambda name: name in catalog,
             endpoint_ordered=lambda name: (entry := catalog.get(name)) is not None and entry.config.ordered,
         )
+        admission = Admission(config.server.max_in_flight, config.server.max_unrouted, metrics)
+        ingress = Ingress(sources, hooks, broker, max_body, metrics, tracing, admission)
         app = App(
-            Ingress(sources, hooks, broker, max_body, metrics, tracing),
+            ingress,
             Api(
                 broker,
                 config.server.api_tokens,
@@ -137,6 +140,7 @@ async def run(
                 metrics,
                 tracing,
                 EndpointApi(catalog, states, broker, max_body),
+                admission,
             ),
             broker,
             metrics,
@@ -156,9 +160,12 @@ async def run(
         async with trio.open_nursery() as nursery:
             # The stored endpoints are known before anything routes or delivers.
             await nursery.start(catalog.run, stopping)
-            binds = await nursery.start(_serve_http, app, loaded, stopping)
+            binds = await nursery.start(_serve_http, app, loaded, metrics, stopping)
             # Consumers exist (created or updated) before the gateway reports itself started.
             await nursery.start(router.run, stopping)
+            nursery.start_soon(ingress.rejections.run, stopping)
+            if admission.max_unrouted:
+                nursery.start_soon(_follow_router_backlog, router, admission, stopping)
             await nursery.start(dispatcher.run, stopping)
             await nursery.start(replayer.run, stopping)
             http_url = binds[0]
@@ -167,11 +174,16 @@ async def run(
             task_status.started(Running(http_url, url, broker, target.nkey_seed_file))
             await stopping.wait()
             log.info("shutting down: finishing in-flight deliveries")
+        ingress.rejections.flush()
         await hooks.call("hookgate_shutdown")
 
 
 async def _serve_http(
-    app: App, loaded: LoadedConfig, stopping: trio.Event, task_status: trio.TaskStatus[list[str]]
+    app: App,
+    loaded: LoadedConfig,
+    metrics: Metrics,
+    stopping: trio.Event,
+    task_status: trio.TaskStatus[list[str]],
 ) -> None:
     server = loaded.config.server
     hc = HypercornConfig()
@@ -179,11 +191,35 @@ async def _serve_http(
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hookgate.http")
     hc.graceful_timeout = seconds(server.shutdown_grace)
-    hc.keep_alive_timeout = 75
+    hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     if server.tls is not None:
         hc.certfile = server.tls.certfile
         hc.keyfile = server.tls.keyfile
-    await serve(app, hc, shutdown_trigger=stopping.wait, task_status=task_status)  # type: ignore[arg-type]
+    limits = Limits(
+        max_connections=server.max_connections,
+        backlog=server.backlog,
+        header_timeout=seconds(server.header_timeout),
+        body_timeout=seconds(server.body_timeout),
+        grace=seconds(server.shutdown_grace),
+    )
+    await HttpServer(app, hc, limits, metrics).serve(stopping, task_status)
+
+
+ROUTER_BACKLOG_POLL = 1.0
+
+
+async def _follow_router_backlog(router: Router, admission: Admission, stopping: trio.Event) -> None:
+    """Keep admission control's view of the router's backlog current (one consumer info a second)."""
+    while not stopping.is_set():
+        try:
+            backlog = await router.backlog()
+        except Exception as exc:
+            log.debug("could not read the router's backlog: %s", exc)
+        else:
+            if backlog is not None:
+                admission.unrouted = backlog
+        with trio.move_on_after(ROUTER_BACKLOG_POLL):
+            await stopping.wait()
 
 
 def _check_server_tls(server: ServerConfig) -> None:

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from hookgate.admission import Admission
 from hookgate.asgi import (
     Message,
     Receive,
     Scope,
     Send,
+    client_gone,
     header_list,
     read_body_or_answer,
     send_bytes,
@@ -31,6 +33,7 @@ from hookgate.hooks import Hooks
 from hookgate.http_fields import TOKEN, sendable
 from hookgate.ids import event_id_for, event_id_for_body, new_event_id
 from hookgate.intake import store_event
+from hookgate.logs import Summary
 from hookgate.metrics import Metrics
 from hookgate.tracing import OFF, Span, Tracing
 from hookgate.types import (
@@ -176,6 +179,7 @@ class Ingress:
         max_body: int,
         metrics: Metrics,
         tracing: Tracing = OFF,
+        admission: Admission | None = None,
     ):
         self.sources = sources
         self.hooks = hooks
@@ -183,6 +187,10 @@ class Ingress:
         self.max_body = max_body
         self.metrics = metrics
         self.tracing = tracing
+        self.admission = admission or Admission(2**31, 0, metrics)
+        # Anyone can send bad webhooks at any rate: the log gets one line per source and reason
+        # per interval (the first with its detail, then a count); /metrics counts each one.
+        self.rejections = Summary(log, logging.WARNING)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, source_name: str) -> None:
         status = 0
@@ -217,15 +225,28 @@ class Ingress:
         body = await read_body_or_answer(scope, receive, send, self.max_body)
         if body is None:
             return
+        # An overloaded gateway says so at once, after reading the body (bounded by max_body and
+        # body_timeout): an unread body would cost the connection, and a client that reconnects
+        # costs more than the read. The slot is held from here to the answer: verifying, and
+        # waiting for JetStream. Not while the body arrives, which a slow client can draw out.
+        overloaded = self.admission.refusal()
+        if overloaded is not None:
+            await self.admission.refuse(send, overloaded)
+            return
+        with self.admission.slot():
+            await self._post(scope, send, source, body, span)
+
+    async def _post(self, scope: Scope, send: Send, source: Source, body: bytes, span: Span) -> None:
+        source_name = source.name
         request = _request(scope, source_name, body)
 
         rejection = await self._check(request, source)
         if rejection is not None:
-            log.warning(
-                "rejected webhook for source %s: %s (%s)",
-                source_name,
-                rejection.code,
-                rejection.message,
+            code = rejection.code.replace("{", "{{").replace("}", "}}")  # a plugin's, not a template
+            self.rejections.note(
+                f"{source_name}:{rejection.code}",
+                f"source {source_name}: {{count}} more webhook(s) rejected ({code}) since the previous line",
+                first=f"rejected webhook for source {source_name}: {rejection.code} ({rejection.message})",
                 extra={"source": source_name},
             )
             self.metrics.ingress_rejections.labels(source_name, rejection.code).inc()
@@ -266,6 +287,11 @@ class Ingress:
         # The event id is derived from the provider's id (or the body), so it is the dedup key and
         # is always header-safe (a provider id may hold any bytes).
         span.set("hookgate.event_id", event_id)
+        # A client that has gone will not see an answer: storing its event would only make a
+        # duplicate of the provider's retry (or, without an id, a second event).
+        if client_gone(scope):
+            await self.admission.refuse(send, "client_gone")
+            return
         result = await store_event(self.broker, event, f"{source_name}:{event_id}", span)
         if not result.ok:
             log.error(

@@ -91,5 +91,30 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.connections_open = Gauge(
+            "hookgate_http_connections_open",
+            "HTTP connections open now",
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            "hookgate_http_connections_refused",
+            "HTTP connections closed by the connection limit: evicted (waited longest for its client),"
+            " busy (all connections processing) or accept_error (out of file descriptors)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "hookgate_events_in_flight",
+            "Events (webhooks and internal publishes) being verified and stored (see server.max_in_flight)",
+            registry=self.registry,
+        )
+        self.overloaded = Counter(
+            "hookgate_overload_rejections",
+            "Requests answered 503 by admission control, by reason (in_flight, unrouted) or dropped"
+            " because the client had gone (client_gone)",
+            ["reason"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

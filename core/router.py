@@ -17,7 +17,7 @@ import msgspec
 import trio
 
 from hookgate.bridge import ConsumerSpec
-from hookgate.broker import Broker, Commit, InMsg, OutMsg
+from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
 from hookgate.config import RouteConfig
 from hookgate.deliverylog import DeliveryCreated, event_key
 from hookgate.filters import Filter, ParsedBody, compile_filter
@@ -104,6 +104,7 @@ class Router:
         self.endpoints = endpoints
         self._encode = msgspec.msgpack.Encoder().encode
         self._encode_json = msgspec.json.Encoder().encode
+        self.consumer: PullConsumer | None = None
 
     def update(self, endpoints: set[str], implicit_routes: list[CompiledRoute]) -> None:
         """Swap in the current endpoints and, after the YAML routes, the API endpoints' subscriptions.
@@ -121,6 +122,7 @@ class Router:
         self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         (consumer,) = await self.broker.consumers([self.consumer_spec()])
+        self.consumer = consumer
         task_status.started()
         backoff = 0.5
         while not stopping.is_set():
@@ -134,6 +136,13 @@ class Router:
                 log.warning("router: %s; retrying in %.1fs", exc, backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def backlog(self) -> int | None:
+        """Stored events not yet routed (pending or in hand), or None before the consumer exists."""
+        if self.consumer is None:
+            return None
+        counts = await self.broker.bridge.pending_counts([self.consumer])
+        return counts.get(self.consumer.spec.durable)
 
     def to_event(self, msg: InMsg) -> Event:
         return event_from_stream(

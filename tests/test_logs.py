@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 
 import pytest
+import trio
 
-from hookgate.logs import JsonFormatter
+from hookgate.logs import JsonFormatter, Summary
 from tests.support import NatsServer, base_config, receiver, run_gateway
 
 
@@ -47,3 +48,38 @@ async def test_failed_deliveries_log_their_ids(
     assert data["event_id"] == published.json()["id"]
     assert data["delivery_id"] == rx.requests[0].headers["hookgate-delivery-id"]
     assert data["endpoint"] == "svc" and data["attempt"] == 1
+
+
+def test_summary_logs_the_first_at_once_and_then_one_count_per_key_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    summary = Summary(logging.getLogger("hookgate.test"), logging.WARNING)
+    with caplog.at_level(logging.WARNING, logger="hookgate.test"):
+        for _ in range(1000):
+            summary.note("a", "{count} more a", first="first a")
+        for _ in range(10):
+            summary.note("b", "{count} more b")
+        summary.flush()  # an interval ends
+        for _ in range(5):
+            summary.note("a", "{count} more a", first="first a")  # still quiet: counted only
+        summary.flush()
+        summary.flush()  # nothing since: no line, and "a" is forgotten
+        summary.note("a", "{count} more a", first="first a")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["first a", "1 more b", "999 more a", "9 more b", "5 more a", "first a"]
+
+
+async def test_summary_run_flushes_every_interval_and_at_the_end(caplog: pytest.LogCaptureFixture) -> None:
+    summary = Summary(logging.getLogger("hookgate.test"), logging.WARNING, interval=0.05)
+    stopping = trio.Event()
+    with caplog.at_level(logging.WARNING, logger="hookgate.test"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(summary.run, stopping)
+            summary.note("k", "{count} k")
+            summary.note("k", "{count} k")
+            with trio.fail_after(5):
+                while len(caplog.records) < 2:
+                    await trio.sleep(0.01)
+            summary.note("k", "{count} k")
+            stopping.set()
+    assert [r.getMessage() for r in caplog.records] == ["1 k", "1 k", "1 k"]
