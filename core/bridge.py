@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -45,6 +47,8 @@ from nats.js.api import (
 log = logging.getLogger("hookgate.broker")
 
 T = TypeVar("T")
+# How long a PubAck that came too late is still listened for (see Commit.late).
+LATE_WINDOW = 600.0
 
 
 class BrokerUnavailable(Exception):
@@ -157,6 +161,11 @@ class Commit:
     # `keep_queued`'s pull buffer), so a crash is noticed after ack_wait, not after the longest job.
     in_progress: list[InMsg] = field(default_factory=list)
     keep_queued: PullConsumer | None = None
+    # Told of a publish whose PubAck arrives after the wait for it timed out (within LATE_WINDOW):
+    # the message may be stored after all. Called on the nats thread, so it must be quick and
+    # thread-safe (a metric's inc).
+    late: Callable[[PubResult], None] | None = None
+    abandoned: bool = False  # the caller stopped waiting: results that come are late (see Broker)
 
 
 class _PubAck(msgspec.Struct):
@@ -206,6 +215,8 @@ class PullConsumer:
         self.requests: collections.deque[list[float]] = collections.deque()
         self.arrived = asyncio.Event()
         self.stopped = False
+        self.bounced = 0  # messages that arrived after stop() and were handed back
+        self._topping_up: asyncio.Future[None] | None = None
         self._sub: Subscription | None = None
         self._unsubscribing: asyncio.Future[None] | None = None
 
@@ -221,6 +232,7 @@ class PullConsumer:
         if status is None:
             self._settle_owed(1)
             if self.stopped:
+                self.bounced += 1
                 with contextlib.suppress(nats.errors.Error):
                     await msg.nak()  # for whoever pulls next (see stop)
             else:
@@ -258,11 +270,18 @@ class PullConsumer:
         while self.requests and self.requests[0][1] < now:
             self.requests.popleft()
         want = self.buffer - len(self.queue) - self.owed
-        if want <= 0 or not self.nc.is_connected:
+        # Stopped: a pull sent now would be answered into an inbox nobody reads any more.
+        if want <= 0 or self.stopped or not self.nc.is_connected:
             return
         request = json.dumps({"batch": want, "expires": int(self.PULL_EXPIRES * 1e9)}).encode()
         self.requests.append([want, now + self.PULL_EXPIRES + 2.0])
         await self.nc.publish(self.api_subject, request, reply=self.inbox)
+
+    def top_up_soon(self) -> None:
+        """top_up() in a task of its own: pull for what was just taken, without making the caller
+        wait (and without a point where cancelling the caller loses what it took)."""
+        if not self.stopped:
+            self._topping_up = asyncio.ensure_future(self.top_up())  # kept: a task needs a reference
 
     def forget_requests(self) -> None:
         self.requests.clear()
@@ -309,8 +328,11 @@ class NatsBridge:
         self._trio_token = trio.lowlevel.current_trio_token()
         self._ack_prefix: str | None = None
         self._ack_waiters: dict[str, asyncio.Future[PubResult]] = {}
+        # Publishes whose wait timed out, by token: (until when to listen, whom to tell).
+        self._late_acks: dict[str, tuple[float, Callable[[PubResult], None]]] = {}
         self._ack_counter = 0
         self._consumers: list[PullConsumer] = []
+        self._released: list[PullConsumer] = []  # stopped, and perhaps still bouncing (see _close)
         self._closing = False
         self._violations: collections.deque[str] = collections.deque(maxlen=5)
 
@@ -331,8 +353,17 @@ class NatsBridge:
             if not bridge._thread.is_alive():
                 bridge._loop.close()
 
-    async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
-        """Run a coroutine function on the nats loop and wait for it from trio (one crossing)."""
+    async def run(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        *args: Any,
+        abandoned: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+    ) -> T:
+        """Run a coroutine function on the nats loop and wait for it from trio (one crossing).
+
+        If trio stops waiting (cancelled) when the coroutine has finished, or finishes anyway,
+        its result goes to `abandoned` on the nats loop instead of being lost.
+        """
         future = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
         done = trio.Event()
 
@@ -345,8 +376,16 @@ class NatsBridge:
             await done.wait()
         except BaseException:
             future.cancel()
+            if abandoned is not None:
+                future.add_done_callback(functools.partial(self._hand_over, abandoned))
             raise
         return future.result()
+
+    def _hand_over(
+        self, abandoned: Callable[[T], Coroutine[Any, Any, None]], future: concurrent.futures.Future[T]
+    ) -> None:
+        if not future.cancelled() and future.exception() is None:
+            asyncio.run_coroutine_threadsafe(abandoned(future.result()), self._loop)
 
     # --- connection ------------------------------------------------------------------------
 
@@ -469,8 +508,23 @@ class NatsBridge:
             # Acks were flushed as they were sent; draining pull subscriptions would only wait.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.flush(), 2)
+            await self._settle_released()
             with contextlib.suppress(Exception):
                 await self._nc.close()
+
+    async def _settle_released(self, rounds: int = 20) -> None:
+        """Before closing: a message that the server hands to a released consumer's open pull
+        request (a delivery nak'ed on the way out, bouncing back) is nak'ed again by it; one still
+        on its way when the connection closes would wait for ack_wait. So keep a round trip
+        going until a round brings no such message (a few at most)."""
+        assert self._nc is not None
+        for _ in range(rounds):
+            bounced = sum(c.bounced for c in self._released)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.flush(), 1)
+            await asyncio.sleep(0.005)  # let the subscriptions' callbacks run what arrived
+            if sum(c.bounced for c in self._released) == bounced:
+                return
 
     @property
     def js(self) -> JetStreamContext:
@@ -573,6 +627,7 @@ class NatsBridge:
         async def go() -> None:
             if consumer in self._consumers:
                 self._consumers.remove(consumer)
+            self._released.append(consumer)
             await consumer.stop()
 
         await self.run(go)
@@ -621,9 +676,12 @@ class NatsBridge:
             prefix = f"_INBOX.hgack{nc._nuid.next().decode()}."
 
             async def on_ack(msg: Msg) -> None:
-                future = self._ack_waiters.pop(msg.subject[len(prefix) :], None)
+                token = msg.subject[len(prefix) :]
+                future = self._ack_waiters.pop(token, None)
                 if future is not None and not future.done():
                     future.set_result(_pub_result(msg))
+                elif (late := self._late_acks.pop(token, None)) is not None:
+                    late[1](_pub_result(msg))
 
             await nc.subscribe(prefix + "*", cb=on_ack, pending_msgs_limit=1_000_000)
             self._ack_prefix = prefix
@@ -635,7 +693,7 @@ class NatsBridge:
             return [[PubResult(error="not connected to NATS")] * len(c.publishes) for c in commits]
         prefix = await self._ensure_ack_inbox(nc)
         loop = asyncio.get_running_loop()
-        futures: list[list[asyncio.Future[PubResult]]] = []
+        futures: list[list[tuple[str, asyncio.Future[PubResult]]]] = []
         for commit in commits:
             mine = []
             for m in commit.publishes:
@@ -648,20 +706,22 @@ class NatsBridge:
                 except Exception as exc:
                     self._ack_waiters.pop(token, None)
                     future.set_result(PubResult(error=_describe(exc)))
-                mine.append(future)
+                mine.append((token, future))
             futures.append(mine)
-        waiting = [f for mine in futures for f in mine if not f.done()]
+        waiting = [f for mine in futures for _, f in mine if not f.done()]
         if waiting:
             await asyncio.wait(waiting, timeout=timeout)
         out = []
         for commit, mine in zip(commits, futures, strict=True):
             results = []
-            for future in mine:
+            for token, future in mine:
                 if future.done():
                     results.append(future.result())
                 else:
                     future.cancel()
                     results.append(PubResult(error="timed out waiting for JetStream"))
+                    if commit.late is not None:
+                        self._late_acks[token] = (loop.time() + LATE_WINDOW, commit.late)
             out.append(results)
             with contextlib.suppress(nats.errors.MsgAlreadyAckdError, nats.errors.Error):
                 if commit.ack is not None:
@@ -680,13 +740,16 @@ class NatsBridge:
                         await queued.in_progress()
         for token in [t for t, f in self._ack_waiters.items() if f.done()]:
             del self._ack_waiters[token]  # timed out and cancelled above
+        while self._late_acks and next(iter(self._late_acks.values()))[0] < loop.time():
+            del self._late_acks[next(iter(self._late_acks))]  # oldest first: PubAcks that never came
         return out
 
     # --- consuming -------------------------------------------------------------------------
 
     async def fetch(self, consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
-        """Up to `batch` messages; an empty list when none arrived within `timeout`."""
-        return await self.run(self._fetch, consumer, batch, timeout)
+        """Up to `batch` messages; an empty list when none arrived within `timeout`. Messages
+        fetched for a caller that was cancelled meanwhile are handed back (nak'ed)."""
+        return await self.run(self._fetch, consumer, batch, timeout, abandoned=_hand_back)
 
     async def _fetch(self, consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
         await consumer.top_up()
@@ -695,6 +758,8 @@ class NatsBridge:
             consumer.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(consumer.arrived.wait(), timeout)
+        # No await from here on: what is taken from the queue reaches the caller, or, if it was
+        # cancelled, `_hand_back` (see fetch).
         while consumer.queue and len(out) < batch:
             m = consumer.queue.popleft()
             meta = m.metadata
@@ -709,7 +774,7 @@ class NatsBridge:
                     raw=m,
                 )
             )
-        await consumer.top_up()
+        consumer.top_up_soon()
         return out
 
     async def pending_counts(self, consumers: list[PullConsumer]) -> dict[str, int]:
@@ -1097,3 +1162,10 @@ def _redact(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+async def _hand_back(msgs: list[InMsg]) -> None:
+    """Nak messages that were fetched for a caller that stopped waiting, for prompt redelivery."""
+    for m in msgs:
+        with contextlib.suppress(nats.errors.Error):
+            await m.raw.nak()

@@ -486,6 +486,7 @@ class EndpointWorker:
                     await send.send(msg)  # waits until a worker is free
                 except trio.Cancelled:
                     for unsent in msgs[i:]:
+                        self.held.pop(unsent.stream_seq, None)  # no keep-alive for it after the nak
                         self.broker.commit_later(Commit(nak=unsent))
                     raise
 

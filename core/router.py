@@ -125,17 +125,23 @@ class Router:
         self.consumer = consumer
         task_status.started()
         backoff = 0.5
-        while not stopping.is_set():
-            try:
-                msgs = await self.broker.fetch(consumer, FETCH_BATCH, FETCH_WAIT)
-                if msgs:
-                    with trio.CancelScope(shield=True):
-                        await self.route_batch(msgs)
-                backoff = 0.5
-            except Exception as exc:
-                log.warning("router: %s; retrying in %.1fs", exc, backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        try:
+            while not stopping.is_set():
+                try:
+                    msgs = await self.broker.fetch(consumer, FETCH_BATCH, FETCH_WAIT)
+                    if msgs:
+                        with trio.CancelScope(shield=True):
+                            await self.route_batch(msgs)
+                    backoff = 0.5
+                except Exception as exc:
+                    log.warning("router: %s; retrying in %.1fs", exc, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            # Events pulled but not routed yet go back at once, for the next router (here after a
+            # restart, or on another replica), instead of waiting for ack_wait.
+            with trio.CancelScope(shield=True):
+                await self.broker.release_consumer(consumer)
 
     async def backlog(self) -> int | None:
         """Stored events not yet routed (pending or in hand), or None before the consumer exists."""
