@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 from collections.abc import Container
 from typing import TYPE_CHECKING, Annotated
@@ -22,6 +23,7 @@ from hookgate.asgi import (
     scope_header,
     send_error,
     send_json,
+    send_unstored,
 )
 from hookgate.broker import Broker
 from hookgate.endpoint_state import EndpointStates
@@ -38,7 +40,8 @@ log = logging.getLogger("hookgate.api")
 
 
 # Ids and types travel in NATS headers and subjects, so they are limited to safe characters.
-EventId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:@-]{1,256}$")]
+EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,256}$"
+EventId = Annotated[str, msgspec.Meta(pattern=EVENT_ID_PATTERN)]
 EventType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,256}$")]
 
 
@@ -138,6 +141,25 @@ class Api:
         )
         if request is None:
             return
+        # An Idempotency-Key header is the event's id, as the body's `id` is: a client that
+        # retries a 503 with it makes no second event.
+        raw_key = scope_header(scope, b"idempotency-key")
+        if raw_key is not None:
+            key = raw_key.decode("latin-1")
+            if not re.fullmatch(EVENT_ID_PATTERN, key):
+                await send_error(
+                    send,
+                    422,
+                    "invalid_event",
+                    "the Idempotency-Key header must be 1 to 256 letters, digits or _ . : @ -",
+                )
+                return
+            if request.id is not None and request.id != key:
+                await send_error(
+                    send, 422, "invalid_event", "the Idempotency-Key header and `$.id` name different ids"
+                )
+                return
+            request.id = key
         if self.admission is None:
             await self._publish_admitted(send, request, span)
             return
@@ -166,10 +188,13 @@ class Api:
             to=request.to,
         )
         span.set("hookgate.event_id", event_id)
-        result = await store_event(self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span)
+        late = self.metrics.events_stored_late.labels(INTERNAL_SOURCE).inc if self.metrics else None
+        result = await store_event(
+            self.broker, event, f"{INTERNAL_SOURCE}:{event_id}", span, stored_late=late
+        )
         if not result.ok:
             log.error("could not store event %s: %s", event_id, result.error)
-            await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")
+            await send_unstored(send, event_id)
             return
         if self.metrics is not None and not result.duplicate:
             self.metrics.events_stored.labels(INTERNAL_SOURCE).inc()

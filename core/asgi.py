@@ -117,6 +117,21 @@ async def send_error(send: Send, status: int, code: str, message: str) -> None:
     await send_json(send, status, {"error": code, "message": message})
 
 
+async def send_unstored(send: Send, event_id: str) -> None:
+    """503 for an event the broker did not confirm in time. It may be stored later all the same,
+    so the answer names its id: sending it again under that id cannot make a second event."""
+    await send_json(
+        send,
+        503,
+        {
+            "error": "broker_unavailable",
+            "message": "the event could not be stored in time; it may still be stored: retry with "
+            "the same id, which is never stored twice",
+            "id": event_id,
+        },
+    )
+
+
 async def read_body_or_answer(scope: Scope, receive: Receive, send: Send, limit: int) -> bytes | None:
     """The body, or None once a 413 was sent (too large) or the client went away."""
     try:

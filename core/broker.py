@@ -286,6 +286,10 @@ class Broker:
                     pending.results = result
                     if pending.done is not None:
                         pending.done.set()
+                    late = pending.commit.late
+                    if pending.commit.abandoned and late is not None:
+                        for stored in result:
+                            late(stored)
                     elif not all(r.ok for r in result):
                         errors = {r.error for r in result if r.error}
                         failed = plural(sum(1 for r in result if not r.ok), "message")

@@ -25,6 +25,7 @@ from hookgate.asgi import (
     read_body_or_answer,
     send_bytes,
     send_error,
+    send_unstored,
 )
 from hookgate.broker import Broker
 from hookgate.config import SourceConfig
@@ -292,7 +293,8 @@ class Ingress:
         if client_gone(scope):
             await self.admission.refuse(send, "client_gone")
             return
-        result = await store_event(self.broker, event, f"{source_name}:{event_id}", span)
+        late = self.metrics.events_stored_late.labels(source_name).inc
+        result = await store_event(self.broker, event, f"{source_name}:{event_id}", span, stored_late=late)
         if not result.ok:
             log.error(
                 "could not store webhook for source %s: %s",
@@ -300,7 +302,7 @@ class Ingress:
                 result.error,
                 extra={"source": source_name, "event_id": event_id},
             )
-            await send_error(send, 503, "broker_unavailable", "the event could not be stored; retry later")
+            await send_unstored(send, event_id)
             return
         (self.metrics.events_duplicate if result.duplicate else self.metrics.events_stored).labels(
             source_name

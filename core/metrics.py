@@ -33,6 +33,13 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        self.events_stored_late = Counter(
+            "hookgate_events_stored_late",
+            "Events stored after their request was answered 503 (publish timeout), by source: a "
+            "client that retries with the same id makes no second event",
+            ["source"],
+            registry=self.registry,
+        )
         self.events_duplicate = Counter(
             "hookgate_events_duplicate",
             "Events answered 2xx but not stored again because their id was seen, by source",
