@@ -277,6 +277,10 @@ class PullConsumer:
         self.requests.append([want, now + self.PULL_EXPIRES + 2.0])
         await self.nc.publish(self.api_subject, request, reply=self.inbox)
 
+    @property
+    def subscribed(self) -> bool:
+        return self._sub is not None
+
     def top_up_soon(self) -> None:
         """top_up() in a task of its own: pull for what was just taken, without making the caller
         wait (and without a point where cancelling the caller loses what it took)."""
@@ -627,6 +631,8 @@ class NatsBridge:
         async def go() -> None:
             if consumer in self._consumers:
                 self._consumers.remove(consumer)
+            # Only those still subscribed can bounce: an endpoint changed many times leaves no trail.
+            self._released = [c for c in self._released if c.subscribed]
             self._released.append(consumer)
             await consumer.stop()
 
