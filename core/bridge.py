@@ -203,6 +203,7 @@ class PullConsumer:
     """
 
     PULL_EXPIRES = 30.0
+    DRAIN_TIMEOUT = 2.0  # the unsubscribe's round trip at stop; a lost connection has no requests
 
     def __init__(self, nc: Client, spec: ConsumerSpec, buffer: int):
         self.nc = nc
@@ -215,10 +216,8 @@ class PullConsumer:
         self.requests: collections.deque[list[float]] = collections.deque()
         self.arrived = asyncio.Event()
         self.stopped = False
-        self.bounced = 0  # messages that arrived after stop() and were handed back
         self._topping_up: asyncio.Future[None] | None = None
         self._sub: Subscription | None = None
-        self._unsubscribing: asyncio.Future[None] | None = None
 
     @property
     def owed(self) -> int:
@@ -231,13 +230,9 @@ class PullConsumer:
         status = (msg.headers or {}).get("Status") if not msg.data else None
         if status is None:
             self._settle_owed(1)
-            if self.stopped:
-                self.bounced += 1
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.nak()  # for whoever pulls next (see stop)
-            else:
-                self.queue.append(msg)
-                self.arrived.set()
+            # Once stopped, what still arrives is kept for stop() to hand back after the unsubscribe.
+            self.queue.append(msg)
+            self.arrived.set()
         elif status in ("404", "408", "409"):
             # No messages / request expired / request ended: it owes what it did not deliver.
             pending = (msg.headers or {}).get("Nats-Pending-Messages")
@@ -248,8 +243,6 @@ class PullConsumer:
                     self.requests[0][0] = 0
                 self._drop_settled()
         # 100 (idle heartbeat) needs nothing.
-        if self.stopped and not self.requests:
-            await self._unsubscribe()
 
     def _settle_owed(self, count: int) -> None:
         while count and self.requests:
@@ -277,10 +270,6 @@ class PullConsumer:
         self.requests.append([want, now + self.PULL_EXPIRES + 2.0])
         await self.nc.publish(self.api_subject, request, reply=self.inbox)
 
-    @property
-    def subscribed(self) -> bool:
-        return self._sub is not None
-
     def top_up_soon(self) -> None:
         """top_up() in a task of its own: pull for what was just taken, without making the caller
         wait (and without a point where cancelling the caller loses what it took)."""
@@ -294,32 +283,24 @@ class PullConsumer:
         """Stop taking messages, and hand back what was pulled but never taken, for prompt
         redelivery.
 
-        The server keeps this consumer's pull requests open until they are used up or expire. A
-        message it hands one of them meanwhile (such as one nak'ed a moment ago) would wait for
-        ack_wait in an inbox nobody reads, so the subscription stays until no request is owed, or
-        the last one has expired: whatever still arrives is nak'ed at once, and each such message
-        uses up part of a request.
+        The server keeps this consumer's pull requests open until they are used up or expire, and
+        hands them messages only while their inbox has interest. So the inbox is drained first:
+        the unsubscribe reaches the server, a round trip brings whatever it sent before that, and
+        only then is everything held nak'ed. A message nak'ed earlier would come straight back to
+        a request of ours, and one arriving after a plain unsubscribe would be dropped here and
+        wait for ack_wait.
         """
+        if self.stopped:
+            return
         self.stopped = True
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await asyncio.wait_for(sub.drain(), self.DRAIN_TIMEOUT)
+        self.requests.clear()
         while self.queue:
             with contextlib.suppress(nats.errors.Error):
                 await self.queue.popleft().nak()
-        if not self.requests:
-            await self._unsubscribe()
-            return
-        loop = asyncio.get_running_loop()
-        expires_in = max(r[1] for r in self.requests) - loop.time()
-        loop.call_later(max(0.0, expires_in), self._unsubscribe_soon)
-
-    def _unsubscribe_soon(self) -> None:
-        self._unsubscribing = asyncio.ensure_future(self._unsubscribe())  # kept: a task needs a reference
-
-    async def _unsubscribe(self) -> None:
-        self.requests.clear()
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
 
 
 class NatsBridge:
@@ -336,7 +317,6 @@ class NatsBridge:
         self._late_acks: dict[str, tuple[float, Callable[[PubResult], None]]] = {}
         self._ack_counter = 0
         self._consumers: list[PullConsumer] = []
-        self._released: list[PullConsumer] = []  # stopped, and perhaps still bouncing (see _close)
         self._closing = False
         self._violations: collections.deque[str] = collections.deque(maxlen=5)
 
@@ -509,26 +489,12 @@ class NatsBridge:
     async def _close(self) -> None:
         self._closing = True
         if self._nc is not None and not self._nc.is_closed:
-            # Acks were flushed as they were sent; draining pull subscriptions would only wait.
+            # What a consumer still holds goes back for prompt redelivery (see PullConsumer.stop).
+            await asyncio.gather(*(c.stop() for c in self._consumers))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.flush(), 2)
-            await self._settle_released()
             with contextlib.suppress(Exception):
                 await self._nc.close()
-
-    async def _settle_released(self, rounds: int = 20) -> None:
-        """Before closing: a message that the server hands to a released consumer's open pull
-        request (a delivery nak'ed on the way out, bouncing back) is nak'ed again by it; one still
-        on its way when the connection closes would wait for ack_wait. So keep a round trip
-        going until a round brings no such message (a few at most)."""
-        assert self._nc is not None
-        for _ in range(rounds):
-            bounced = sum(c.bounced for c in self._released)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nc.flush(), 1)
-            await asyncio.sleep(0.005)  # let the subscriptions' callbacks run what arrived
-            if sum(c.bounced for c in self._released) == bounced:
-                return
 
     @property
     def js(self) -> JetStreamContext:
@@ -631,9 +597,6 @@ class NatsBridge:
         async def go() -> None:
             if consumer in self._consumers:
                 self._consumers.remove(consumer)
-            # Only those still subscribed can bounce: an endpoint changed many times leaves no trail.
-            self._released = [c for c in self._released if c.subscribed]
-            self._released.append(consumer)
             await consumer.stop()
 
         await self.run(go)
