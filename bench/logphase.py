@@ -56,10 +56,10 @@ from procs import (
     start_receiver,
 )
 
-from hookgate.deliverylog import DeadLetter, DeliveryCreated, event_key
-from hookgate.ids import delivery_id
-from hookgate.logquery import encode_cursor
-from hookgate.router import RoutingRecord
+from hookgate.broker.ids import delivery_id
+from hookgate.broker.records import DeadLetter, DeliveryCreated, event_key
+from hookgate.log.query import encode_cursor
+from hookgate.routing.router import RoutingRecord
 from hookgate.types import Attempt, Delivery, Event
 
 ROUTE = "bench-to-sink"

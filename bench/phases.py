@@ -35,7 +35,7 @@ from procs import (
 )
 
 from hookgate.broker import Topology
-from hookgate.intake import encode_event
+from hookgate.broker.events import encode_event
 from hookgate.types import INTERNAL_SOURCE, Event
 
 SOURCE = "bench"

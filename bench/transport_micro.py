@@ -28,7 +28,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 
-from hookgate.transport import PooledTransport, parse_url
+from hookgate.transport.client import PooledTransport, parse_url
 
 TIMEOUT = 10.0
 

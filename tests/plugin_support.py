@@ -17,7 +17,7 @@ import standardwebhooks.webhooks
 import svix.webhooks
 
 from hookgate.config import ConfigError, LoadedConfig, loads
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import ComponentKind, IngressRequest, OutgoingRequest, Rejection
 from tests.support import base_config
 

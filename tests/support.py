@@ -28,9 +28,9 @@ import trio
 
 from hookgate import config as config_mod
 from hookgate import gateway
-from hookgate.embedded import find_server_binary
-from hookgate.hooks import Hooks
-from hookgate.intake import decode_event
+from hookgate.broker.embedded import find_server_binary
+from hookgate.broker.events import decode_event
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import Event
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -181,6 +181,7 @@ async def test_an_endpoints_revision_counts_its_own_changes(tmp_path: Path, nats
         broker = gw.running.broker
         bucket = broker.topology.endpoint_configs_bucket
         kv_revision = await broker.kv_create(bucket, "old", json.dumps({"name": "old", "url": url}).encode())
+        assert kv_revision is not None
         with trio.fail_after(10):
             while (old := await _call(gw, "GET", "/old")).status_code == 404:
                 await trio.sleep(0.05)

@@ -428,7 +428,7 @@ async def test_a_refused_connection_is_reported_once(tmp_path: Path, nats_server
 
 
 def test_api_times_accept_durations_and_rfc3339() -> None:
-    from hookgate.units import parse_time
+    from hookgate.plugin_kit.units import parse_time
 
     assert parse_time("2026-11-27T04:00:00Z") == 1795752000.0
     assert parse_time("1795752000") == 1795752000.0

@@ -21,7 +21,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hookgate.units import EARLIEST_TIME, LATEST_TIME, parse_time
+from hookgate.plugin_kit.units import EARLIEST_TIME, LATEST_TIME, parse_time
 from tests.support import Gateway, NatsServer, base_config, run_gateway
 
 AUTH = {"Authorization": "Bearer test-token"}

@@ -11,8 +11,8 @@ import trio
 
 from hookgate import config as config_mod
 from hookgate.broker import Broker, OutMsg
-from hookgate.hooks import Hooks
-from hookgate.units import rfc3339
+from hookgate.plugin_host.hooks import Hooks
+from hookgate.plugin_kit.units import rfc3339
 from tests.support import NatsServer, base_config, receiver, run_gateway, stream_messages
 
 SECRET = "dedup-secret"

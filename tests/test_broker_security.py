@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from hookgate import config as config_mod
-from hookgate.hooks import Hooks
-from hookgate.sealing import key_id, parse_key
+from hookgate.config.sealing import key_id, parse_key
+from hookgate.plugin_host.hooks import Hooks
 from tests.support import SECRETS_KEY, NatsServer, base_config, receiver, run_gateway
 
 AUTH = {"Authorization": "Bearer test-token"}

@@ -12,10 +12,10 @@ import pytest
 import trio
 
 from hookgate import config as config_mod
+from hookgate.api.catalog import Catalog, EndpointDocument, pack
 from hookgate.broker import Broker
-from hookgate.catalog import Catalog, EndpointDocument, pack
-from hookgate.hooks import Hooks
-from hookgate.ssrf import EgressGuard
+from hookgate.plugin_host.hooks import Hooks
+from hookgate.transport.ssrf import EgressGuard
 from hookgate.types import Event
 from tests.support import NatsServer, base_config
 
@@ -43,7 +43,7 @@ def _event(type_: str, body: bytes = b"{}") -> Event:
 async def test_catalog_starts_from_the_stored_documents_and_follows_every_change(
     nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "hookgate.catalog")
+    caplog.set_level(logging.INFO, "hookgate.api.catalog")
     async with _catalog(nats_server.url) as (catalog, broker):
         bucket = broker.topology.endpoint_configs_bucket
         await broker.kv_create(

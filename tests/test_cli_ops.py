@@ -2,7 +2,7 @@
 gateway on a real nats-server, with loopback receivers.
 
 The CLI is synchronous and the gateway runs in the test's trio loop, so in-process calls run
-`hookgate.cli.main` in a worker thread; the connection and error cases run it as a subprocess,
+`hookgate.cli.entry.main` in a worker thread; the connection and error cases run it as a subprocess,
 as users do.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import trio
 
-from hookgate import client, commands, tables
-from hookgate.cli import main
+from hookgate.cli import client, commands, tables
+from hookgate.cli.entry import main
+from hookgate.cli.progress import JobProgress
 from hookgate.config import ServerConfig, TLSFiles
-from hookgate.progress import JobProgress
 from tests.support import (
     Gateway,
     NatsServer,

@@ -23,12 +23,12 @@ from hookgate.config import (
     load_server,
     loads,
 )
-from hookgate.hooks import Hooks
 from hookgate.hookspecs import hookimpl
-from hookgate.plugins import hmac as hmac_plugin
-from hookgate.plugins import standard_webhooks
+from hookgate.plugin_host.hooks import Hooks
+from hookgate.plugin_kit.units import Duration
 from hookgate.types import ComponentKind, ComponentRegistry
-from hookgate.units import Duration
+from hookgate_builtins import hmac as hmac_plugin
+from hookgate_builtins import standard_webhooks
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

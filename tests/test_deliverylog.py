@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hookgate.deliverylog import DeliveryMarker, derive_status, event_key
+from hookgate.broker.records import DeliveryMarker, derive_status, event_key
 from hookgate.types import Attempt
 
 

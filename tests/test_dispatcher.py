@@ -9,8 +9,8 @@ import msgspec
 import pytest
 import trio
 
-from hookgate.deliverylog import DeadLetter
-from hookgate.dispatcher import request_body, rfc3339
+from hookgate.broker.records import DeadLetter
+from hookgate.egress.dispatcher import request_body, rfc3339
 from hookgate.types import Event
 from tests.support import (
     NatsServer,
@@ -208,7 +208,7 @@ async def _attempt_records(nats_url: str, count: int) -> list[dict]:
 
 def test_exponential_policy_and_retry_after_bounds() -> None:
     from hookgate.config import EndpointConfig, ExponentialRetry, RetryConfig
-    from hookgate.dispatcher import Endpoint, Result, parse_retry_after
+    from hookgate.egress.dispatcher import Endpoint, Result, parse_retry_after
 
     retry = RetryConfig(exponential=ExponentialRetry(base="1s", factor=3, max="20s", attempts=5), jitter=0)
     endpoint = Endpoint.build("x", EndpointConfig(url="http://x.test/", retry=retry))
@@ -229,7 +229,7 @@ def test_exponential_policy_and_retry_after_bounds() -> None:
 async def test_retry_after_is_honoured_and_final_statuses_are_not_retried(
     tmp_path: Path, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="hookgate.dispatcher")
+    caplog.set_level(logging.INFO, logger="hookgate.egress.dispatcher")
 
     def slow_down(request: Received, n: int) -> int | tuple[int, dict[str, str]]:
         return (429, {"Retry-After": "1"}) if n == 0 else 200

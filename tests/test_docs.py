@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from hookgate import cli, docgen
+from hookgate.cli import docgen
+from hookgate.cli import entry as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

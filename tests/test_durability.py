@@ -211,7 +211,7 @@ async def test_a_leftover_server_from_an_earlier_crash_is_stopped_before_start(t
             assert await gw.wait() == 0
             # Simulate a server that outlived its gateway (e.g. PDEATHSIG unavailable): start one
             # on the same data directory and config, as the gateway would have.
-            from hookgate.embedded import find_server_binary
+            from hookgate.broker.embedded import find_server_binary
 
             data = tmp_path / "data"
             stale = subprocess.Popen(
@@ -251,7 +251,7 @@ def test_missing_nats_server_binary_fails_with_a_clear_message(tmp_path: Path) -
 CANCEL_FROM_OUTSIDE = """
 import sys, trio
 from hookgate import config, gateway
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 
 async def main():
     hooks = Hooks()

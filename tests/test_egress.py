@@ -137,7 +137,7 @@ async def test_deliveries_go_through_the_configured_forward_proxy(
 
 def test_a_bad_proxy_url_is_a_config_error(tmp_path: Path) -> None:
     from hookgate.config import ConfigError, loads
-    from hookgate.hooks import Hooks
+    from hookgate.plugin_host.hooks import Hooks
 
     try:
         loads("egress:\n  proxy: socks5://user:pw@proxy:1080\n", Hooks().registry, file="h.yaml", env={})

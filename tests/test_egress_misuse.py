@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from hookgate.config import ConfigError, loads, subject_matches
-from hookgate.hooks import Hooks
 from hookgate.hookspecs import hookimpl
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import Delivery, EndpointView, OutgoingRequest
 from tests.support import (
     Gateway,

@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from hookgate.config import ConfigError, loads
-from hookgate.hooks import Hooks
 from hookgate.hookspecs import hookimpl
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import Attempt, ComponentKind
 from tests.support import ROOT, NatsServer, base_config, hookgate_command, receiver, run_gateway, write_config
 

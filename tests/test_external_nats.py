@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from hookgate.broker import MIN_SERVER_VERSION, BrokerRefused
-from hookgate.embedded import find_server_binary
+from hookgate.broker.embedded import find_server_binary
 from tests.credentials import decentralized, make_pki, user_nkey
 from tests.support import (
     ROOT,
@@ -363,7 +363,9 @@ async def test_the_example_three_node_cluster_delivers_with_three_replicas(tmp_p
 def _stream_replicas(gw: Gateway):  # type: ignore[no-untyped-def]
     async def go() -> dict[str, int]:
         jsm = gw.running.broker.bridge.js._jsm
-        return {info.config.name: info.config.num_replicas for info in await jsm.streams_info()}
+        return {
+            str(info.config.name): int(info.config.num_replicas or 1) for info in await jsm.streams_info()
+        }
 
     return go
 

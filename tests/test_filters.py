@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hookgate.filters import Filter, FilterError, ParsedBody, compile_filter
+from hookgate.config.filters import Filter, FilterError, ParsedBody, compile_filter
 from hookgate.types import Event
 
 ORDER = {

@@ -19,10 +19,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from hookgate import config
+from hookgate.broker.events import encode_event
 from hookgate.config import ConfigError
-from hookgate.hooks import Hooks
 from hookgate.hookspecs import hookimpl
-from hookgate.intake import encode_event
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import ComponentRegistry, Event, IngressRequest, Rejection
 from tests.plugin_support import sources_config
 from tests.support import (

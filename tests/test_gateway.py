@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from hookgate.embedded import find_server_binary
+from hookgate.broker.embedded import find_server_binary
 from tests.support import (
     NatsServer,
     Received,

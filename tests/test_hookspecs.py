@@ -26,10 +26,10 @@ import trio
 
 import hookgate
 from hookgate import hookspecs
+from hookgate.broker.events import decode_event
 from hookgate.config import ConfigError, loads
-from hookgate.hooks import Hooks
 from hookgate.hookspecs import hookimpl
-from hookgate.intake import decode_event
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import (
     Attempt,
     ComponentKind,
@@ -386,7 +386,7 @@ async def test_route_adds_endpoints_beyond_the_matched_routes(
     tmp_path: Path, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     plugin = AuditRouter()
-    caplog.set_level(logging.WARNING, logger="hookgate.router")
+    caplog.set_level(logging.WARNING, logger="hookgate.routing.router")
     async with receiver() as main, receiver() as audit:
         text = base_config(
             nats_server.url,

@@ -191,7 +191,7 @@ async def test_bad_input_gets_4xx_never_500_and_is_not_stored(
 
 
 def _selected(spec: str, body: bytes, content_type: str = "application/json") -> str | None:
-    from hookgate.ingress import MalformedBody, _Body, select
+    from hookgate.ingress.handler import MalformedBody, _Body, select
     from hookgate.types import IngressRequest
 
     request = IngressRequest(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from hookgate.logs import JsonFormatter, Summary
+from hookgate.observe.logs import JsonFormatter, Summary
 from tests.support import NatsServer, base_config, receiver, run_gateway
 
 

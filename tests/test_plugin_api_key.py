@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from hookgate.config import ConfigError
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import IngressRequest
 from tests.plugin_support import (
     assert_forbidden,

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from hookgate.config import ConfigError
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import ComponentKind, IngressRequest
 from tests.plugin_support import (
     assert_forbidden,

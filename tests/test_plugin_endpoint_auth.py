@@ -37,9 +37,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hookgate import hookspecs
 from hookgate.config import ConfigError, json_schema
-from hookgate.hooks import Hooks
-from hookgate.plugins import endpoint_auth
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import ComponentKind, OutgoingRequest
+from hookgate_builtins import endpoint_auth
 from tests.plugin_support import (
     AUTH_ENDPOINT,
     assert_problem,

@@ -16,7 +16,7 @@ import pytest
 from slack_sdk.signature import Clock, SignatureVerifier
 
 from hookgate.config import ConfigError
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import ComponentKind, IngressRequest, Rejection
 from tests.plugin_support import (
     assert_problem,

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from hookgate.config import ConfigError, json_schema
-from hookgate.hooks import Hooks
-from hookgate.plugins import hmac_signer
-from hookgate.plugins.hmac import HmacConfig, HmacVerifier
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import OutgoingRequest
+from hookgate_builtins import hmac_signer
+from hookgate_builtins.hmac import HmacConfig, HmacVerifier
 from tests.plugin_support import (
     ENDPOINT,
     Clock,

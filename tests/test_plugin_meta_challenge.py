@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from hookgate.config import ConfigError
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import HandshakeResponse, IngressRequest
 from tests.plugin_support import (
     assert_http_error,

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from hookgate.hooks import Hooks
-from hookgate.ids import event_id_for
+from hookgate.broker.ids import event_id_for
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import IngressRequest, Rejection
 from tests.plugin_support import (
     assert_http_error,

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from slack_sdk.signature import Clock, SignatureVerifier
 
-from hookgate.hooks import Hooks
-from hookgate.ids import event_id_for
-from hookgate.plugins.slack import SlackVerifier
+from hookgate.broker.ids import event_id_for
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import HandshakeResponse, IngressRequest, Rejection
+from hookgate_builtins.slack import SlackVerifier
 from tests.plugin_support import (
     assert_http_error,
     assert_problem,

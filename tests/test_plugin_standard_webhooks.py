@@ -20,7 +20,7 @@ import standardwebhooks.webhooks
 import svix.webhooks
 
 from hookgate.config import ConfigError
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import ComponentKind, OutgoingRequest
 from tests.plugin_support import (
     ENDPOINT,

@@ -20,10 +20,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from hookgate.config import ConfigError, json_schema
-from hookgate.hooks import Hooks
-from hookgate.plugins import standard_webhooks
-from hookgate.plugins.standard_webhooks import StandardWebhooksVerifier, StandardWebhooksVerifyConfig
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import OutgoingRequest
+from hookgate_builtins import standard_webhooks
+from hookgate_builtins.standard_webhooks import StandardWebhooksVerifier, StandardWebhooksVerifyConfig
 from tests.plugin_support import (
     ENDPOINT,
     Clock,

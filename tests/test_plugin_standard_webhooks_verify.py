@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hookgate.config import json_schema
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import IngressRequest, Rejection
 from tests.plugin_support import (
     ENDPOINT,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import stripe
 
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import IngressRequest, Rejection
 from tests.plugin_support import (
     assert_http_error,

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import IngressRequest, Rejection
 from tests.plugin_support import (
     assert_http_error,

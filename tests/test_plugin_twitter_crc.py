@@ -18,7 +18,7 @@ import trio
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import HandshakeResponse, IngressRequest
 from tests.plugin_support import (
     assert_problem,

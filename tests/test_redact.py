@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hookgate.redact import (
+from hookgate.observe.redact import (
     PLACEHOLDER,
     is_secret_header,
     placeholders,

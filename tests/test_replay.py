@@ -12,8 +12,8 @@ import msgspec
 import trio
 
 from hookgate.broker import OutMsg
-from hookgate.replay import Job
-from hookgate.units import parse_time, rfc3339
+from hookgate.log.replay import Job
+from hookgate.plugin_kit.units import parse_time, rfc3339
 from tests.support import Gateway, NatsServer, base_config, receiver, run_gateway
 
 AUTH = {"Authorization": "Bearer test-token"}

@@ -10,7 +10,7 @@ import msgspec
 import trio
 
 from hookgate.config import RouteConfig
-from hookgate.router import CompiledRoute, RoutingRecord
+from hookgate.routing.router import CompiledRoute, RoutingRecord
 from hookgate.types import Event
 from tests.support import (
     NatsServer,

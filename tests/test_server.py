@@ -15,9 +15,9 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
-from hookgate import server as server_mod
-from hookgate.metrics import Metrics
-from hookgate.server import Connection, HttpServer, Limits
+from hookgate.ingress import server as server_mod
+from hookgate.ingress.server import Connection, HttpServer, Limits
+from hookgate.observe.metrics import Metrics
 
 
 def test_the_hypercorn_internals_used_are_still_there() -> None:

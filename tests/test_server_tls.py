@@ -13,8 +13,8 @@ import httpx
 import pytest
 import trio
 
-from hookgate import client
-from hookgate.cli import main
+from hookgate.cli import client
+from hookgate.cli.entry import main
 from hookgate.gateway import StartupError
 from tests.credentials import Pki, make_pki
 from tests.support import NatsServer, base_config, receiver, run_gateway, startup_error, write_config

@@ -26,7 +26,7 @@ import yaml
 
 from hookgate import config as config_mod
 from hookgate import gateway
-from hookgate.hooks import Hooks
+from hookgate.plugin_host.hooks import Hooks
 from tests.plugin_support import standard_webhooks_sdks_accept
 from tests.support import ROOT, receiver
 from tests.test_cli import clean_env, hookgate

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import trio
 
-from hookgate.ssrf import EgressGuard, SsrfRefused
-from hookgate.transport import PooledTransport
+from hookgate.transport.client import PooledTransport
+from hookgate.transport.ssrf import EgressGuard, SsrfRefused
 
 LOOPBACK = ["127.0.0.0/8", "::1/128"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hookgate.templates import parse_template
+from hookgate.plugin_kit.templates import parse_template
 
 
 def test_parts_are_literals_placeholders_and_headers() -> None:

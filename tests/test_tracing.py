@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -20,9 +21,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from hookgate import tracing
 from hookgate.config import ConfigError, TracingConfig, loads
-from hookgate.hooks import Hooks
+from hookgate.observe import tracing
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.types import OutgoingRequest
 from tests.support import NatsServer, base_config, receiver, run_gateway
 from tests.test_ingress import signed
@@ -256,7 +257,7 @@ async def test_tracing_off_is_a_no_op() -> None:
     scope = {"method": "POST", "headers": [(b"traceparent", TRACEPARENT.encode())]}
     sent: list[object] = []
 
-    async def send(message: dict[str, object]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     with off.ingress(scope, "acme") as span:
@@ -289,7 +290,7 @@ def test_tracing_off_imports_nothing_from_opentelemetry(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from hookgate import config, gateway, tracing\n"
-        "from hookgate.hooks import Hooks\n"
+        "from hookgate.plugin_host.hooks import Hooks\n"
         f"loaded = config.load({str(tmp_path / 'hookgate.yaml')!r}, Hooks().registry)\n"
         "assert tracing.setup(loaded.config.tracing) is tracing.OFF\n"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"

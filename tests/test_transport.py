@@ -15,8 +15,8 @@ import httpx
 import pytest
 import trio
 
-from hookgate.http_fields import TOKEN
-from hookgate.transport import PooledTransport, RawResponse, parse_url
+from hookgate.transport.client import PooledTransport, RawResponse, parse_url
+from hookgate.transport.fields import TOKEN
 
 LIMIT = 5  # seconds; every test runs under trio.fail_after(LIMIT)
 

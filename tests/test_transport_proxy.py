@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hookgate.ssrf import EgressGuard, SsrfRefused
-from hookgate.transport import PooledTransport, Proxy, ProxyConnectError, parse_proxy, parse_url
+from hookgate.transport.client import PooledTransport, Proxy, ProxyConnectError, parse_proxy, parse_url
+from hookgate.transport.ssrf import EgressGuard, SsrfRefused
 from tests.test_transport import LIMIT, Handler, RawConn, Received, Reply, Server, has_no_request, ok, serve
 
 NAME = "target.test"  # the targets' name; the test resolver maps it to 127.0.0.1
@@ -358,8 +358,8 @@ async def test_https_target_goes_through_a_connect_tunnel(certs: Certs) -> None:
                     assert response.content == b"POST /hook secret body"
                 # The other entry point shares the pool, hence the tunnel.
                 async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
-                    response = await client.get(f"https://{NAME}:{tls.port}/get")
-                    assert response.content == b"GET /get "
+                    got = await client.get(f"https://{NAME}:{tls.port}/get")
+                    assert got.content == b"GET /get "
     # One CONNECT, to the vetted address, with a matching Host header.
     authority = b"127.0.0.1:%d" % tls.port
     assert proxy.seen[0].head == b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (authority, authority)

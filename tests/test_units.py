@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from hookgate.units import Duration, Size, format_duration, plural, seconds, size_bytes
+from hookgate.plugin_kit.units import Duration, Size, format_duration, plural, seconds, size_bytes
 
 
 @pytest.mark.parametrize(

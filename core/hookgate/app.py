@@ -1,0 +1,63 @@
+"""The ASGI application: one port for ingress, the API, and health checks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from hookgate.api.app import Api
+from hookgate.broker import Broker
+from hookgate.ingress.asgi import Receive, Scope, Send, send_bytes, send_error, send_json
+from hookgate.ingress.handler import Ingress
+from hookgate.observe.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger("hookgate.http")
+
+WEBHOOKS = "/webhooks/"
+
+
+class App:
+    def __init__(self, ingress: Ingress, api: Api, broker: Broker, metrics: Metrics):
+        self.ingress = ingress
+        self.api = api
+        self.broker = broker
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        try:
+            if path.startswith(WEBHOOKS):
+                await self.ingress.handle(scope, receive, send, path[len(WEBHOOKS) :].rstrip("/"))
+            elif path.startswith("/api/"):
+                await self.api.handle(scope, receive, send, path.rstrip("/"))
+            elif path == "/healthz":
+                await send_json(send, 200, {"status": "ok"})
+            elif path == "/metrics":
+                await send_bytes(send, 200, self.metrics.render(), CONTENT_TYPE)
+            elif path == "/readyz":
+                ready = await self.broker.ready()
+                await send_json(
+                    send, 200 if ready else 503, {"status": "ready" if ready else "broker unavailable"}
+                )
+            else:
+                await send_error(send, 404, "not_found", f"nothing at {path}")
+        except Exception:
+            # Never a traceback to the caller: log it here, answer a plain 500.
+            log.exception("unhandled error serving %s %s", scope.get("method"), path)
+            with contextlib.suppress(Exception):  # the response may have started already
+                await send_error(send, 500, "internal_error", "internal error; see the gateway log")
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

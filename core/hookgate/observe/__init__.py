@@ -1,0 +1,1 @@
+"""Metrics, tracing, log setup and the redaction applied to everything shown."""

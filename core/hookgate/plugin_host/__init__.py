@@ -1,0 +1,1 @@
+"""Loading plugins and calling hooks through pluggy; the core's own components."""

@@ -1,0 +1,2 @@
+"""Helpers for plugin authors (and the core): durations and sizes, signed-content templates,
+secret and key decoding, constant-time comparison."""

@@ -1,0 +1,1 @@
+"""The router: events in, one delivery per matching endpoint out."""
