@@ -229,7 +229,7 @@ def test_exponential_policy_and_retry_after_bounds() -> None:
 async def test_retry_after_is_honoured_and_final_statuses_are_not_retried(
     tmp_path: Path, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="hookgate.egress.dispatcher")
+    caplog.set_level(logging.INFO, logger="hookgate.dispatcher")
 
     def slow_down(request: Received, n: int) -> int | tuple[int, dict[str, str]]:
         return (429, {"Retry-After": "1"}) if n == 0 else 200

@@ -463,7 +463,7 @@ def test_a_failing_observer_does_not_break_the_breaker(caplog: pytest.LogCapture
         raise RuntimeError("metrics down")
 
     b = CircuitBreaker(CircuitBreakerConfig(min_requests=1), clock=FakeClock(), on_change=boom)
-    with caplog.at_level(logging.ERROR, logger="hookgate.egress.flow"):
+    with caplog.at_level(logging.ERROR, logger="hookgate.flow"):
         b.record(False)
     assert b.state is OPEN
     assert "on_change callback failed" in caplog.text

@@ -386,7 +386,7 @@ async def test_route_adds_endpoints_beyond_the_matched_routes(
     tmp_path: Path, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     plugin = AuditRouter()
-    caplog.set_level(logging.WARNING, logger="hookgate.routing.router")
+    caplog.set_level(logging.WARNING, logger="hookgate.router")
     async with receiver() as main, receiver() as audit:
         text = base_config(
             nats_server.url,

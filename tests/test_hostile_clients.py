@@ -389,7 +389,7 @@ async def test_a_flood_of_bad_webhooks_is_a_few_log_lines_whose_counts_add_up(
             response = await gw.http.post(f"{gw.url}/webhooks/acme", content=b"{}", headers=bad)
             assert response.status_code == 401
         metrics = (await gw.http.get(f"{gw.url}/metrics")).text
-    lines = [r.getMessage() for r in caplog.records if r.name == "hookgate.ingress.handler"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "hookgate.ingress"]
     rejected = [line for line in lines if "rejected" in line]
     # Two reasons: for each, the first at once (with its detail) and one summary at shutdown.
     assert len(rejected) <= 4, rejected
