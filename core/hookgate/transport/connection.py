@@ -57,6 +57,7 @@ class StaleConnection(Exception):
 def deadline(
     seconds: float | None, exc: type[httpx.TimeoutException], request: httpx.Request | None
 ) -> Iterator[None]:
+    """Raise `exc` (for `request`) when the block runs longer than `seconds`; None: no limit."""
     try:
         with trio.fail_after(math.inf if seconds is None else seconds):
             yield
@@ -65,6 +66,8 @@ def deadline(
 
 
 class Connection:
+    """One open connection to a target (or to the proxy for it), pooled while idle."""
+
     __slots__ = ("http", "idle_since", "sock", "stream")
 
     def __init__(self, sock: trio.SocketStream, stream: trio.abc.Stream, http: HTTP11Connection) -> None:
