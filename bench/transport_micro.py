@@ -28,7 +28,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 
-from hookgate.transport.client import PooledTransport, parse_url
+from hookgate.transport.pool import PooledTransport
+from hookgate.transport.url import parse_url
 
 TIMEOUT = 10.0
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import trio
 
-from hookgate.transport.client import PooledTransport
+from hookgate.transport.pool import PooledTransport
 from hookgate.transport.ssrf import EgressGuard, SsrfRefused
 
 LOOPBACK = ["127.0.0.0/8", "::1/128"]

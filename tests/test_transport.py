@@ -15,8 +15,9 @@ import httpx
 import pytest
 import trio
 
-from hookgate.transport.client import PooledTransport, RawResponse, parse_url
 from hookgate.transport.fields import TOKEN
+from hookgate.transport.pool import PooledTransport, RawResponse
+from hookgate.transport.url import parse_url
 
 LIMIT = 5  # seconds; every test runs under trio.fail_after(LIMIT)
 

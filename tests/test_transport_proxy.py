@@ -30,8 +30,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hookgate.transport.client import PooledTransport, Proxy, ProxyConnectError, parse_proxy, parse_url
+from hookgate.transport.pool import PooledTransport
+from hookgate.transport.proxy import Proxy, ProxyConnectError, parse_proxy
 from hookgate.transport.ssrf import EgressGuard, SsrfRefused
+from hookgate.transport.url import parse_url
 from tests.test_transport import LIMIT, Handler, RawConn, Received, Reply, Server, has_no_request, ok, serve
 
 NAME = "target.test"  # the targets' name; the test resolver maps it to 127.0.0.1

@@ -35,9 +35,10 @@ from hookgate.config.flow import CircuitBreakerConfig, RateLimitConfig
 from hookgate.config.sealing import parse_key
 from hookgate.observe import tracing
 from hookgate.plugin_kit.units import Duration, Size, format_duration, seconds, size_bytes
-from hookgate.transport.client import parse_proxy, parse_url
 from hookgate.transport.fields import sendable_value
+from hookgate.transport.proxy import parse_proxy
 from hookgate.transport.ssrf import EgressGuard
+from hookgate.transport.url import parse_url
 from hookgate.types import INTERNAL_SOURCE, ComponentKind, ComponentRegistry
 
 # Source and endpoint names become NATS subject tokens and consumer names.

@@ -33,9 +33,10 @@ from hookgate.observe.redact import redact_headers, redact_text
 from hookgate.observe.tracing import NO_SPAN, OFF, Span, Tracing, carried
 from hookgate.plugin_host.hooks import Hooks
 from hookgate.plugin_kit.units import format_duration, plural, rfc3339, seconds
-from hookgate.transport.client import PooledTransport, Target
 from hookgate.transport.fields import sendable
+from hookgate.transport.pool import PooledTransport
 from hookgate.transport.ssrf import EgressGuard, SsrfRefused
+from hookgate.transport.url import Target
 from hookgate.types import Attempt, Delivery, EndpointView, ErrorKind, Event, Headers, OutgoingRequest
 
 log = logging.getLogger("hookgate.dispatcher")

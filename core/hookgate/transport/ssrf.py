@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import trio
 
-from hookgate.transport.client import Target, parse_url, shown_url
+from hookgate.transport.url import Target, parse_url, shown_url
 
 __all__ = ["EgressGuard", "SsrfRefused"]
 
