@@ -72,6 +72,8 @@ def drop_nulls(value: Any, type_: Any) -> Any:
 
 
 class Converter:
+    """Converts values into config types, reporting every problem to the loader that read them."""
+
     def __init__(self, loader: Loader):
         self.loader = loader
         # Required keys already suggested for a typo, by path: "missing" would say it twice.

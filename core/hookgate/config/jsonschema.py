@@ -24,21 +24,7 @@ def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
         (ComponentKind.ENDPOINT_AUTH, "auth", "EndpointConfig"),
         (ComponentKind.TRANSFORM, "transform", "RouteConfig"),
     ):
-        key_name = COMPONENT_KEYS[kind]
-        variants = []
-        for name in registry.names(kind):
-            ctype = registry.get(kind, name)
-            assert ctype is not None
-            (sub,), sub_defs = msgspec.json.schema_components(
-                [ctype.config_type], ref_template="#/$defs/{name}"
-            )
-            defs.update(sub_defs)
-            target = sub_defs[sub["$ref"].split("/")[-1]]
-            target.setdefault("properties", {})[key_name] = {"const": name}
-            required = target.setdefault("required", [])
-            if key_name not in required:
-                required.append(key_name)
-            variants.append(sub)
+        variants = _component_variants(registry, kind, defs)
         prop = defs[struct]["properties"][field_name]
         description = prop.get("description")
         one_of: dict[str, Any] = {"anyOf": variants} if variants else {"type": "object"}
@@ -62,6 +48,26 @@ def json_schema(registry: ComponentRegistry) -> dict[str, Any]:
             **schema,
         }
     )
+
+
+def _component_variants(
+    registry: ComponentRegistry, kind: ComponentKind, defs: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A `$ref` to each registered component's options, their definitions added to `defs`."""
+    key_name = COMPONENT_KEYS[kind]
+    variants = []
+    for name in registry.names(kind):
+        ctype = registry.get(kind, name)
+        assert ctype is not None
+        (sub,), sub_defs = msgspec.json.schema_components([ctype.config_type], ref_template="#/$defs/{name}")
+        defs.update(sub_defs)
+        target = sub_defs[sub["$ref"].split("/")[-1]]
+        target.setdefault("properties", {})[key_name] = {"const": name}
+        required = target.setdefault("required", [])
+        if key_name not in required:
+            required.append(key_name)
+        variants.append(sub)
+    return variants
 
 
 def _clean_descriptions(node: Any) -> Any:

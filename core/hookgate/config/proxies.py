@@ -25,6 +25,7 @@ def listed_proxy(proxy: str, egress: EgressConfig) -> str | None:
 
 
 def proxy_address(url: str) -> str:
+    """A proxy's host:port, to name it without its credentials ("?" if it is no proxy URL)."""
     try:
         return parse_proxy(url).address
     except ValueError:

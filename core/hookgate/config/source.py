@@ -15,10 +15,10 @@ from hookgate.config.problems import ConfigError, Problem, show
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 # Aliases can expand a small file exponentially ("billion laughs"); a config never needs this many.
-MAX_NODES = 200_000
+_MAX_NODES = 200_000
 
 
-class TooLarge(Exception):
+class _TooLarge(Exception):
     pass
 
 
@@ -40,8 +40,8 @@ class Loader:
     def value(self, node: yaml.Node, path: str) -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
         self._nodes += 1
-        if self._nodes > MAX_NODES:
-            raise TooLarge
+        if self._nodes > _MAX_NODES:
+            raise _TooLarge
         if isinstance(node, yaml.ScalarNode):
             return self._scalar(node, path)
         if id(node) in self._open:
@@ -139,6 +139,7 @@ class Loader:
 
 
 def read(path: str | os.PathLike[str]) -> str:
+    """The config file's text; a file that cannot be read raises ConfigError."""
     file = str(path)
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -156,24 +157,28 @@ def parse(text: str, file: str, env: dict[str, str] | None) -> tuple[Loader, dic
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
-        reason = problem or str(exc)
-        if context and problem and problem.startswith("but "):  # "expected a single document ..."
-            reason = f"{context} {problem}"
-        reason += f" (column {mark.column + 1})" if mark is not None else ""
-        lines = text.splitlines()
-        if line is not None and 0 < line <= len(lines) and "${" in lines[line - 1]:
-            # `{` is YAML syntax inside [...] and {...}: the commonest cause there.
-            reason += '; inside [...] or {...}, quote values that use variables: "${VAR}"'
-        raise ConfigError([Problem(file, line, "$", f"invalid YAML: {reason}")]) from None
+        raise _syntax_error(exc, text, file) from None
     try:
         raw: Any = loader.value(node, "$") if node is not None else None
-    except TooLarge:
+    except _TooLarge:
         raise ConfigError([Problem(file, None, "$", "too many values once aliases are expanded")]) from None
     if raw is None:  # an empty file, or only comments: every default
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([Problem(file, 1, "$", f"expected a mapping of sections, got {show(raw)}")])
     return loader, raw
+
+
+def _syntax_error(exc: yaml.YAMLError, text: str, file: str) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
+    reason = problem or str(exc)
+    if context and problem and problem.startswith("but "):  # "expected a single document ..."
+        reason = f"{context} {problem}"
+    reason += f" (column {mark.column + 1})" if mark is not None else ""
+    lines = text.splitlines()
+    if line is not None and 0 < line <= len(lines) and "${" in lines[line - 1]:
+        # `{` is YAML syntax inside [...] and {...}: the commonest cause there.
+        reason += '; inside [...] or {...}, quote values that use variables: "${VAR}"'
+    return ConfigError([Problem(file, line, "$", f"invalid YAML: {reason}")])
