@@ -617,7 +617,7 @@ EXAMPLE_UNSUPPORTED = {"$.broker.example_key": "an example", "$.endpoints.*.exam
 def test_keys_not_supported_yet_are_refused_whatever_their_value(
     registry: ComponentRegistry, pattern: str, value: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("hookgate.config.UNSUPPORTED", EXAMPLE_UNSUPPORTED)
+    monkeypatch.setattr("hookgate.config.loading.UNSUPPORTED", EXAMPLE_UNSUPPORTED)
     data: dict[str, Any] = {
         "sources": {"x": {}},
         "endpoints": {"x": {"url": "http://x.test", "retry": {}}},
