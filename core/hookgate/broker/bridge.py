@@ -1,5 +1,5 @@
 """NatsBridge: the connection to NATS, and every broker operation as one crossing from trio into
-the nats loop (see loop.py). The only way the rest of the broker package reaches nats-py.
+the nats loop (see loop.py). Broker (facade.py) reaches nats-py only through it.
 
 What each operation does on the nats loop lives beside it: admin (streams and consumers), pull
 (consuming), commits (publishing and settling), reads (the delivery log), kv (key-value buckets).
@@ -182,6 +182,12 @@ class NatsBridge(NatsLoop):
                 await self._nc.close()
 
     @property
+    def _client(self) -> Client:
+        if self._nc is None:
+            raise BrokerUnavailable("not connected to NATS")
+        return self._nc
+
+    @property
     def js(self) -> JetStreamContext:
         if self._js is None:
             raise BrokerUnavailable("not connected to NATS")
@@ -324,9 +330,3 @@ class NatsBridge(NatsLoop):
         kv.watch)."""
         async with kv.watch(self, self.js, bucket) as updates:
             yield updates
-
-    @property
-    def _client(self) -> Client:
-        if self._nc is None:
-            raise BrokerUnavailable("not connected to NATS")
-        return self._nc
