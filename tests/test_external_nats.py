@@ -362,7 +362,7 @@ async def test_the_example_three_node_cluster_delivers_with_three_replicas(tmp_p
 
 def _stream_replicas(gw: Gateway):  # type: ignore[no-untyped-def]
     async def go() -> dict[str, int]:
-        jsm = gw.running.broker.bridge.js._jsm
+        jsm = gw.running.broker.bridge.jsm
         return {
             str(info.config.name): int(info.config.num_replicas or 1) for info in await jsm.streams_info()
         }

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from hookgate.broker.bridge import BrokerUnavailable
+from hookgate.broker import BrokerUnavailable
 from hookgate.broker.records import STATUSES
 from hookgate.ingress.asgi import Receive, Scope, Send, read_json_or_answer, send_error, send_json
 from hookgate.log.query import BadQuery, DeliveryLog

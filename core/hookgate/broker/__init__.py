@@ -4,20 +4,19 @@ nats-server, and the records and ids kept in the streams.
 The rest of the gateway uses the broker through the names exported here.
 """
 
-from hookgate.broker.facade import (
-    MIN_SERVER_VERSION,
-    Broker,
+from hookgate.broker.facade import MIN_SERVER_VERSION, Broker, Topology
+from hookgate.broker.messages import (
     BrokerRefused,
     BrokerUnavailable,
     Commit,
+    ConsumerSpec,
     InMsg,
     KvUpdate,
     OutMsg,
     PubResult,
-    PullConsumer,
     StoredMsg,
-    Topology,
 )
+from hookgate.broker.pull import PullConsumer
 
 __all__ = [
     "MIN_SERVER_VERSION",
@@ -25,6 +24,7 @@ __all__ = [
     "BrokerRefused",
     "BrokerUnavailable",
     "Commit",
+    "ConsumerSpec",
     "InMsg",
     "KvUpdate",
     "OutMsg",

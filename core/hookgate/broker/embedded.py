@@ -32,7 +32,7 @@ from pathlib import Path
 import nkeys
 import trio
 
-from hookgate.broker.bridge import BrokerUnavailable
+from hookgate.broker.messages import BrokerUnavailable
 from hookgate.config.sealing import encode_key, new_key, parse_key
 
 log = logging.getLogger("hookgate.embedded")

@@ -17,38 +17,24 @@ from datetime import datetime
 
 import trio
 
-from hookgate.broker.bridge import (
+from hookgate.broker.bridge import NatsBridge
+from hookgate.broker.connect import ConnectOptions
+from hookgate.broker.messages import (
     BrokerRefused,
-    BrokerUnavailable,
     Commit,
-    ConnectOptions,
     ConsumerSpec,
     InMsg,
     KvUpdate,
-    NatsBridge,
     OutMsg,
     PubResult,
-    PullConsumer,
     StoredMsg,
     StreamSpec,
 )
+from hookgate.broker.pull import PullConsumer
 from hookgate.config import BrokerConfig
 from hookgate.plugin_kit.units import plural, seconds
 
-__all__ = [
-    "MIN_SERVER_VERSION",
-    "Broker",
-    "BrokerRefused",
-    "BrokerUnavailable",
-    "Commit",
-    "InMsg",
-    "KvUpdate",
-    "OutMsg",
-    "PubResult",
-    "PullConsumer",
-    "StoredMsg",
-    "Topology",
-]
+__all__ = ["MIN_SERVER_VERSION", "Broker", "Topology"]
 
 log = logging.getLogger("hookgate.broker")
 

@@ -22,8 +22,7 @@ import httpx
 import msgspec
 import trio
 
-from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
-from hookgate.broker.bridge import ConsumerSpec
+from hookgate.broker import Broker, Commit, ConsumerSpec, InMsg, OutMsg, PullConsumer
 from hookgate.broker.records import DeadLetter, DeliveryMarker, entry_decoder
 from hookgate.config import EndpointConfig
 from hookgate.egress.flow import CircuitState, FlowControl

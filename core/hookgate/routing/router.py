@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import msgspec
 import trio
 
-from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
-from hookgate.broker.bridge import ConsumerSpec
+from hookgate.broker import Broker, Commit, ConsumerSpec, InMsg, OutMsg, PullConsumer
 from hookgate.broker.events import event_from_stream
 from hookgate.broker.ids import delivery_id
 from hookgate.broker.records import DeliveryCreated, event_key

@@ -1,0 +1,161 @@
+"""Continuous pulls from durable consumers, and handing what they pulled to trio."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from hookgate.broker.messages import ConsumerSpec, InMsg
+
+
+class PullConsumer:
+    """A continuous pull from a durable consumer, kept topped up on the nats loop.
+
+    nats-py's fetch() waits for its whole batch once it long-polls, so a lone message could sit
+    for the full wait, and it costs a task per message. Instead this keeps pull requests
+    outstanding for up to `buffer` messages (each expiring after PULL_EXPIRES), queues what
+    arrives, and hands queued messages to trio as soon as there are any.
+    """
+
+    PULL_EXPIRES = 30.0
+    DRAIN_TIMEOUT = 2.0  # the unsubscribe's round trip at stop; a lost connection has no requests
+
+    def __init__(self, nc: Client, spec: ConsumerSpec, buffer: int):
+        self.nc = nc
+        self.spec = spec
+        self.buffer = buffer
+        self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
+        self.inbox = nc.new_inbox()
+        self.queue: collections.deque[Msg] = collections.deque()
+        # Outstanding pull requests, oldest first: [messages still owed, expiry (loop time)].
+        self.requests: collections.deque[list[float]] = collections.deque()
+        self.arrived = asyncio.Event()
+        self.stopped = False
+        self._topping_up: asyncio.Future[None] | None = None
+        self._sub: Subscription | None = None
+
+    @property
+    def owed(self) -> int:
+        return int(sum(r[0] for r in self.requests))
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(self.inbox, cb=self._on_message, pending_msgs_limit=1_000_000)
+
+    async def _on_message(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get("Status") if not msg.data else None
+        if status is None:
+            self._settle_owed(1)
+            # Once stopped, what still arrives is kept for stop() to hand back after the unsubscribe.
+            self.queue.append(msg)
+            self.arrived.set()
+        elif status in ("404", "408", "409"):
+            # No messages / request expired / request ended: it owes what it did not deliver.
+            pending = (msg.headers or {}).get("Nats-Pending-Messages")
+            if self.requests:
+                if pending is not None and pending.isdigit():
+                    self.requests[0][0] -= min(int(pending), self.requests[0][0])
+                else:
+                    self.requests[0][0] = 0
+                self._drop_settled()
+        # 100 (idle heartbeat) needs nothing.
+
+    def _settle_owed(self, count: int) -> None:
+        while count and self.requests:
+            take = min(count, int(self.requests[0][0]))
+            self.requests[0][0] -= take
+            count -= take
+            self._drop_settled()
+            if take == 0:
+                break
+
+    def _drop_settled(self) -> None:
+        while self.requests and self.requests[0][0] <= 0:
+            self.requests.popleft()
+
+    async def top_up(self) -> None:
+        now = asyncio.get_running_loop().time()
+        # A request lost in a reconnect never reports back; forget it after its expiry.
+        while self.requests and self.requests[0][1] < now:
+            self.requests.popleft()
+        want = self.buffer - len(self.queue) - self.owed
+        # Stopped: a pull sent now would be answered into an inbox nobody reads any more.
+        if want <= 0 or self.stopped or not self.nc.is_connected:
+            return
+        request = json.dumps({"batch": want, "expires": int(self.PULL_EXPIRES * 1e9)}).encode()
+        self.requests.append([want, now + self.PULL_EXPIRES + 2.0])
+        await self.nc.publish(self.api_subject, request, reply=self.inbox)
+
+    def top_up_soon(self) -> None:
+        """top_up() in a task of its own: pull for what was just taken, without making the caller
+        wait (and without a point where cancelling the caller loses what it took)."""
+        if not self.stopped:
+            self._topping_up = asyncio.ensure_future(self.top_up())  # kept: a task needs a reference
+
+    def forget_requests(self) -> None:
+        self.requests.clear()
+
+    async def stop(self) -> None:
+        """Stop taking messages, and hand back what was pulled but never taken, for prompt
+        redelivery.
+
+        The server keeps this consumer's pull requests open until they are used up or expire, and
+        hands them messages only while their inbox has interest. So the inbox is drained first:
+        the unsubscribe reaches the server, a round trip brings whatever it sent before that, and
+        only then is everything held nak'ed. A message nak'ed earlier would come straight back to
+        a request of ours, and one arriving after a plain unsubscribe would be dropped here and
+        wait for ack_wait.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await asyncio.wait_for(sub.drain(), self.DRAIN_TIMEOUT)
+        self.requests.clear()
+        while self.queue:
+            with contextlib.suppress(nats.errors.Error):
+                await self.queue.popleft().nak()
+
+
+async def take(consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
+    """Up to `batch` queued messages, waiting up to `timeout` for the first (on the nats loop)."""
+    await consumer.top_up()
+    out: list[InMsg] = []
+    if not consumer.queue:
+        consumer.arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(consumer.arrived.wait(), timeout)
+    # No await from here on: what is taken from the queue reaches the caller, or, if it was
+    # cancelled, `hand_back` (see NatsBridge.fetch).
+    while consumer.queue and len(out) < batch:
+        out.append(_in_msg(consumer.queue.popleft()))
+    consumer.top_up_soon()
+    return out
+
+
+def _in_msg(m: Msg) -> InMsg:
+    meta = m.metadata
+    return InMsg(
+        subject=m.subject,
+        data=m.data,
+        headers=dict(m.headers or {}),
+        stream_seq=meta.sequence.stream,
+        num_delivered=meta.num_delivered,
+        timestamp=meta.timestamp.timestamp(),
+        raw=m,
+    )
+
+
+async def hand_back(msgs: list[InMsg]) -> None:
+    """Nak messages that were fetched for a caller that stopped waiting, for prompt redelivery."""
+    for m in msgs:
+        with contextlib.suppress(nats.errors.Error):
+            await m.raw.nak()
