@@ -57,9 +57,8 @@ from procs import (
 )
 
 from hookgate.broker.ids import delivery_id
-from hookgate.broker.records import DeadLetter, DeliveryCreated, event_key
+from hookgate.broker.records import DeadLetter, DeliveryCreated, RoutingRecord, event_key
 from hookgate.log.query import encode_cursor
-from hookgate.routing.router import RoutingRecord
 from hookgate.types import Attempt, Delivery, Event
 
 ROUTE = "bench-to-sink"

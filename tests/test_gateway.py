@@ -72,7 +72,7 @@ async def test_topology_is_created_once_and_updated_when_the_config_changes(
 
 def _consumer_max_ack_pending(broker):  # type: ignore[no-untyped-def]
     async def go() -> int:
-        consumer = await broker.bridge.js._jsm.consumer_info("HOOKGATE_DELIVERIES", "endpoint-svc")
+        consumer = await broker.bridge.jsm.consumer_info("HOOKGATE_DELIVERIES", "endpoint-svc")
         return consumer.config.max_ack_pending
 
     return go

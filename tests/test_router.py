@@ -9,8 +9,9 @@ from pathlib import Path
 import msgspec
 import trio
 
+from hookgate.broker.records import RoutingRecord
 from hookgate.config import RouteConfig
-from hookgate.routing.router import CompiledRoute, RoutingRecord
+from hookgate.routing.routes import CompiledRoute
 from hookgate.types import Event
 from tests.support import (
     NatsServer,

@@ -36,7 +36,7 @@ from hookgate.config.sealing import Sealer, SealError
 from hookgate.egress.dispatcher import Endpoint, cancel_when_set
 from hookgate.observe.redact import redact
 from hookgate.plugin_host.hooks import Hooks
-from hookgate.routing.router import CompiledRoute
+from hookgate.routing.routes import CompiledRoute
 from hookgate.transport.ssrf import EgressGuard
 from hookgate.types import ComponentRegistry
 

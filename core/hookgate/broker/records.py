@@ -139,3 +139,16 @@ def _supersedes(attempt: Attempt, marker: DeliveryMarker) -> bool:
     """
     number, m = attempt.attempt, marker
     return number >= m.attempts if m.state == "delivering" else number > m.attempts
+
+
+class RoutingRecord(msgspec.Struct, kw_only=True):
+    """What the router decided for one event (kept in the log stream)."""
+
+    event_id: str
+    source: str
+    type: str
+    received_at: float
+    routes: list[str]
+    endpoints: list[str]
+    error: str | None = None
+    events_seq: int = 0  # where the event is in the events stream

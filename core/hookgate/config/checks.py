@@ -14,10 +14,10 @@ from hookgate.config.sealing import parse_key
 from hookgate.config.subjects import is_subject_pattern, subject_refusal
 from hookgate.observe import tracing
 from hookgate.plugin_kit.units import format_duration, seconds, size_bytes
-from hookgate.transport.proxy import parse_proxy
-from hookgate.transport.url import parse_url
 from hookgate.transport.fields import sendable_value
+from hookgate.transport.proxy import parse_proxy
 from hookgate.transport.ssrf import EgressGuard
+from hookgate.transport.url import parse_url
 from hookgate.types import INTERNAL_SOURCE
 
 _LISTEN = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})")

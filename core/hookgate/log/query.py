@@ -23,6 +23,7 @@ from hookgate.broker.records import (
     DeadLetter,
     DeliveryCreated,
     DeliveryMarker,
+    RoutingRecord,
     Status,
     dead_letter_decoder,
     derive_status,
@@ -33,7 +34,6 @@ from hookgate.broker.records import (
 from hookgate.egress.state import EndpointStates
 from hookgate.observe.redact import redact_headers
 from hookgate.plugin_kit.units import rfc3339
-from hookgate.routing.router import RoutingRecord
 from hookgate.types import INTERNAL_SOURCE, Attempt, Event
 
 log = logging.getLogger("hookgate.log")

@@ -7,9 +7,7 @@ decision, including "no route matched", is recorded in the log stream.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import re
 import time
 from dataclasses import dataclass
 
@@ -19,11 +17,12 @@ import trio
 from hookgate.broker import Broker, Commit, ConsumerSpec, InMsg, OutMsg, PullConsumer
 from hookgate.broker.events import event_from_stream
 from hookgate.broker.ids import delivery_id
-from hookgate.broker.records import DeliveryCreated, event_key
+from hookgate.broker.records import DeliveryCreated, RoutingRecord, event_key
 from hookgate.config import RouteConfig
-from hookgate.config.filters import Filter, ParsedBody, compile_filter
+from hookgate.config.filters import ParsedBody
 from hookgate.observe.tracing import carried
 from hookgate.plugin_host.hooks import Hooks
+from hookgate.routing.routes import CompiledRoute
 from hookgate.types import INTERNAL_SOURCE, Delivery, Event, Transform
 
 log = logging.getLogger("hookgate.router")
@@ -40,50 +39,6 @@ class _Decision:
     targets: list[str]
     variants: dict[str, Event]
     error: str | None
-
-
-class RoutingRecord(msgspec.Struct, kw_only=True):
-    """What the router decided for one event (kept in the log stream)."""
-
-    event_id: str
-    source: str
-    type: str
-    received_at: float
-    routes: list[str]
-    endpoints: list[str]
-    error: str | None = None
-    events_seq: int = 0  # where the event is in the events stream
-
-
-@dataclass(frozen=True)
-class CompiledRoute:
-    name: str
-    sources: frozenset[str] | None
-    types: re.Pattern[str] | None
-    to: tuple[str, ...]
-    filter: Filter | None = None
-    transform: Transform | None = None
-
-    @classmethod
-    def compile(cls, index: int, route: RouteConfig, transform: Transform | None = None) -> CompiledRoute:
-        types = None
-        if route.types:
-            types = re.compile("|".join(f"(?:{fnmatch.translate(t)})" for t in route.types))
-        return cls(
-            name=route.name or f"route-{index}",
-            sources=frozenset(route.from_) if route.from_ else None,
-            types=types,
-            to=tuple(route.to),
-            filter=compile_filter(route.filter, f"$.routes[{index}].filter") if route.filter else None,
-            transform=transform,
-        )
-
-    def matches(self, event: Event, body: ParsedBody | None = None) -> bool:
-        if self.sources is not None and event.source not in self.sources:
-            return False
-        if self.types is not None and self.types.match(event.type) is None:
-            return False
-        return self.filter is None or self.filter.matches(event, body)
 
 
 class Router:
