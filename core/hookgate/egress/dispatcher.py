@@ -14,9 +14,10 @@ import trio
 
 from hookgate.broker import Broker, PullConsumer
 from hookgate.broker.bridge import ConsumerSpec
+from hookgate.egress.context import WorkerContext
 from hookgate.egress.endpoint import Endpoint
 from hookgate.egress.state import EndpointStates
-from hookgate.egress.worker import STATE_POLL, EndpointWorker, WorkerContext
+from hookgate.egress.worker import STATE_POLL, EndpointWorker
 from hookgate.observe.metrics import Metrics
 from hookgate.observe.tracing import OFF, Tracing
 from hookgate.plugin_host.hooks import Hooks

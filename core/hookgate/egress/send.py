@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import httpx
 
 from hookgate.broker import Broker, OutMsg
+from hookgate.egress.request import authorize_and_sign, maybe_await
+from hookgate.plugin_host.hooks import Hooks
 from hookgate.transport.client import PooledTransport, Target
 from hookgate.transport.ssrf import SsrfRefused
 from hookgate.types import ErrorKind, Headers, OutgoingRequest
@@ -36,10 +38,24 @@ class Result:
 class Sender:
     """Sends the requests of one endpoint's worker; keeps the last URL it checked."""
 
-    def __init__(self, endpoint: Endpoint, broker: Broker):
+    def __init__(self, endpoint: Endpoint, broker: Broker, hooks: Hooks):
         self.endpoint = endpoint
         self.broker = broker
+        self.hooks = hooks
         self._parsed: tuple[str, Target] | None = None  # see _target
+
+    async def send(self, request: OutgoingRequest) -> Result:
+        """Over HTTP through the endpoint's pool, or published to its subject."""
+        endpoint = self.endpoint
+        if endpoint.transport is None:
+            return await self._publish_to_subject(request)
+        result = await self._post(endpoint.transport, request)
+        auth = endpoint.view.auth
+        if result.status == 401 and auth is not None and await maybe_await(auth.unauthorized()):
+            # Credentials went stale (an expired OAuth2 token): refresh once and resend now.
+            await authorize_and_sign(request, endpoint, self.hooks)
+            result = await self._post(endpoint.transport, request)
+        return result
 
     def _target(self, url: str) -> Target:
         """`url` parsed and SSRF-checked once; a signing plugin may rewrite it, hence the key."""
@@ -48,7 +64,7 @@ class Sender:
             cached = self._parsed = (url, self.endpoint.guard.check_url(url))
         return cached[1]
 
-    async def post(self, transport: PooledTransport, request: OutgoingRequest) -> Result:
+    async def _post(self, transport: PooledTransport, request: OutgoingRequest) -> Result:
         timeout = self.endpoint.timeout
         try:
             target = self._target(request.url)
@@ -76,7 +92,7 @@ class Sender:
             result.error = f"HTTP {response.status_code}"
         return result
 
-    async def publish_to_subject(self, request: OutgoingRequest) -> Result:
+    async def _publish_to_subject(self, request: OutgoingRequest) -> Result:
         headers = {k: v for k, v in request.headers}
         published = await self.broker.publish(OutMsg(request.url, request.body, headers))
         if published.ok:

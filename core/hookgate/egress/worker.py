@@ -1,8 +1,8 @@
 """An endpoint's worker: pulls its deliveries and runs each attempt through to its outcome.
 
-An attempt goes in named steps: admitted (rate limit plugins, flow control), built and signed,
-sent, and settled (attempt record, then the ack, the next attempt or the dead letter, all handed
-to the broker's batching), then observed (metrics, operational events, outcome plugins).
+An attempt goes in named steps: admitted (rate limit plugins, flow control), built and signed
+(`hookgate.egress.request`), sent (`hookgate.egress.send`), then settled and observed
+(`hookgate.egress.outcome`).
 """
 
 from __future__ import annotations
@@ -11,26 +11,21 @@ import logging
 import math
 import random
 import time
-from typing import Any
 
 import msgspec
 import trio
 
-from hookgate.broker import Broker, Commit, InMsg, OutMsg, PullConsumer
+from hookgate.broker import Commit, InMsg, OutMsg, PullConsumer
 from hookgate.broker.records import DeliveryMarker, entry_decoder
+from hookgate.egress.context import WorkerContext
 from hookgate.egress.endpoint import Endpoint
-from hookgate.egress.failures import FailureTracker
 from hookgate.egress.flow import CircuitState, FlowControl
-from hookgate.egress.request import authorize_and_sign, build_request, maybe_await
-from hookgate.egress.retry import dead_letter, parse_retry_after, schedule_next
-from hookgate.egress.send import RESPONSE_EXCERPT, Result, Sender
-from hookgate.egress.state import EndpointStates
-from hookgate.observe.metrics import Metrics
+from hookgate.egress.outcome import Outcomes, log_context
+from hookgate.egress.request import authorize_and_sign, build_request
+from hookgate.egress.send import Result, Sender
 from hookgate.observe.redact import redact_headers, redact_text
-from hookgate.observe.tracing import NO_SPAN, Span, Tracing
-from hookgate.plugin_host.hooks import Hooks
-from hookgate.plugin_kit.units import format_duration, plural, rfc3339, seconds
-from hookgate.types import Attempt, Delivery, Event, OutgoingRequest
+from hookgate.observe.tracing import NO_SPAN, Span
+from hookgate.types import Attempt, Delivery, Event
 
 # The dispatcher's logger: its workers' lines have always been logged under it.
 log = logging.getLogger("hookgate.dispatcher")
@@ -52,17 +47,6 @@ _delivery_decoder = msgspec.msgpack.Decoder(Delivery)
 _encode_json = msgspec.json.Encoder().encode
 
 
-class WorkerContext(msgspec.Struct, frozen=True, kw_only=True):
-    """What a worker uses of the gateway, handed to it by the dispatcher."""
-
-    broker: Broker
-    hooks: Hooks
-    metrics: Metrics
-    states: EndpointStates
-    tracing: Tracing
-    grace: float  # how long deliveries in flight may finish once the worker is stopped
-
-
 class EndpointWorker:
     """Pulls deliveries for one endpoint and runs `concurrency` of them at once.
 
@@ -80,14 +64,13 @@ class EndpointWorker:
         self.consumer = consumer
         self.concurrency = 1 if endpoint.config.ordered else endpoint.config.concurrency
         self.stopping = False
-        self.sender = Sender(endpoint, context.broker)
+        self.sender = Sender(endpoint, context.broker, context.hooks)
+        self.outcomes = Outcomes(context, endpoint)
         self.held: dict[int, InMsg] = {}  # fetched and not yet settled, by stream sequence
         # Attempts in flight: delivery id -> (delivery, trio time started, marked delivering yet).
         self.in_flight: dict[str, tuple[Delivery, float, bool]] = {}
         self.handed_back: set[int] = set()  # stream sequences settled as cut off by a shutdown
         config = endpoint.config
-        disable_after = seconds(config.disable_after) if config.disable_after else None
-        self.failures = FailureTracker(context.states, endpoint.name, disable_after)
         self.flow = FlowControl(
             config.rate_limit,
             config.circuit_breaker,
@@ -262,7 +245,13 @@ class EndpointWorker:
         self.flow.record(result.status, result.error_kind)
         if result.status == 410:
             return await self._gone(msg, delivery)
-        return await self._settle(msg, delivery, result, started)
+        retry_in = await self.outcomes.settle(msg, delivery, result, started)
+        if self.endpoint.config.ordered and retry_in is not None:
+            # The head of an ordered endpoint holds the line: it retries in place (kept alive by
+            # _keep_alive) and everything behind it waits.
+            await trio.sleep(retry_in)
+            return msgspec.structs.replace(delivery, attempt=delivery.attempt + 1)
+        return None
 
     async def _admit(self, msg: InMsg, delivery: Delivery) -> bool:
         """Whether to attempt now: asks the `hookgate_rate_limit` plugins, then the flow control.
@@ -273,7 +262,9 @@ class EndpointWorker:
         if defer and ordered:
             await trio.sleep(float(defer))  # nothing may overtake the head: wait in place
         elif defer:
-            self.broker.commit_later(self._schedule(msg, delivery, time.time() + float(defer), counted=False))
+            self.broker.commit_later(
+                self.outcomes.schedule(msg, delivery, time.time() + float(defer), counted=False)
+            )
             return False
         # Waiting for the limiter or the circuit holds a worker only briefly; a longer wait
         # reschedules the delivery (not counted as an attempt). Ordered endpoints wait in place.
@@ -282,7 +273,7 @@ class EndpointWorker:
             spread = random.uniform(0, 1.0) if deferral.reason == "circuit_open" else 0.0
             self.metrics.deferrals.labels(endpoint.name, deferral.reason).inc()
             self.broker.commit_later(
-                self._schedule(msg, delivery, time.time() + deferral.delay + spread, counted=False)
+                self.outcomes.schedule(msg, delivery, time.time() + deferral.delay + spread, counted=False)
             )
             return False
         return True
@@ -307,11 +298,23 @@ class EndpointWorker:
         except BaseException as exc:
             self.flow.release()  # cancelled or crashed: do not hold the probe slot
             if isinstance(exc, trio.Cancelled) and self.stopping and delivery.id in self.in_flight:
-                self._hand_back_cut_off(msg, delivery, started)
+                self.outcomes.cut_off(msg, delivery, started)
+                self.handed_back.add(msg.stream_seq)
             raise
         finally:
             self.in_flight.pop(delivery.id, None)
         return started, result
+
+    async def _attempt(self, delivery: Delivery, event: Event, ts: int, span: Span = NO_SPAN) -> Result:
+        """Build, sign and send the request; the result keeps its headers, redacted, for the record."""
+        request = build_request(delivery, event, self.endpoint, ts)
+        span.inject_request(request)  # signatures cover the body only, so headers may be added
+        await authorize_and_sign(request, self.endpoint, self.hooks)
+        result = await self.sender.send(request)
+        result.request_headers = redact_headers(request.headers)
+        if result.error:
+            result.error = redact_text(result.error, request.headers, request.url)
+        return result
 
     async def _gone(self, msg: InMsg, delivery: Delivery) -> Delivery | None:
         """410 Gone: the receiver asks us to stop. Disable the endpoint and keep this delivery in
@@ -321,114 +324,8 @@ class EndpointWorker:
             # Rescheduling would put the head behind everything queued after it: it waits in
             # place instead, and goes first once the endpoint is enabled.
             return delivery if await self._hold_while_disabled(msg) else None
-        self.broker.commit_later(self._schedule(msg, delivery, time.time(), counted=False))
+        self.broker.commit_later(self.outcomes.schedule(msg, delivery, time.time(), counted=False))
         return None
-
-    async def _settle(
-        self, msg: InMsg, delivery: Delivery, result: Result, started: float
-    ) -> Delivery | None:
-        """Record the attempt and commit what follows from it: the ack, the next attempt, or the
-        dead letter. For an ordered endpoint, the delivery to retry in place, once it is due."""
-        endpoint = self.endpoint
-        latency = time.time() - started
-        final = endpoint.is_final(result)
-        attempt = _attempt_record(endpoint, delivery, result, started, latency)
-        retry_in: float | None = None
-        if result.ok:
-            self.broker.commit_later(Commit([self._record(attempt)], ack=msg))
-            self.metrics.deliveries.labels(endpoint.name, "succeeded").inc()
-        elif delivery.attempt_in_series < endpoint.max_attempts and not final:
-            retry_in = self._retry_later(msg, delivery, result, attempt)
-        else:
-            self._give_up(msg, delivery, result, attempt, final)
-        await self._observe(delivery, result, attempt, latency)
-        if endpoint.config.ordered and retry_in is not None:
-            # The head of an ordered endpoint holds the line: it retries in place (kept alive by
-            # _keep_alive) and everything behind it waits.
-            await trio.sleep(retry_in)
-            return msgspec.structs.replace(delivery, attempt=delivery.attempt + 1)
-        return None
-
-    def _retry_later(self, msg: InMsg, delivery: Delivery, result: Result, attempt: Attempt) -> float:
-        """Schedule the next attempt (an ordered head only records it: it retries in place).
-        Returns the delay before it."""
-        endpoint = self.endpoint
-        attempt.outcome = "retrying"
-        retry_after = parse_retry_after(result) if result.status in (429, 503) else None
-        retry_in = endpoint.retry_delay(delivery.attempt_in_series, retry_after)
-        attempt.next_attempt_at = time.time() + retry_in
-        log.info(
-            "delivery %s to %s failed (attempt %d: %s); next attempt at %s",
-            delivery.id,
-            endpoint.name,
-            delivery.attempt,
-            result.error or result.status,
-            rfc3339(attempt.next_attempt_at),
-            extra=_context(delivery),
-        )
-        if endpoint.config.ordered:
-            self.broker.commit_later(Commit([self._record(attempt)]))
-        else:
-            commit = self._schedule(msg, delivery, attempt.next_attempt_at, counted=True)
-            commit.publishes.append(self._record(attempt))
-            self.broker.commit_later(commit)
-        return retry_in
-
-    def _give_up(self, msg: InMsg, delivery: Delivery, result: Result, attempt: Attempt, final: bool) -> None:
-        """No attempt follows: the delivery is dead-lettered, `failed` if retrying could not help."""
-        endpoint = self.endpoint
-        attempt.outcome = "failed" if final else "dead"
-        log.warning(
-            "delivery %s to %s is %s after %s (last: %s)",
-            delivery.id,
-            endpoint.name,
-            attempt.outcome,
-            plural(delivery.attempt, "attempt"),
-            result.error or result.status,
-            extra=_context(delivery),
-        )
-        self.broker.commit_later(dead_letter(self.broker.topology, endpoint.name, msg, delivery, attempt))
-        self.metrics.deliveries.labels(endpoint.name, attempt.outcome).inc()
-        self.metrics.dead_letters.labels(endpoint.name).inc()
-
-    async def _observe(self, delivery: Delivery, result: Result, attempt: Attempt, latency: float) -> None:
-        """After the outcome is settled: operational events, metrics and the outcome plugins."""
-        await self.failures.track(result, attempt)
-        self.metrics.attempts.labels(self.endpoint.name, attempt.outcome).inc()
-        self.metrics.attempt_latency.labels(self.endpoint.name).observe(latency)
-        try:
-            await self.hooks.call("hookgate_delivery_outcome", attempt=attempt)
-        except Exception:
-            # Observers must not change what happened to the delivery, which is settled already.
-            log.exception("a hookgate_delivery_outcome plugin failed for %s", delivery.id)
-
-    def _hand_back_cut_off(self, msg: InMsg, delivery: Delivery, started: float) -> None:
-        """Shutdown cut this attempt off: record it, and hand the delivery back due now as its next
-        attempt. A cut-off does not use up a try of its retry schedule. An ordered head is nak'ed
-        instead, to stay first in line, and resumes from this record."""
-        now = time.time()
-        grace = format_duration(self.context.grace)
-        attempt = Attempt(
-            delivery_id=delivery.id,
-            event_id=delivery.event.id,
-            endpoint=self.endpoint.name,
-            attempt=delivery.attempt,
-            started_at=started,
-            latency=now - started,
-            outcome="retrying",
-            error_kind="shutdown",
-            error=f"cut off when the gateway stopped, after the {grace} grace period",
-            next_attempt_at=now,
-        )
-        record = self._record(attempt)
-        if self.endpoint.config.ordered:
-            commit = Commit([record], nak=msg)
-        else:
-            unspent = msgspec.structs.replace(delivery, series_start=delivery.series_start + 1)
-            commit = self._schedule(msg, unspent, now, counted=True)
-            commit.publishes.append(record)
-        self.broker.commit_later(commit)
-        self.handed_back.add(msg.stream_seq)
 
     async def _hold_while_disabled(self, msg: InMsg) -> bool:
         """Hold an ordered head while its endpoint is disabled (kept alive by `_keep_alive`).
@@ -441,59 +338,6 @@ class EndpointWorker:
             await trio.sleep(STATE_POLL)
         return True
 
-    async def _attempt(self, delivery: Delivery, event: Event, ts: int, span: Span = NO_SPAN) -> Result:
-        """Build, sign and send the request; the result keeps its headers, redacted, for the record."""
-        endpoint = self.endpoint
-        request = build_request(delivery, event, endpoint, ts)
-        span.inject_request(request)  # signatures cover the body only, so headers may be added
-        await authorize_and_sign(request, endpoint, self.hooks)
-        result = await self._send(request)
-        result.request_headers = redact_headers(request.headers)
-        if result.error:
-            result.error = redact_text(result.error, request.headers, request.url)
-        return result
-
-    async def _send(self, request: OutgoingRequest) -> Result:
-        endpoint = self.endpoint
-        if endpoint.transport is None:
-            return await self.sender.publish_to_subject(request)
-        result = await self.sender.post(endpoint.transport, request)
-        auth = endpoint.view.auth
-        if result.status == 401 and auth is not None and await maybe_await(auth.unauthorized()):
-            # Credentials went stale (an expired OAuth2 token): refresh once and resend now.
-            await authorize_and_sign(request, endpoint, self.hooks)
-            result = await self.sender.post(endpoint.transport, request)
-        return result
-
-    def _record(self, attempt: Attempt) -> OutMsg:
-        """The attempt as the latest record of its delivery in the delivery log."""
-        subject = self.broker.topology.delivery_log_subject(self.endpoint.name, attempt.delivery_id)
-        return OutMsg(subject, _encode_json(attempt))
-
-    def _schedule(self, msg: InMsg, delivery: Delivery, at: float, *, counted: bool) -> Commit:
-        return schedule_next(self.broker.topology, self.endpoint.name, msg, delivery, at, counted=counted)
-
-
-def _attempt_record(
-    endpoint: Endpoint, delivery: Delivery, result: Result, started: float, latency: float
-) -> Attempt:
-    """The attempt as the delivery log keeps it, `succeeded` until its outcome says otherwise."""
-    return Attempt(
-        delivery_id=delivery.id,
-        event_id=delivery.event.id,
-        endpoint=endpoint.name,
-        attempt=delivery.attempt,
-        started_at=started,
-        latency=latency,
-        outcome="succeeded",
-        status=result.status,
-        error_kind=result.error_kind,
-        error=result.error,
-        request_headers=result.request_headers,
-        response_headers=result.headers,
-        response_body=result.body[:RESPONSE_EXCERPT],
-    )
-
 
 def _internal_error(delivery: Delivery, exc: Exception) -> Result:
     """An attempt that failed inside the gateway (or a plugin), not at the endpoint. The record says
@@ -505,22 +349,12 @@ def _internal_error(delivery: Delivery, exc: Exception) -> Result:
         delivery.endpoint,
         delivery.attempt,
         exc_info=exc,
-        extra=_context(delivery),
+        extra=log_context(delivery),
     )
     return Result(
         error_kind="internal",
         error=f"internal error ({type(exc).__name__}) in the gateway or a plugin; see the gateway's log",
     )
-
-
-def _context(delivery: Delivery) -> dict[str, Any]:
-    """Ids for structured logs (see hookgate.observe.logs)."""
-    return {
-        "delivery_id": delivery.id,
-        "event_id": delivery.event.id,
-        "endpoint": delivery.endpoint,
-        "attempt": delivery.attempt,
-    }
 
 
 async def cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
