@@ -29,6 +29,8 @@ BACKLOG_POLL = 5.0
 
 
 class Dispatcher:
+    """Serves each endpoint with its own worker, in one slot per endpoint."""
+
     def __init__(
         self,
         broker: Broker,
