@@ -10,7 +10,8 @@ import pytest
 import trio
 
 from hookgate.broker.records import DeadLetter
-from hookgate.egress.dispatcher import request_body, rfc3339
+from hookgate.egress.request import request_body
+from hookgate.plugin_kit.units import rfc3339
 from hookgate.types import Event
 from tests.support import (
     NatsServer,
@@ -208,7 +209,9 @@ async def _attempt_records(nats_url: str, count: int) -> list[dict]:
 
 def test_exponential_policy_and_retry_after_bounds() -> None:
     from hookgate.config import EndpointConfig, ExponentialRetry, RetryConfig
-    from hookgate.egress.dispatcher import Endpoint, Result, parse_retry_after
+    from hookgate.egress.endpoint import Endpoint
+    from hookgate.egress.retry import parse_retry_after
+    from hookgate.egress.send import Result
 
     retry = RetryConfig(exponential=ExponentialRetry(base="1s", factor=3, max="20s", attempts=5), jitter=0)
     endpoint = Endpoint.build("x", EndpointConfig(url="http://x.test/", retry=retry))

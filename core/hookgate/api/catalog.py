@@ -33,7 +33,8 @@ from hookgate.config import (
 )
 from hookgate.config.filters import FilterError, compile_filter
 from hookgate.config.sealing import Sealer, SealError
-from hookgate.egress.dispatcher import Endpoint, cancel_when_set
+from hookgate.egress.endpoint import Endpoint
+from hookgate.egress.worker import cancel_when_set
 from hookgate.observe.redact import redact
 from hookgate.plugin_host.hooks import Hooks
 from hookgate.routing.routes import CompiledRoute
