@@ -289,7 +289,8 @@ def test_tracing_off_imports_nothing_from_opentelemetry(tmp_path: Path) -> None:
     (tmp_path / "hookgate.yaml").write_text("tracing: {enabled: false}\n")
     code = (
         "import sys\n"
-        "from hookgate import config, gateway, tracing\n"
+        "from hookgate import config, gateway\n"
+        "from hookgate.observe import tracing\n"
         "from hookgate.plugin_host.hooks import Hooks\n"
         f"loaded = config.load({str(tmp_path / 'hookgate.yaml')!r}, Hooks().registry)\n"
         "assert tracing.setup(loaded.config.tracing) is tracing.OFF\n"
