@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -42,7 +43,7 @@ from hookgate.broker.messages import (
     StoredMsg,
     StreamSpec,
 )
-from hookgate.broker.pull import PullConsumer, hand_back, take
+from hookgate.broker.pull import PullConsumer, give_back, take
 
 log = logging.getLogger("hookgate.broker")
 
@@ -260,8 +261,15 @@ class NatsBridge(NatsLoop):
 
     async def fetch(self, consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
         """Up to `batch` messages; an empty list when none arrived within `timeout`. Messages
-        fetched for a caller that was cancelled meanwhile are handed back (nak'ed)."""
+        fetched for a caller that was cancelled meanwhile are given back (see `give_back`)."""
+        hand_back = functools.partial(give_back, consumer)
         return await self.run(take, consumer, batch, timeout, abandoned=hand_back)
+
+    def give_back(self, consumer: PullConsumer, msgs: list[InMsg]) -> None:
+        """Return taken messages to their consumer (see `pull.give_back`) without waiting, so a
+        cancelled task can call it. It reaches the nats loop before any later call from trio,
+        such as the release of the consumer."""
+        self.submit(give_back, consumer, msgs)
 
     # --- reading streams back (the delivery log) ----------------------------------------------
 

@@ -378,6 +378,11 @@ class Broker:
         """Every current value of a bucket as a first batch, then its changes as they happen."""
         return self.bridge.watch_kv(bucket)
 
+    def give_back(self, consumer: PullConsumer, msgs: list[InMsg]) -> None:
+        """Messages taken from `consumer` and not worked on go back for prompt redelivery: taken
+        again, or nak'ed once the consumer is released. Never waits, so a cancelled task can call it."""
+        self.bridge.give_back(consumer, msgs)
+
     async def release_consumer(self, consumer: PullConsumer) -> None:
         await self.bridge.release_consumer(consumer)
 

@@ -72,6 +72,11 @@ class NatsLoop:
         if not future.cancelled() and future.exception() is None:
             asyncio.run_coroutine_threadsafe(abandoned(future.result()), self._loop)
 
+    def submit(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        """Start a coroutine function on the nats loop without waiting for it. Calls submitted or
+        run from trio start on the nats loop in the order they were made."""
+        asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
+
     def call_in_trio(self, fn: Callable[..., object], *args: object) -> None:
         """Have trio call `fn(*args)` soon; from the nats thread. Nothing happens once trio ended."""
         with contextlib.suppress(trio.RunFinishedError):

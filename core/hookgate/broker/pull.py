@@ -38,6 +38,7 @@ class PullConsumer:
         self.requests: collections.deque[list[float]] = collections.deque()
         self.arrived = asyncio.Event()
         self.stopped = False
+        self.stopped_fully = False  # stop() has handed back everything it held
         self._topping_up: asyncio.Future[None] | None = None
         self._sub: Subscription | None = None
 
@@ -120,9 +121,10 @@ class PullConsumer:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await asyncio.wait_for(sub.drain(), self.DRAIN_TIMEOUT)
         self.requests.clear()
-        while self.queue:
+        while self.queue:  # give_back() may add to it meanwhile
             with contextlib.suppress(nats.errors.Error):
                 await self.queue.popleft().nak()
+        self.stopped_fully = True
 
 
 async def take(consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
@@ -134,7 +136,7 @@ async def take(consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(consumer.arrived.wait(), timeout)
     # No await from here on: what is taken from the queue reaches the caller, or, if it was
-    # cancelled, `hand_back` (see NatsBridge.fetch).
+    # cancelled, `give_back` (see NatsBridge.fetch).
     while consumer.queue and len(out) < batch:
         out.append(_in_msg(consumer.queue.popleft()))
     consumer.top_up_soon()
@@ -154,8 +156,19 @@ def _in_msg(m: Msg) -> InMsg:
     )
 
 
-async def hand_back(msgs: list[InMsg]) -> None:
-    """Nak messages that were fetched for a caller that stopped waiting, for prompt redelivery."""
+async def give_back(consumer: PullConsumer, msgs: list[InMsg]) -> None:
+    """Return messages taken from `consumer` and not worked on (a fetch whose caller was cancelled,
+    deliveries a stopping worker never started), in order, for prompt redelivery.
+
+    Until the consumer has stopped they go back to the front of its queue, to be taken again or
+    nak'ed by stop() once its inbox is drained; after that they are nak'ed here. A nak sent while
+    the consumer's pull requests are open can be answered by handing the message straight back to
+    one of them, and if that crosses the unsubscribe of a stopping consumer, the server drops the
+    message and it waits for ack_wait."""
+    if not consumer.stopped_fully:
+        consumer.queue.extendleft(m.raw for m in reversed(msgs))
+        consumer.arrived.set()
+        return
     for m in msgs:
         with contextlib.suppress(nats.errors.Error):
             await m.raw.nak()

@@ -129,8 +129,8 @@ class EndpointWorker:
                     await send.send(msg)  # waits until a worker is free
                 except trio.Cancelled:
                     for unsent in msgs[i:]:
-                        self.held.pop(unsent.stream_seq, None)  # no keep-alive for it after the nak
-                        self.broker.commit_later(Commit(nak=unsent))
+                        self.held.pop(unsent.stream_seq, None)  # no keep-alive for it once given back
+                    self.broker.give_back(self.consumer, msgs[i:])
                     raise
 
     def _circuit_changed(self, old: CircuitState, new: CircuitState) -> None:
@@ -178,14 +178,17 @@ class EndpointWorker:
                     self.held.pop(msg.stream_seq, None)
 
     async def _work_on(self, msg: InMsg) -> None:
-        if self.stopping or self.states.disabled(self.endpoint.name):
+        if self.stopping:
+            self.broker.give_back(self.consumer, [msg])  # not started: back in line
+            return
+        if self.states.disabled(self.endpoint.name):
             self.broker.commit_later(Commit(nak=msg))  # not started: back in line
             return
         try:
             await self.deliver(msg)
         except trio.Cancelled:
             if msg.stream_seq not in self.handed_back:
-                self.broker.commit_later(Commit(nak=msg))  # shut down before or between attempts
+                self.broker.give_back(self.consumer, [msg])  # shut down before or between attempts
             raise
         except Exception:
             # Outside an attempt (an attempt's own errors are recorded as `internal` attempts):
@@ -333,7 +336,7 @@ class EndpointWorker:
         to the consumer, which redelivers it before anything behind it."""
         while self.states.disabled(self.endpoint.name):
             if self.stopping:
-                self.broker.commit_later(Commit(nak=msg))
+                self.broker.give_back(self.consumer, [msg])
                 return False
             await trio.sleep(STATE_POLL)
         return True
