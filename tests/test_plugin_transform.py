@@ -325,14 +325,14 @@ def test_non_json_bodies_are_left_as_they_are(
 ) -> None:
     shape = make_shape(hooks, wrap="w", template={"x": "{{ a }}"})
     event = ingress(body, content_type)
-    with caplog.at_level(logging.DEBUG, logger="hookgate_builtins.transform"):
+    with caplog.at_level(logging.DEBUG, logger="hookgate.plugins.transform"):
         assert shape.transform(event) is event
         assert shape.transform(event) is event
     notes = [r for r in caplog.records if "not JSON" in r.getMessage()]
     assert len(notes) == 1, "logged once per route"
     assert notes[0].levelno == logging.DEBUG
     # Another route (another instance) logs once for itself.
-    with caplog.at_level(logging.DEBUG, logger="hookgate_builtins.transform"):
+    with caplog.at_level(logging.DEBUG, logger="hookgate.plugins.transform"):
         make_shape(hooks, wrap="w").transform(event)
     assert len([r for r in caplog.records if "not JSON" in r.getMessage()]) == 2
 
@@ -348,7 +348,7 @@ def test_skipped_paths_are_logged_once_per_route_and_path(
     hooks: Hooks, caplog: pytest.LogCaptureFixture
 ) -> None:
     shape = make_shape(hooks, set={"label.x": 1}, rename={"a": "label.y"})
-    with caplog.at_level(logging.DEBUG, logger="hookgate_builtins.transform"):
+    with caplog.at_level(logging.DEBUG, logger="hookgate.plugins.transform"):
         for _ in range(3):
             assert shape.transform(internal({"label": "s", "a": 1})) is not None
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]

@@ -1,4 +1,5 @@
-"""The hook points plugins implement. Plugins import this module and `hookgate.types` only.
+"""The hook points plugins implement. Plugins import this module, `hookgate.types` and
+`hookgate.plugin_kit` only.
 
 Any hookimpl may be `async def` (except `hookgate_register_components`, which runs before there is
 an event loop); the core awaits awaitable results under trio. Hooks that return a
