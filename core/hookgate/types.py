@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -290,12 +290,14 @@ class PublicKeys(Protocol):
     def public_keys(self) -> list[str]: ...
 
 
+# A factory is called with the component's options (an instance of `config_type`); it returns the
+# component, which the core checks against the protocol of its kind when it builds it.
 @dataclass(frozen=True)
 class ComponentType:
     kind: ComponentKind
     name: str
     config_type: type[msgspec.Struct]
-    factory: Callable[[Any], Any]
+    factory: Callable[..., object]
     plugin: str = ""
 
 
@@ -310,7 +312,7 @@ class ComponentRegistry:
         kind: ComponentKind,
         name: str,
         config_type: type[msgspec.Struct],
-        factory: Callable[[Any], Any],
+        factory: Callable[..., object],
         plugin: str = "",
     ) -> None:
         key = (kind, name)
@@ -319,32 +321,32 @@ class ComponentRegistry:
         self.types[key] = ComponentType(kind, name, config_type, factory, plugin)
 
     def add_verifier(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Verifier]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., Verifier]
     ) -> None:
         self.add(ComponentKind.VERIFIER, name, config_type, factory)
 
     def add_signer(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Signer]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., Signer]
     ) -> None:
         self.add(ComponentKind.SIGNER, name, config_type, factory)
 
     def add_access_rule(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], AccessRule]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., AccessRule]
     ) -> None:
         self.add(ComponentKind.ACCESS_RULE, name, config_type, factory)
 
     def add_handshake(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Handshake]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., Handshake]
     ) -> None:
         self.add(ComponentKind.HANDSHAKE, name, config_type, factory)
 
     def add_endpoint_auth(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], EndpointAuth]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., EndpointAuth]
     ) -> None:
         self.add(ComponentKind.ENDPOINT_AUTH, name, config_type, factory)
 
     def add_transform(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Transform]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., Transform]
     ) -> None:
         self.add(ComponentKind.TRANSFORM, name, config_type, factory)
 

@@ -59,9 +59,9 @@ def build_endpoint_auth(registry: ComponentRegistry, component: Component | None
     raise _not_a(registry, component, built, "apply(request), unauthorized() and ssl_context()")
 
 
-def build_transform(registry: ComponentRegistry, component: Component | None) -> Transform | None:
+def build_transform(registry: ComponentRegistry, component: Component) -> Transform:
     built = _build(registry, component)
-    if built is None or isinstance(built, Transform):
+    if isinstance(built, Transform):
         return built
     raise _not_a(registry, component, built, "transform(event)")
 
