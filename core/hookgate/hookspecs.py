@@ -1,7 +1,10 @@
-"""The hook points plugins implement. Plugins import this module and `hookgate.types` only.
+"""The hook points plugins implement. Plugins import this module, `hookgate.types` and
+`hookgate.plugin_kit` only.
 
 Any hookimpl may be `async def` (except `hookgate_register_components`, which runs before there is
-an event loop); the core awaits awaitable results under trio. Hooks that return a
+an event loop). Hooks are called through pluggy's caller, and the core awaits awaitable results under
+trio, in pluggy's order; for `firstresult` hooks an async implementation's coroutine is a result,
+so it ends the call (CONTRIBUTING.md, "Async implementations and wrappers"). Hooks that return a
 `Rejection` veto the request; `None` means "no opinion". Every hookspec is documented in
 CONTRIBUTING.md and exercised by a test.
 """

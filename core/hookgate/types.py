@@ -1,7 +1,7 @@
 """Public types shared by the core and plugins: requests, events, deliveries, attempts, components.
 
-Plugins import only this module and `hookgate.hookspecs`. Everything here is a msgspec Struct or a
-small protocol, so values cross layers typed and encode cheaply.
+Plugins import only this module, `hookgate.hookspecs` and `hookgate.plugin_kit`. Everything here is
+a msgspec Struct or a small protocol, so values cross layers typed and encode cheaply.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -190,37 +190,65 @@ class ComponentKind(StrEnum):
     TRANSFORM = "transform"
 
 
+# Components are checked against these protocols when they are built (hence runtime_checkable). What
+# a component may offer beyond them is a protocol of its own (EventDefaults, VerifierHandshake,
+# CredentialHeaders, PublicKeys), which the core tests with isinstance.
+
+
+@runtime_checkable
 class Verifier(Protocol):
-    """Checks an ingress request's signature on its raw body bytes."""
+    """Checks an ingress request's signature on its raw body bytes.
+
+    A verifier usually also has the attributes of `EventDefaults`, and may be a `VerifierHandshake`.
+    """
+
+    def verify(self, request: IngressRequest) -> Rejection | None: ...
+
+
+@runtime_checkable
+class EventDefaults(Protocol):
+    """Where a verifier's provider puts the event type and id, used unless the source sets them."""
 
     #: where the event type and id are read by default ("header.X", "body.a.b", or a literal)
     default_event_type: str | None
     default_event_id: str | None
 
-    def verify(self, request: IngressRequest) -> Rejection | None: ...
 
-    # A verifier may also answer its provider's own handshakes (Slack's url_verification, GitHub's
-    # ping) by defining `handshake(request) -> HandshakeResponse | None`; it is called only after
-    # the signature verified.
+@runtime_checkable
+class VerifierHandshake(Protocol):
+    """A verifier that also answers its provider's own handshakes (Slack's url_verification,
+    GitHub's ping). `handshake` is called only after the signature verified."""
+
+    def handshake(self, request: IngressRequest) -> HandshakeResponse | None: ...
 
 
+@runtime_checkable
 class AccessRule(Protocol):
     """Decides whether a caller may send to a source (`auth:` on a source). Refuse with 403."""
 
     def check(self, request: IngressRequest) -> Rejection | None: ...
 
-    # An access rule may also define `credential_headers`: the names of the request headers that
-    # hold the credential it checks (e.g. ("authorization",)). The core drops them from the stored
-    # event, so they reach no endpoint and no log. Leave them out of it (an empty tuple) when the
-    # rule's config asks to forward them (`forward_credential: true` on the built-in rules).
+
+@runtime_checkable
+class CredentialHeaders(Protocol):
+    """An access rule that names the request headers holding the credential it checks.
+
+    e.g. ("authorization",). The core drops them from the stored event, so they reach no endpoint
+    and no log. Leave them out (an empty tuple) when the rule's config asks to forward them
+    (`forward_credential: true` on the built-in rules).
+    """
+
+    credential_headers: tuple[str, ...]
 
 
+@runtime_checkable
 class Handshake(Protocol):
     """Answers a provider's handshake (`handshake:` on a source), or None if it is not one."""
 
     def answer(self, request: IngressRequest) -> HandshakeResponse | None: ...
 
 
+@runtime_checkable
 class EndpointAuth(Protocol):
     """Authenticates hookgate to an endpoint (`auth:` on an endpoint): basic, bearer, OAuth2, mTLS.
 
@@ -237,6 +265,7 @@ class EndpointAuth(Protocol):
     def ssl_context(self) -> ssl.SSLContext | None: ...
 
 
+@runtime_checkable
 class Transform(Protocol):
     """Reshapes an event for the endpoints of one route (`transform:` on a route).
 
@@ -247,18 +276,28 @@ class Transform(Protocol):
     def transform(self, event: Event) -> Event | None: ...
 
 
+@runtime_checkable
 class Signer(Protocol):
     """Signs an outgoing request by adding headers to it."""
 
     def sign(self, request: OutgoingRequest) -> None: ...
 
 
+@runtime_checkable
+class PublicKeys(Protocol):
+    """A signer whose signatures verify with public keys, which `hookgate endpoint-key` prints."""
+
+    def public_keys(self) -> list[str]: ...
+
+
+# A factory is called with the component's options (an instance of `config_type`); it returns the
+# component, which the core checks against the protocol of its kind when it builds it.
 @dataclass(frozen=True)
 class ComponentType:
     kind: ComponentKind
     name: str
     config_type: type[msgspec.Struct]
-    factory: Callable[[Any], Any]
+    factory: Callable[..., object]
     plugin: str = ""
 
 
@@ -273,7 +312,7 @@ class ComponentRegistry:
         kind: ComponentKind,
         name: str,
         config_type: type[msgspec.Struct],
-        factory: Callable[[Any], Any],
+        factory: Callable[..., object],
         plugin: str = "",
     ) -> None:
         key = (kind, name)
@@ -282,32 +321,32 @@ class ComponentRegistry:
         self.types[key] = ComponentType(kind, name, config_type, factory, plugin)
 
     def add_verifier(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Verifier]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., Verifier]
     ) -> None:
         self.add(ComponentKind.VERIFIER, name, config_type, factory)
 
     def add_signer(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Signer]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., Signer]
     ) -> None:
         self.add(ComponentKind.SIGNER, name, config_type, factory)
 
     def add_access_rule(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], AccessRule]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., AccessRule]
     ) -> None:
         self.add(ComponentKind.ACCESS_RULE, name, config_type, factory)
 
     def add_handshake(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Handshake]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., Handshake]
     ) -> None:
         self.add(ComponentKind.HANDSHAKE, name, config_type, factory)
 
     def add_endpoint_auth(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], EndpointAuth]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., EndpointAuth]
     ) -> None:
         self.add(ComponentKind.ENDPOINT_AUTH, name, config_type, factory)
 
     def add_transform(
-        self, name: str, config_type: type[msgspec.Struct], factory: Callable[[Any], Transform]
+        self, name: str, config_type: type[msgspec.Struct], factory: Callable[..., Transform]
     ) -> None:
         self.add(ComponentKind.TRANSFORM, name, config_type, factory)
 

@@ -4,17 +4,18 @@
   prove who they are with a fixed token in a header (no signature over the body).
 - `hookgate_delivery_outcome`: counts delivery attempts by outcome ("succeeded", "retrying", ...).
 
-Like every plugin, it imports only `hookgate.hookspecs` and `hookgate.types`.
+Like every plugin, it imports only `hookgate.hookspecs`, `hookgate.types` and `hookgate.plugin_kit`
+(the helpers hookgate offers plugin authors: here, constant-time comparison).
 """
 
 from __future__ import annotations
 
-import hmac
 from collections import Counter
 
 import msgspec
 
 from hookgate.hookspecs import hookimpl
+from hookgate.plugin_kit import constant_time_equal
 from hookgate.types import Attempt, ComponentRegistry, IngressRequest, Rejection
 
 #: Delivery attempts seen by this process, by outcome.
@@ -43,7 +44,7 @@ class SharedTokenVerifier:
         if given is None:
             return Rejection(status=401, code="missing_signature", message=f"missing {self.header} header")
         # Constant-time, so response timing does not reveal how much of the token was right.
-        if not hmac.compare_digest(given.encode(), self._token):
+        if not constant_time_equal(given.encode(), self._token):
             return Rejection(status=401, code="invalid_signature", message=f"{self.header} is not valid")
         return None
 

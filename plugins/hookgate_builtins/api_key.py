@@ -17,13 +17,13 @@ query string is never stored.
 from __future__ import annotations
 
 import hashlib
-import hmac
 from typing import Annotated
 from urllib.parse import parse_qsl
 
 import msgspec
 
 from hookgate.hookspecs import hookimpl
+from hookgate.plugin_kit import matches_any
 from hookgate.types import ComponentRegistry, IngressRequest, Rejection
 
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -104,10 +104,8 @@ class ApiKeyRule:
         if len(given) > 1:
             return _forbidden(f"{where} is given more than once")
         sent = _digest(given[0])
-        matched = False
-        for digest in self._digests:  # no early exit: every key costs the same
-            matched |= hmac.compare_digest(sent, digest)
-        return None if matched else _forbidden("invalid API key")
+        # No early exit: every key costs the same.
+        return None if matches_any(self._digests, [sent]) else _forbidden("invalid API key")
 
 
 def _forbidden(message: str) -> Rejection:

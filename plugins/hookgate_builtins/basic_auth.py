@@ -19,12 +19,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 from typing import Annotated
 
 import msgspec
 
 from hookgate.hookspecs import hookimpl
+from hookgate.plugin_kit import constant_time_equal, matches_any
 from hookgate.types import ComponentRegistry, IngressRequest, Rejection
 
 
@@ -98,10 +98,8 @@ class BasicAuthRule:
             return _forbidden("malformed Basic credentials in the Authorization header")
         username, password = credentials
         sent = _digest(password)
-        ok = hmac.compare_digest(_digest(username), self._username)
-        password_ok = False
-        for digest in self._passwords:  # no early exit: every password costs the same
-            password_ok |= hmac.compare_digest(sent, digest)
+        ok = constant_time_equal(_digest(username), self._username)
+        password_ok = matches_any(self._passwords, [sent])  # no early exit: every password costs the same
         return None if ok & password_ok else _forbidden("invalid username or password")
 
 

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from hookgate.hookspecs import hookimpl
-from hookgate.plugin_kit.units import Duration, seconds
+from hookgate.plugin_kit import Duration, seconds
 from hookgate.types import ComponentRegistry, IngressRequest, Rejection
 
 Algorithm = Literal["HS256", "RS256", "ES256"]

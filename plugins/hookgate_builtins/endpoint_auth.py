@@ -65,7 +65,7 @@ import msgspec
 import trio
 
 from hookgate.hookspecs import hookimpl
-from hookgate.plugin_kit.units import Duration, seconds
+from hookgate.plugin_kit import Duration, seconds
 from hookgate.types import ComponentRegistry, OutgoingRequest
 
 log = logging.getLogger("hookgate.plugins.endpoint_auth")

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 
 from hookgate.hookspecs import hookimpl
+from hookgate.plugin_kit import check_secrets, matches_any, secret_keys
 from hookgate.types import ComponentRegistry, HandshakeResponse, IngressRequest, Rejection
 
 SHA256_HEADER = "X-Hub-Signature-256"
@@ -43,12 +44,7 @@ class GitHubConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     route_ping: bool = False  # store and route `ping` events instead of answering them here
 
     def __post_init__(self) -> None:
-        secrets = [self.secret] if isinstance(self.secret, str) else self.secret
-        if not secrets:
-            raise ValueError("secret: give at least one secret")
-        if not all(secrets):
-            # An empty key (say, from an unset `${VAR:-}`) would let anyone compute a valid signature.
-            raise ValueError("secret must not be empty")
+        check_secrets(self.secret)
 
 
 @dataclass(frozen=True)
@@ -68,8 +64,7 @@ class GitHubVerifier:
     default_event_id: str | None = "header.X-GitHub-Delivery"
 
     def __init__(self, config: GitHubConfig):
-        secrets = [config.secret] if isinstance(config.secret, str) else config.secret
-        self._keys = [s.encode() for s in secrets]
+        self._keys = secret_keys(config.secret)
         self.legacy_sha1 = config.legacy_sha1
         self.route_ping = config.route_ping
 
@@ -86,10 +81,8 @@ class GitHubVerifier:
         if not scheme.pattern.fullmatch(hex_digest):
             return _invalid(f"{scheme.header} is not a {scheme.prefix[:-1]} hex digest")
         given = bytes.fromhex(hex_digest)
-        for key in self._keys:
-            if hmac.compare_digest(hmac.new(key, request.body, scheme.digest).digest(), given):
-                return None
-        return _invalid("signature does not match")
+        expected = (hmac.new(key, request.body, scheme.digest).digest() for key in self._keys)
+        return None if matches_any(expected, [given]) else _invalid("signature does not match")
 
     def handshake(self, request: IngressRequest) -> HandshakeResponse | None:
         """Answer `ping` here (called only after the signature verified), unless it is to be routed."""

@@ -38,8 +38,16 @@ from typing import Literal
 import msgspec
 
 from hookgate.hookspecs import hookimpl
-from hookgate.plugin_kit.templates import HEADER_NAME, parse_template
-from hookgate.plugin_kit.units import Duration, seconds
+from hookgate.plugin_kit import (
+    HEADER_NAME,
+    Duration,
+    check_secrets,
+    matches_any,
+    parse_template,
+    seconds,
+    secret_keys,
+    wire_bytes,
+)
 from hookgate.types import ComponentRegistry, IngressRequest, Rejection
 
 DEFAULT_TOLERANCE = "5m"
@@ -64,12 +72,7 @@ class HmacConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if not self.header:
             raise ValueError("header must not be empty")
-        secrets = [self.secret] if isinstance(self.secret, str) else self.secret
-        if not secrets:
-            raise ValueError("secret: give at least one secret")
-        if not all(secrets):
-            # An empty key (say, from an unset `${VAR:-}`) would let anyone compute a valid signature.
-            raise ValueError("secret must not be empty")
+        check_secrets(self.secret)
         parts = parse_template(self.signed_content, _PLACEHOLDERS, headers=True)
         signs_timestamp = ("timestamp",) in parts
         if self.timestamp_header is None:
@@ -98,8 +101,7 @@ class HmacVerifier:
         self.prefix = config.prefix
         self.encoding = config.encoding
         self.digest = getattr(hashlib, config.algorithm)
-        secrets = [config.secret] if isinstance(config.secret, str) else config.secret
-        self._keys = [s.encode() for s in secrets]
+        self._keys = secret_keys(config.secret)
         self._parts = parse_template(config.signed_content, _PLACEHOLDERS, headers=True)
         self._body_only = self._parts == [("body",)]
         self.timestamp_header = config.timestamp_header
@@ -132,12 +134,7 @@ class HmacVerifier:
             if isinstance(pieces, Rejection):
                 return pieces
             content = b"".join(pieces)
-        matched = False
-        for key in self._keys:
-            expected = hmac.new(key, content, self.digest).digest()
-            # No early exit: the time taken does not tell which secret matched.
-            matched |= hmac.compare_digest(expected, given)
-        if not matched:
+        if not matches_any((hmac.new(key, content, self.digest).digest() for key in self._keys), [given]):
             return _invalid("signature does not match")
         if timestamp is not None:
             skew = self.now() - int(timestamp)
@@ -167,16 +164,8 @@ class HmacVerifier:
                 header = request.header(part[1])
                 if header is None:
                     return _missing(f"missing {part[1]} header (part of the signed content)")
-                pieces.append(_wire(header))
+                pieces.append(wire_bytes(header))
         return pieces
-
-
-def _wire(value: str) -> bytes:
-    """A header value as its bytes on the wire (the ASGI layer decodes them as latin-1)."""
-    try:
-        return value.encode("latin-1")
-    except UnicodeEncodeError:  # not from the wire: built in code, so take it as text
-        return value.encode("utf-8", "surrogatepass")
 
 
 def _missing(message: str) -> Rejection:

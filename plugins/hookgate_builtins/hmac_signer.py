@@ -55,7 +55,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from hookgate.hookspecs import hookimpl
-from hookgate.plugin_kit.templates import HEADER_NAME, parse_template
+from hookgate.plugin_kit import HEADER_NAME, parse_template
 from hookgate.types import ComponentRegistry, OutgoingRequest
 
 _PLACEHOLDERS = ("body", "timestamp", "id")

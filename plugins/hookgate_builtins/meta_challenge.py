@@ -15,12 +15,12 @@ without `hub.mode` is not a handshake (the core answers 405); POSTs are never an
 from __future__ import annotations
 
 import hashlib
-import hmac
 from urllib.parse import parse_qsl
 
 import msgspec
 
 from hookgate.hookspecs import hookimpl
+from hookgate.plugin_kit import constant_time_equal
 from hookgate.types import ComponentRegistry, HandshakeResponse, IngressRequest
 
 
@@ -58,7 +58,7 @@ class MetaChallenge:
             return None
         token = params.get(b"hub.verify_token", b"")
         # Compared first and always, so every refusal below takes the same time.
-        token_ok = hmac.compare_digest(_digest(token), self._token)
+        token_ok = constant_time_equal(_digest(token), self._token)
         if mode != b"subscribe":
             return _forbidden("hub.mode must be subscribe")
         if not token_ok:

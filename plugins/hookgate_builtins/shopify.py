@@ -22,6 +22,7 @@ import re
 import msgspec
 
 from hookgate.hookspecs import hookimpl
+from hookgate.plugin_kit import check_secrets, matches_any, secret_keys
 from hookgate.types import ComponentRegistry, IngressRequest, Rejection
 
 SIGNATURE_HEADER = "X-Shopify-Hmac-Sha256"
@@ -33,12 +34,7 @@ class ShopifyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     secret: str | list[str]
 
     def __post_init__(self) -> None:
-        secrets = [self.secret] if isinstance(self.secret, str) else self.secret
-        if not secrets:
-            raise ValueError("secret: give at least one secret")
-        if not all(secrets):
-            # An empty key (say, from an unset `${VAR:-}`) would let anyone compute a valid signature.
-            raise ValueError("secret must not be empty")
+        check_secrets(self.secret)
 
 
 class ShopifyVerifier:
@@ -46,8 +42,7 @@ class ShopifyVerifier:
     default_event_id: str | None = "header.X-Shopify-Webhook-Id"
 
     def __init__(self, config: ShopifyConfig):
-        secrets = [config.secret] if isinstance(config.secret, str) else config.secret
-        self._keys = [s.encode() for s in secrets]
+        self._keys = secret_keys(config.secret)
 
     def verify(self, request: IngressRequest) -> Rejection | None:
         value = request.header(SIGNATURE_HEADER)
@@ -56,10 +51,8 @@ class ShopifyVerifier:
         if not _BASE64_SHA256.fullmatch(value):
             return _invalid(f"{SIGNATURE_HEADER} is not a base64 SHA-256 digest")
         given = base64.b64decode(value, validate=True)
-        for key in self._keys:
-            if hmac.compare_digest(hmac.new(key, request.body, hashlib.sha256).digest(), given):
-                return None
-        return _invalid("signature does not match")
+        expected = (hmac.new(key, request.body, hashlib.sha256).digest() for key in self._keys)
+        return None if matches_any(expected, [given]) else _invalid("signature does not match")
 
 
 def _invalid(message: str) -> Rejection:

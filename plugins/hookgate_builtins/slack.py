@@ -46,7 +46,7 @@ from collections.abc import Callable
 import msgspec
 
 from hookgate.hookspecs import hookimpl
-from hookgate.plugin_kit.units import Duration, seconds
+from hookgate.plugin_kit import Duration, check_secrets, matches_any, seconds, secret_keys
 from hookgate.types import ComponentRegistry, HandshakeResponse, IngressRequest, Rejection
 
 SIGNATURE_HEADER = "X-Slack-Signature"
@@ -60,12 +60,7 @@ class SlackConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tolerance: Duration = "5m"
 
     def __post_init__(self) -> None:
-        secrets = [self.secret] if isinstance(self.secret, str) else self.secret
-        if not secrets:
-            raise ValueError("secret: give at least one secret")
-        if not all(secrets):
-            # An empty key (say, from an unset `${VAR:-}`) would let anyone compute a valid signature.
-            raise ValueError("secret must not be empty")
+        check_secrets(self.secret)
         if seconds(self.tolerance) <= 0:
             raise ValueError("tolerance must be more than 0")
 
@@ -75,8 +70,7 @@ class SlackVerifier:
     default_event_id: str | None = "body.event_id"
 
     def __init__(self, config: SlackConfig, *, now: Callable[[], float] = time.time):
-        secrets = [config.secret] if isinstance(config.secret, str) else config.secret
-        self._keys = [s.encode() for s in secrets]
+        self._keys = secret_keys(config.secret)
         self.tolerance = seconds(config.tolerance)
         self.now = now
 
@@ -93,9 +87,8 @@ class SlackVerifier:
             return _invalid(f"{TIMESTAMP_HEADER} is not a unix timestamp")
         given = bytes.fromhex(match.group(1))
         content = b"v0:" + timestamp.encode() + b":" + request.body
-        if not any(
-            hmac.compare_digest(hmac.new(key, content, hashlib.sha256).digest(), given) for key in self._keys
-        ):
+        expected = (hmac.new(key, content, hashlib.sha256).digest() for key in self._keys)
+        if not matches_any(expected, [given]):
             return _invalid("signature does not match")
         skew = self.now() - int(timestamp)
         if abs(skew) > self.tolerance:

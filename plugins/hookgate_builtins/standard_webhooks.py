@@ -64,7 +64,6 @@ type to `body.type`.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import re
@@ -78,7 +77,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from hookgate.hookspecs import hookimpl
-from hookgate.plugin_kit.units import Duration, seconds
+from hookgate.plugin_kit import Duration, decode_prefixed_base64, matches_any, seconds, wire_bytes
 from hookgate.types import ComponentRegistry, IngressRequest, OutgoingRequest, Rejection
 
 SECRET_PREFIX = "whsec_"
@@ -173,13 +172,7 @@ class StandardWebhooksConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only
 
 
 def decode_secret(secret: str, name: str = "secret") -> bytes:
-    encoded = secret.removeprefix(SECRET_PREFIX)
-    # Unpadded base64 is accepted, as the Standard Webhooks and Svix libraries accept it.
-    encoded += "=" * (-len(encoded) % 4)
-    try:
-        key = base64.b64decode(encoded, validate=True)
-    except (ValueError, binascii.Error):
-        raise ValueError(f"{name} must be 'whsec_' followed by base64") from None
+    key = decode_prefixed_base64(secret, SECRET_PREFIX, name)
     if len(key) < 16:
         raise ValueError(f"{name} is too short: use at least 16 random bytes (24 or more recommended)")
     return key
@@ -204,12 +197,7 @@ def decode_private_key(key: str, name: str = "private_key") -> Ed25519PrivateKey
         )
     if not key.startswith(PRIVATE_KEY_PREFIX):
         raise ValueError(f"{name} must be 'whsk_' followed by base64")
-    encoded = key.removeprefix(PRIVATE_KEY_PREFIX)
-    encoded += "=" * (-len(encoded) % 4)
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (ValueError, binascii.Error):
-        raise ValueError(f"{name} must be 'whsk_' followed by base64") from None
+    raw = decode_prefixed_base64(key, PRIVATE_KEY_PREFIX, name)
     if len(raw) not in (32, 64):
         raise ValueError(
             f"{name} must hold a 32-byte ed25519 seed, or 64 bytes (the seed, then the public key), "
@@ -323,12 +311,7 @@ def _named(value: str | list[str] | None, name: str) -> list[tuple[str, str]]:
 def decode_public_key(key: str, name: str = "public_key") -> Ed25519PublicKey:
     if key.startswith(SECRET_PREFIX):
         raise ValueError(f"{name} holds a secret (whsec_...): give it as secret")
-    encoded = key.removeprefix(PUBLIC_KEY_PREFIX)
-    encoded += "=" * (-len(encoded) % 4)
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (ValueError, binascii.Error):
-        raise ValueError(f"{name} must be 'whpk_' followed by base64") from None
+    raw = decode_prefixed_base64(key, PUBLIC_KEY_PREFIX, name)
     if len(raw) != 32:
         raise ValueError(f"{name} must hold a 32-byte ed25519 public key, not {len(raw)} bytes")
     return Ed25519PublicKey.from_public_bytes(raw)
@@ -376,7 +359,7 @@ class StandardWebhooksVerifier:
             version, option = ("v1", "secret") if v1 else ("v1a", "public_key")
             return _invalid(f"{signature_header} holds {version} signatures only; no {option} is configured")
         # The SDKs sign the timestamp as an integer: "0123" is signed as "123".
-        signed = _wire(msg_id) + b"." + str(int(timestamp)).encode() + b"."
+        signed = wire_bytes(msg_id) + b"." + str(int(timestamp)).encode() + b"."
         if not self._hmac_matches(signed, request.body, v1) and not self._ed25519_matches(
             signed, request.body, v1a
         ):
@@ -402,15 +385,7 @@ class StandardWebhooksVerifier:
         return Rejection(status=401, code="missing_signature", message=message)
 
     def _hmac_matches(self, signed: bytes, body: bytes, given: list[bytes]) -> bool:
-        matched = False
-        for key in self._keys:
-            mac = hmac.new(key, signed, hashlib.sha256)
-            mac.update(body)
-            expected = mac.digest()
-            for signature in given:
-                # No early exit: the time taken does not tell which secret or signature matched.
-                matched |= hmac.compare_digest(expected, signature)
-        return matched
+        return matches_any((_hmac_sha256(key, signed, body) for key in self._keys), given)
 
     def _ed25519_matches(self, signed: bytes, body: bytes, given: list[bytes]) -> bool:
         if not given or not self._public_keys:
@@ -432,12 +407,10 @@ class SvixVerifier(StandardWebhooksVerifier):
     other = ("webhook", "standard-webhooks")
 
 
-def _wire(value: str) -> bytes:
-    """A header value as its bytes on the wire (the ASGI layer decodes them as latin-1)."""
-    try:
-        return value.encode("latin-1")
-    except UnicodeEncodeError:  # not from the wire: built in code, so take it as text
-        return value.encode("utf-8", "surrogatepass")
+def _hmac_sha256(key: bytes, signed: bytes, body: bytes) -> bytes:
+    mac = hmac.new(key, signed, hashlib.sha256)
+    mac.update(body)  # not `signed + body`: no copy of a large body per key
+    return mac.digest()
 
 
 def _invalid(message: str) -> Rejection:

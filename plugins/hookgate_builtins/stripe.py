@@ -31,7 +31,7 @@ from typing import Annotated
 import msgspec
 
 from hookgate.hookspecs import hookimpl
-from hookgate.plugin_kit.units import Duration, seconds
+from hookgate.plugin_kit import Duration, matches_any, seconds, secret_keys
 from hookgate.types import ComponentRegistry, IngressRequest, Rejection
 
 HEADER = "Stripe-Signature"
@@ -61,8 +61,7 @@ class StripeVerifier:
     default_event_id: str | None = "body.id"
 
     def __init__(self, config: StripeConfig, now: Callable[[], float] = time.time):
-        secrets = [config.secret] if isinstance(config.secret, str) else config.secret
-        self._keys = [s.encode() for s in secrets]
+        self._keys = secret_keys(config.secret)
         self.tolerance = seconds(config.tolerance)
         self._now = now
 
@@ -98,13 +97,8 @@ class StripeVerifier:
         return None
 
     def _matches(self, signed: bytes, signatures: list[bytes]) -> bool:
-        matched = False
-        for key in self._keys:
-            expected = hmac.new(key, signed, hashlib.sha256).hexdigest().encode("ascii")
-            for given in signatures:
-                # No early exit: the time taken does not tell which secret or signature matched.
-                matched |= hmac.compare_digest(expected, given)
-        return matched
+        expected = (hmac.new(key, signed, hashlib.sha256).hexdigest().encode("ascii") for key in self._keys)
+        return matches_any(expected, signatures)
 
 
 def _invalid(message: str) -> Rejection:

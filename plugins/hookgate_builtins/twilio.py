@@ -50,6 +50,7 @@ from urllib.parse import parse_qs, parse_qsl, urlparse
 import msgspec
 
 from hookgate.hookspecs import hookimpl
+from hookgate.plugin_kit import constant_time_equal, matches_any, secret_keys
 from hookgate.types import ComponentRegistry, IngressRequest, Rejection
 
 HEADER = "X-Twilio-Signature"
@@ -82,8 +83,7 @@ class TwilioVerifier:
     default_event_id: str | None = f"header.{IDEMPOTENCY_HEADER}"
 
     def __init__(self, config: TwilioConfig):
-        secrets = [config.secret] if isinstance(config.secret, str) else config.secret
-        self._keys = [s.encode() for s in secrets]
+        self._keys = secret_keys(config.secret)
         self.public_url = config.public_url
 
     def verify(self, request: IngressRequest) -> Rejection | None:
@@ -103,7 +103,7 @@ class TwilioVerifier:
         params = ""
         if "bodySHA256" in query:
             body_hash = hashlib.sha256(request.body).hexdigest().encode("ascii")
-            if not hmac.compare_digest(body_hash, query["bodySHA256"][0].encode("utf-8", "replace")):
+            if not constant_time_equal(body_hash, query["bodySHA256"][0].encode("utf-8", "replace")):
                 return _invalid("the body does not match bodySHA256")
         elif _media_type(request.header("content-type")) == FORM:
             form = _form_params(request.body)
@@ -112,13 +112,12 @@ class TwilioVerifier:
             params = form
         elif request.body:
             return _invalid("the body is neither a form nor covered by bodySHA256")
-        matched = False
-        for key in self._keys:
-            for candidate in urls:
-                expected = base64.b64encode(hmac.new(key, (candidate + params).encode(), digest).digest())
-                # No early exit: the time taken does not tell which secret or URL matched.
-                matched |= hmac.compare_digest(expected.decode("ascii"), given)
-        return None if matched else _invalid("signature does not match")
+        expected = (
+            base64.b64encode(hmac.new(key, (candidate + params).encode(), digest).digest()).decode("ascii")
+            for key in self._keys
+            for candidate in urls
+        )
+        return None if matches_any(expected, [given]) else _invalid("signature does not match")
 
     def _url(self, request: IngressRequest) -> str:
         if self.public_url is None:

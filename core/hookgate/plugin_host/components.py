@@ -15,6 +15,7 @@ from hookgate.types import (
     OutgoingRequest,
     Rejection,
     SourceView,
+    VerifierHandshake,
 )
 
 
@@ -39,9 +40,8 @@ class ConfiguredComponents:
             answer = source.handshake.answer(request)
             if answer is not None:
                 return answer
-        verifier_handshake = getattr(source.verifier, "handshake", None)
-        if verifier_handshake is not None and request.method == "POST":
-            answer = verifier_handshake(request)
+        if isinstance(source.verifier, VerifierHandshake) and request.method == "POST":
+            answer = source.verifier.handshake(request)
             if isinstance(answer, HandshakeResponse):
                 return answer
         return None

@@ -1,8 +1,14 @@
-"""The plugin manager: loads plugins from the `hookgate` entry points and calls hooks under trio."""
+"""The plugin manager: loads plugins from the `hookgate` entry points and calls hooks under trio.
+
+Every hook call goes through pluggy's caller, so wrappers (`wrapper=True`), `firstresult`,
+tracing and call monitoring work as pluggy documents them. An `async def` implementation returns a
+coroutine, which pluggy takes as its result like any other; the core then awaits the results in
+pluggy's order (as datasette does). See "Async implementations and wrappers" in CONTRIBUTING.md.
+"""
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,6 +17,7 @@ from typing import Any
 import pluggy
 
 from hookgate import hookspecs
+from hookgate.plugin_host.results import awaited, close_awaitables
 from hookgate.types import ComponentRegistry, Rejection
 
 log = logging.getLogger("hookgate.plugins")
@@ -37,58 +44,45 @@ class Hooks:
         for plugin in extra_plugins:
             self.pm.register(plugin)
         self.registry = ComponentRegistry()
-        for impl in self.pm.hook.hookgate_register_components.get_hookimpls():
+        self._register_components()
+        self.hook = self.pm.hook
+
+    def _register_components(self) -> None:
+        # One plugin at a time, so each component type records the plugin that registered it.
+        for plugin_name, caller in self._one_by_one("hookgate_register_components"):
             before = set(self.registry.types)
-            result = impl.function(registry=self.registry)
-            if inspect.isawaitable(result):
-                if inspect.iscoroutine(result):
-                    result.close()  # never awaited: say why instead of warning about it
+            results = caller(registry=self.registry)
+            if close_awaitables(results):
                 raise TypeError(
-                    f"plugin {impl.plugin_name!r}: hookgate_register_components must be a plain def, "
+                    f"plugin {plugin_name!r}: hookgate_register_components must be a plain def, "
                     "not async: it runs when the plugins load, before there is an event loop"
                 )
             for key in set(self.registry.types) - before:
-                ctype = self.registry.types[key]
-                self.registry.types[key] = type(ctype)(
-                    ctype.kind, ctype.name, ctype.config_type, ctype.factory, impl.plugin_name
-                )
-        self.hook = self.pm.hook
+                self.registry.types[key] = dataclasses.replace(self.registry.types[key], plugin=plugin_name)
 
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)
 
     async def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
-        """Call every implementation in pluggy's order and return the non-None results.
+        """Call the hook and return the non-None results, each awaited if it is awaitable.
 
-        Each one runs to completion (awaited, if it is a coroutine) before the next starts, so sync
-        and async implementations keep their order. For observer hooks, a failing implementation
-        is logged and the others still run; for the rest the exception propagates.
+        pluggy runs the implementations in its order; the coroutines of async ones are then awaited
+        in that same order. An exception propagates, except for observer hooks: there each
+        implementation is called on its own, and a failing one is logged while the others still run.
         """
-        isolated = hook_name in OBSERVERS
-        results: list[Any] = []
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
-            try:
-                result = impl.function(**{k: kwargs[k] for k in impl.argnames})
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception:
-                if not isolated:
-                    raise
-                log.exception("plugin %r failed in %s", impl.plugin_name, hook_name)
-                continue
-            if result is not None:
-                results.append(result)
-        return results
+        if hook_name in OBSERVERS:
+            return await self._observe(hook_name, kwargs)
+        results = await awaited(self._caller(hook_name)(**kwargs))
+        return [result for result in results if result is not None]
 
     async def call_first(self, hook_name: str, **kwargs: Any) -> Any:
-        """Call implementations in order until one gives a non-None result (awaiting as needed)."""
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
-            result = impl.function(**{k: kwargs[k] for k in impl.argnames})
-            if inspect.isawaitable(result):
-                result = await result
-            if result is not None:
-                return result
-        return None
+        """Call a `firstresult` hook and return its answer, awaited if it is awaitable.
+
+        pluggy stops at the first implementation that returns something other than None. An async
+        implementation always does (its coroutine), so its awaited answer is final, even None.
+        """
+        (result,) = await awaited([self._caller(hook_name)(**kwargs)])
+        return result
 
     async def first_rejection(self, hook_name: str, **kwargs: Any) -> Rejection | None:
         for result in await self.call(hook_name, **kwargs):
@@ -97,15 +91,43 @@ class Hooks:
         return None
 
     async def chain(self, hook_name: str, value_arg: str, value: Any, **kwargs: Any) -> Any:
-        """Pass a value through every implementation in turn; None leaves it unchanged."""
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
-            args = {value_arg: value, **kwargs}
-            result = impl.function(**{k: args[k] for k in impl.argnames})
-            if inspect.isawaitable(result):
-                result = await result
-            if result is not None:
-                value = result
+        """Pass a value through every implementation in turn; None leaves it unchanged.
+
+        Each implementation is a pluggy call of its own (with the hook's wrappers), awaited before
+        the next one is called, since it sees the value the previous one returned.
+        """
+        for _, caller in self._one_by_one(hook_name):
+            for result in await awaited(caller(**{value_arg: value, **kwargs})):
+                if result is not None:
+                    value = result
         return value
+
+    async def _observe(self, hook_name: str, kwargs: dict[str, Any]) -> list[Any]:
+        results: list[Any] = []
+        for plugin_name, caller in self._one_by_one(hook_name):
+            try:
+                results += [result for result in await awaited(caller(**kwargs)) if result is not None]
+            except Exception:
+                log.exception("plugin %r failed in %s", plugin_name, hook_name)
+        return results
+
+    def _caller(self, hook_name: str) -> pluggy.HookCaller:
+        caller: pluggy.HookCaller = getattr(self.pm.hook, hook_name)  # pluggy's relay names each hook
+        return caller
+
+    def _one_by_one(self, hook_name: str) -> list[tuple[str, pluggy.HookCaller]]:
+        """For each implementation, in pluggy's call order, a caller of it alone and the hook's wrappers."""
+        impls = [
+            impl
+            for impl in reversed(self._caller(hook_name).get_hookimpls())
+            if not (impl.wrapper or impl.hookwrapper)
+        ]
+        plugins = [impl.plugin for impl in impls]
+        callers = []
+        for impl in impls:
+            others = [plugin for plugin in plugins if plugin is not impl.plugin]
+            callers.append((impl.plugin_name, self.pm.subset_hook_caller(hook_name, others)))
+        return callers
 
     def plugins(self) -> list[PluginInfo]:
         dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}

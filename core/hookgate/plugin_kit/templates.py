@@ -4,6 +4,8 @@ more than the body: the `hmac` verifier and the `hmac` signer use the same synta
 - `{name}` stands for a value the plugin supplies (`{body}`, `{timestamp}`, `{id}`, ...).
 - `{header.<Name>}` stands for a request header, where the plugin allows it.
 - `{{` and `}}` are literal braces; any other text is copied as is.
+
+A header value goes into signed content as the bytes it had on the wire (`wire_bytes`).
 """
 
 from __future__ import annotations
@@ -61,3 +63,11 @@ def parse_template(template: str, names: tuple[str, ...], *, headers: bool = Fal
 def _allowed(names: tuple[str, ...], headers: bool) -> str:
     shown = [f"{{{name}}}" for name in names] + (["{header.<Name>}"] if headers else [])
     return ", ".join(shown[:-1]) + " or " + shown[-1] if len(shown) > 1 else shown[0]
+
+
+def wire_bytes(value: str) -> bytes:
+    """A header value as its bytes on the wire (the ASGI layer decodes them as latin-1)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # not from the wire: built in code, so take it as text
+        return value.encode("utf-8", "surrogatepass")
