@@ -19,13 +19,13 @@ from hypercorn.config import Config as HypercornConfig
 
 from hookgate import __version__
 from hookgate.api.app import Api
-from hookgate.api.catalog import Catalog, instantiate
+from hookgate.api.catalog import Catalog
 from hookgate.api.endpoints import EndpointApi
 from hookgate.api.log import LogApi
 from hookgate.app import App
 from hookgate.broker import Broker, BrokerRefused, BrokerUnavailable
 from hookgate.broker.embedded import embedded_nats, generated_secrets_key
-from hookgate.config import DEFAULT_SYNC, Component, LoadedConfig, ServerConfig
+from hookgate.config import DEFAULT_SYNC, LoadedConfig, ServerConfig
 from hookgate.config.sealing import Sealer, parse_key
 from hookgate.egress.dispatcher import Dispatcher
 from hookgate.egress.state import EndpointStates
@@ -36,6 +36,7 @@ from hookgate.log.query import DeliveryLog
 from hookgate.log.replay import Replayer
 from hookgate.observe.metrics import Metrics
 from hookgate.observe.tracing import tracing_for
+from hookgate.plugin_host.builders import build_access_rule, build_handshake, build_transform, build_verifier
 from hookgate.plugin_host.components import ConfiguredComponents
 from hookgate.plugin_host.hooks import Hooks
 from hookgate.plugin_kit.units import seconds, size_bytes
@@ -99,13 +100,14 @@ async def run(
         _connect(loaded, target, publish_timeout) as broker,
     ):
         url = target.url
+        registry = hooks.registry
         sources = {
             name: Source.build(
                 name,
                 source,
-                verifier=_instantiate(hooks, loaded.verifiers.get(name)),
-                access_rules=tuple(_instantiate(hooks, r) for r in loaded.access_rules.get(name, [])),
-                handshake=_instantiate(hooks, loaded.handshakes.get(name)),
+                verifier=build_verifier(registry, loaded.verifiers.get(name)),
+                access_rules=tuple(build_access_rule(registry, r) for r in loaded.access_rules.get(name, [])),
+                handshake=build_handshake(registry, loaded.handshakes.get(name)),
             )
             for name, source in config.sources.items()
         }
@@ -116,7 +118,7 @@ async def run(
         # One view of endpoint states for the API and the dispatcher: a change made here applies
         # here at once, and reaches other replicas within a second.
         states = EndpointStates(broker, config.ops.endpoint)
-        transforms = {i: _instantiate(hooks, c) for i, c in loaded.transforms.items()}
+        transforms = {i: build_transform(registry, c) for i, c in loaded.transforms.items()}
         router = Router(broker, hooks, config.routes, set(catalog.config_entries), transforms)
         delivery_log = DeliveryLog(broker, states, size_bytes(config.log.body_excerpt))
         replayer = Replayer(
@@ -297,7 +299,3 @@ async def _connect(
             await trio.sleep(delay)
             delay = min(delay * 2, 10)
         yield broker
-
-
-def _instantiate(hooks: Hooks, component: Component | None) -> Any:
-    return instantiate(hooks.registry, component)

@@ -36,6 +36,7 @@ from hookgate.config.sealing import Sealer, SealError
 from hookgate.egress.endpoint import Endpoint
 from hookgate.egress.worker import cancel_when_set
 from hookgate.observe.redact import redact
+from hookgate.plugin_host.builders import build_endpoint_auth, build_signer
 from hookgate.plugin_host.hooks import Hooks
 from hookgate.routing.routes import CompiledRoute
 from hookgate.transport.ssrf import EgressGuard
@@ -208,9 +209,9 @@ class Catalog:
         return Endpoint.build(
             name,
             config,
-            signer=instantiate(self.registry, signer),
+            signer=build_signer(self.registry, signer),
             guard=self.guard,
-            auth=instantiate(self.registry, auth),
+            auth=build_endpoint_auth(self.registry, auth),
             proxy=proxy or None,
         )
 
@@ -349,11 +350,3 @@ class Catalog:
                 log.warning("watching endpoint documents failed: %s; again in %.1fs", exc, backoff)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, WATCH_RETRY_MAX)
-
-
-def instantiate(registry: ComponentRegistry, component: Component | None) -> Any:
-    if component is None:
-        return None
-    ctype = registry.get(component.kind, component.type)
-    assert ctype is not None, "checking resolved every component"
-    return ctype.factory(component.config)

@@ -17,6 +17,7 @@ from hookgate import __version__, config, gateway, hookspecs
 from hookgate.cli import client, commands, docgen
 from hookgate.observe import logs
 from hookgate.observe.redact import redact_text, without_password
+from hookgate.plugin_host.builders import build_signer, public_keys
 from hookgate.plugin_host.hooks import Hooks
 from hookgate.plugin_kit.units import format_duration, plural, seconds
 from hookgate.transport.ssrf import EgressGuard, SsrfRefused
@@ -290,12 +291,11 @@ def _endpoint_key(path: str, endpoint: str) -> int:
         print(f"{path}: no endpoint named {endpoint!r} (endpoints: {known})", file=sys.stderr)
         return 1
     component = loaded.signers.get(endpoint)
-    ctype = hooks.registry.get(ComponentKind.SIGNER, component.type) if component else None
-    if component is None or ctype is None:
+    signer = build_signer(hooks.registry, component)
+    if component is None or signer is None:
         print(f"{path}: endpoint {endpoint!r} has no signing", file=sys.stderr)
         return 1
-    signer = ctype.factory(component.config)
-    keys = list(getattr(signer, "public_keys", list)())
+    keys = public_keys(signer)
     if not keys:
         print(
             f"{path}: endpoint {endpoint!r} signs with scheme {component.type!r}, which has no public key "

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hookgate.config import EndpointConfig
 from hookgate.egress.retry import retry_delay
 from hookgate.plugin_kit.units import seconds
 from hookgate.transport.pool import PooledTransport
 from hookgate.transport.ssrf import EgressGuard
-from hookgate.types import EndpointView
+from hookgate.types import EndpointAuth, EndpointView, Signer
 
 if TYPE_CHECKING:
     from hookgate.egress.send import Result
@@ -35,9 +35,9 @@ class Endpoint:
         cls,
         name: str,
         config: EndpointConfig,
-        signer: Any = None,
+        signer: Signer | None = None,
         guard: EgressGuard | None = None,
-        auth: Any = None,
+        auth: EndpointAuth | None = None,
         proxy: str | None = None,
     ) -> Endpoint:
         guard = guard or EgressGuard()

@@ -35,15 +35,19 @@ from hookgate.ingress.asgi import (
 from hookgate.observe.logs import Summary
 from hookgate.observe.metrics import Metrics
 from hookgate.observe.tracing import OFF, Span, Tracing
+from hookgate.plugin_host.builders import credential_headers, event_defaults
 from hookgate.plugin_host.hooks import Hooks
 from hookgate.transport.fields import TOKEN, sendable
 from hookgate.types import (
+    AccessRule,
     Event,
+    Handshake,
     HandshakeResponse,
     Headers,
     IngressRequest,
     Rejection,
     SourceView,
+    Verifier,
     find_header,
 )
 
@@ -75,12 +79,11 @@ class Source:
         cls,
         name: str,
         config: SourceConfig,
-        verifier: Any = None,
-        access_rules: tuple[Any, ...] = (),
-        handshake: Any = None,
+        verifier: Verifier | None = None,
+        access_rules: tuple[AccessRule, ...] = (),
+        handshake: Handshake | None = None,
     ) -> Source:
-        default_type = getattr(verifier, "default_event_type", None)
-        default_id = getattr(verifier, "default_event_id", None)
+        default_type, default_id = event_defaults(verifier)
         return cls(
             name=name,
             config=config,
@@ -89,7 +92,7 @@ class Source:
             event_id=config.event_id or default_id,
             strict_type=config.event_type is not None,
             strict_id=config.event_id is not None,
-            consumed=frozenset().union(*(_credential_headers(rule) for rule in access_rules)),
+            consumed=frozenset().union(*(credential_headers(rule) for rule in access_rules)),
         )
 
     def stored_headers(self, request: IngressRequest) -> Headers:
@@ -105,14 +108,6 @@ class Source:
 
     def select_id(self, request: IngressRequest, body: _Body) -> str | None:
         return _select_or_none(self.event_id, self.strict_id, request, body)
-
-
-def _credential_headers(rule: Any) -> frozenset[str]:
-    """The lower-case names of the headers an access rule says it consumed (`credential_headers`)."""
-    names = getattr(rule, "credential_headers", None) or ()
-    if isinstance(names, str):  # one name, written without the tuple
-        names = (names,)
-    return frozenset(name.lower() for name in names)
 
 
 def _select_or_none(spec: str | None, strict: bool, request: IngressRequest, body: _Body) -> str | None:
