@@ -65,14 +65,14 @@ class NatsBridge(NatsLoop):
     async def open(cls, options: ConnectOptions) -> AsyncIterator[NatsBridge]:
         """Start the asyncio thread and connect; on exit drain the connection and stop the thread."""
         bridge = cls(options)
-        bridge._start_thread()
+        bridge.start_thread()
         try:
             await bridge.run(bridge._connect)
             yield bridge
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await bridge.run(bridge._close)
-            await bridge._stop_thread()
+            await bridge.stop_thread()
 
     # --- connection ------------------------------------------------------------------------
 
