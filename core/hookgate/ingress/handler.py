@@ -233,72 +233,57 @@ class Ingress:
             await self._post(scope, send, source, body, span)
 
     async def _post(self, scope: Scope, send: Send, source: Source, body: bytes, span: Span) -> None:
-        source_name = source.name
-        request = _request(scope, source_name, body)
-
+        request = _request(scope, source.name, body)
         rejection = await self._check(request, source)
         if rejection is not None:
-            code = rejection.code.replace("{", "{{").replace("}", "}}")  # a plugin's, not a template
-            self.rejections.note(
-                f"{source_name}:{rejection.code}",
-                f"source {source_name}: {{count}} more webhook(s) rejected ({code}) since the previous line",
-                first=f"rejected webhook for source {source_name}: {rejection.code} ({rejection.message})",
-                extra={"source": source_name},
-            )
-            self.metrics.ingress_rejections.labels(source_name, rejection.code).inc()
-            span.set("hookgate.rejection", rejection.code)
-
-            await send_error(send, rejection.status, rejection.code, rejection.message)
+            await self._reject(send, source.name, rejection, span)
             return
         handshake = await self.hooks.call_first("hookgate_handshake", request=request, source=source.view)
         if handshake is not None:
             await _send_handshake(send, handshake)
             return
-
-        parsed = _Body(body, request.header("content-type"))
         try:
-            event_type = source.select_type(request, parsed)
-            external_id = source.select_id(request, parsed)
+            event = _event(request, source, body)
         except MalformedBody as exc:
             await send_error(send, 400, "malformed_body", str(exc))
             return
-        if source.config.dedup == "body":
-            # The provider's id is kept (external_id) but does not decide: a replay of a signed
-            # body under a fresh, unsigned delivery id is a duplicate.
-            event_id = event_id_for_body(source_name, body)
-        elif external_id:
-            event_id = event_id_for(source_name, external_id)
-        else:
-            event_id = new_event_id()
-        event = Event(
-            id=event_id,
-            source=source_name,
-            type=event_type or DEFAULT_EVENT_TYPE,
-            received_at=time.time(),
-            body=body,
-            content_type=request.header("content-type") or "application/octet-stream",
-            headers=source.stored_headers(request),
-            external_id=external_id,
-        )
         # The event id is derived from the provider's id (or the body), so it is the dedup key and
         # is always header-safe (a provider id may hold any bytes).
-        span.set("hookgate.event_id", event_id)
+        span.set("hookgate.event_id", event.id)
         # A client that has gone will not see an answer: storing its event would only make a
         # duplicate of the provider's retry (or, without an id, a second event).
         if client_gone(scope):
             await self.admission.refuse(send, "client_gone")
             return
+        if await self._store(send, event, span):
+            await self._respond(send, source, event.id)
+
+    async def _reject(self, send: Send, source_name: str, rejection: Rejection, span: Span) -> None:
+        code = rejection.code.replace("{", "{{").replace("}", "}}")  # a plugin's, not a template
+        self.rejections.note(
+            f"{source_name}:{rejection.code}",
+            f"source {source_name}: {{count}} more webhook(s) rejected ({code}) since the previous line",
+            first=f"rejected webhook for source {source_name}: {rejection.code} ({rejection.message})",
+            extra={"source": source_name},
+        )
+        self.metrics.ingress_rejections.labels(source_name, rejection.code).inc()
+        span.set("hookgate.rejection", rejection.code)
+        await send_error(send, rejection.status, rejection.code, rejection.message)
+
+    async def _store(self, send: Send, event: Event, span: Span) -> bool:
+        """Store the event; False when it could not be (the client has had its 503)."""
+        source_name = event.source
         late = self.metrics.events_stored_late.labels(source_name).inc
-        result = await store_event(self.broker, event, f"{source_name}:{event_id}", span, stored_late=late)
+        result = await store_event(self.broker, event, f"{source_name}:{event.id}", span, stored_late=late)
         if not result.ok:
             log.error(
                 "could not store webhook for source %s: %s",
                 source_name,
                 result.error,
-                extra={"source": source_name, "event_id": event_id},
+                extra={"source": source_name, "event_id": event.id},
             )
-            await send_unstored(send, event_id)
-            return
+            await send_unstored(send, event.id)
+            return False
         (self.metrics.events_duplicate if result.duplicate else self.metrics.events_stored).labels(
             source_name
         ).inc()
@@ -306,9 +291,9 @@ class Ingress:
             log.info(
                 "duplicate webhook for source %s, event id %s: not stored again",
                 source_name,
-                external_id or event_id,
+                event.external_id or event.id,
             )
-        await self._respond(send, source, event_id)
+        return True
 
     async def _check(self, request: IngressRequest, source: Source) -> Rejection | None:
         rejection = unsendable_header(request.headers)
@@ -370,6 +355,33 @@ def unsendable_header(headers: Headers) -> Rejection | None:
 
 async def _send_handshake(send: Send, handshake: HandshakeResponse) -> None:
     await send_bytes(send, handshake.status, handshake.body, handshake.content_type)
+
+
+def _event(request: IngressRequest, source: Source, body: bytes) -> Event:
+    """The event a webhook makes: its type and provider id picked by the source's selectors, and
+    its id derived from the provider's id (or from the body, with `dedup: body`). Raises
+    MalformedBody when a selector cannot read the body."""
+    parsed = _Body(body, request.header("content-type"))
+    event_type = source.select_type(request, parsed)
+    external_id = source.select_id(request, parsed)
+    if source.config.dedup == "body":
+        # The provider's id is kept (external_id) but does not decide: a replay of a signed
+        # body under a fresh, unsigned delivery id is a duplicate.
+        event_id = event_id_for_body(source.name, body)
+    elif external_id:
+        event_id = event_id_for(source.name, external_id)
+    else:
+        event_id = new_event_id()
+    return Event(
+        id=event_id,
+        source=source.name,
+        type=event_type or DEFAULT_EVENT_TYPE,
+        received_at=time.time(),
+        body=body,
+        content_type=request.header("content-type") or "application/octet-stream",
+        headers=source.stored_headers(request),
+        external_id=external_id,
+    )
 
 
 def _request(scope: Scope, source: str, body: bytes) -> IngressRequest:

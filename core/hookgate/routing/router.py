@@ -176,74 +176,74 @@ class Router:
         return _Decision(event, routes, targets, variants, None)
 
     def _route_one(self, msg: InMsg, decided: _Decision) -> Commit:
-        event, routes, targets, variants, error = (
-            decided.event,
-            decided.routes,
-            decided.targets,
-            decided.variants,
-            decided.error,
-        )
-        topology = self.broker.topology
-        out: list[OutMsg] = []
-        created: list[DeliveryCreated] = []
+        """One event's commit: its deliveries, its routing record and its deliveries' creation
+        records, acked together."""
         now = time.time()
+        event = decided.event
+        deliveries = [] if event is None else self._deliveries(msg, event, decided, now)
+        topology = self.broker.topology
+        out = [OutMsg(topology.delivery_subject(d.endpoint), self._encode(d), h) for d, h in deliveries]
+        out.append(self._routing_record(msg, decided))
         if event is not None:
-            trace = carried(msg.headers)  # each delivery continues the event's trace
-            for endpoint in targets:
-                delivery = Delivery(
-                    id=delivery_id(event.id, endpoint),
-                    endpoint=endpoint,
-                    attempt=1,
-                    event=variants.get(endpoint, event),
-                    created_at=now,
-                    routes=routes,
-                )
-                out.append(
-                    OutMsg(
-                        topology.delivery_subject(endpoint),
-                        self._encode(delivery),
-                        {"Nats-Msg-Id": f"{event.id}:{endpoint}", **trace},
-                    )
-                )
-                created.append(
-                    DeliveryCreated(
-                        delivery_id=delivery.id,
-                        event_id=event.id,
-                        endpoint=endpoint,
-                        source=event.source,
-                        type=event.type,
-                        created_at=now,
-                        routes=routes,
-                    )
-                )
-        event_id = event.id if event else msg.headers.get("Nats-Msg-Id") or f"evt_s{msg.stream_seq}"
-        source = event.source if event else INTERNAL_SOURCE
-        record = RoutingRecord(
-            event_id=event_id,
-            source=source,
-            type=event.type if event else "",
-            received_at=event.received_at if event else msg.timestamp,
-            routes=routes,
-            endpoints=targets,
-            error=error,
-            events_seq=msg.stream_seq,
-        )
-        out.append(
-            OutMsg(
-                topology.routed_subject(event_key(event_id)),
-                self._encode_json(record),
-                {"Nats-Msg-Id": f"routed:{event_id}"},
-            )
-        )
-        if created:
-            out.extend(
-                OutMsg(
-                    topology.delivery_log_subject(c.endpoint, c.delivery_id),
-                    self._encode_json(c),
-                    {"Nats-Msg-Id": f"created:{c.delivery_id}"},
-                )
-                for c in created
-            )
+            out.extend(self._created_record(event, d, now) for d, _ in deliveries)
         # An unreadable event is recorded and acked: redelivering it would not make it readable.
         # The log's records are required too, so a delivery is never missing from the log.
         return Commit(out, ack=msg, required=len(out), nak_delay=ROUTE_RETRY_DELAY)
+
+    def _deliveries(
+        self, msg: InMsg, event: Event, decided: _Decision, now: float
+    ) -> list[tuple[Delivery, dict[str, str]]]:
+        """One delivery per target endpoint, each with its headers: the dedup id, and the event's
+        trace, which each delivery continues."""
+        trace = carried(msg.headers)
+        return [
+            (
+                Delivery(
+                    id=delivery_id(event.id, endpoint),
+                    endpoint=endpoint,
+                    attempt=1,
+                    event=decided.variants.get(endpoint, event),
+                    created_at=now,
+                    routes=decided.routes,
+                ),
+                {"Nats-Msg-Id": f"{event.id}:{endpoint}", **trace},
+            )
+            for endpoint in decided.targets
+        ]
+
+    def _routing_record(self, msg: InMsg, decided: _Decision) -> OutMsg:
+        event = decided.event
+        event_id = event.id if event else msg.headers.get("Nats-Msg-Id") or f"evt_s{msg.stream_seq}"
+        record = RoutingRecord(
+            event_id=event_id,
+            source=event.source if event else INTERNAL_SOURCE,
+            type=event.type if event else "",
+            received_at=event.received_at if event else msg.timestamp,
+            routes=decided.routes,
+            endpoints=decided.targets,
+            error=decided.error,
+            events_seq=msg.stream_seq,
+        )
+        return OutMsg(
+            self.broker.topology.routed_subject(event_key(event_id)),
+            self._encode_json(record),
+            {"Nats-Msg-Id": f"routed:{event_id}"},
+        )
+
+    def _created_record(self, event: Event, delivery: Delivery, now: float) -> OutMsg:
+        """The delivery log's creation record of a delivery, naming the event as it came in (a
+        transform may have changed what the endpoint gets)."""
+        created = DeliveryCreated(
+            delivery_id=delivery.id,
+            event_id=event.id,
+            endpoint=delivery.endpoint,
+            source=event.source,
+            type=event.type,
+            created_at=now,
+            routes=delivery.routes,
+        )
+        return OutMsg(
+            self.broker.topology.delivery_log_subject(delivery.endpoint, delivery.id),
+            self._encode_json(created),
+            {"Nats-Msg-Id": f"created:{delivery.id}"},
+        )
