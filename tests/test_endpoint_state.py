@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import msgspec
+import nats
 import trio
 
+from hookgate.egress.worker import STATE_POLL
 from tests.support import NatsServer, Received, base_config, receiver, run_gateway, stream_messages
 
 
@@ -182,3 +185,57 @@ async def test_exhausted_deliveries_emit_an_ops_event(tmp_path: Path, nats_serve
     exhausted = next(o for o in ops if o["kind"] == "delivery.exhausted")
     assert exhausted["event_id"] == published.json()["id"]
     assert len(rx.requests) == 2
+
+
+async def _consumer_count(nats_url: str, stream: str) -> int:
+    """How many consumers `stream` has now, read with a plain nats-py client (as an operator would)."""
+
+    async def read() -> int:
+        nc = await nats.connect(nats_url)
+        try:
+            return len(await nc.jsm().consumers_info(stream))
+        finally:
+            await nc.close()
+
+    return await trio.to_thread.run_sync(lambda: asyncio.run(read()))
+
+
+async def test_an_idle_gateway_keeps_one_watch_on_the_states_bucket(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """No consumer per refresh: the count on KV_<bucket> stays constant and small while idle."""
+    async with receiver() as rx:
+        text = base_config(nats_server.url, f'endpoints: {{svc: {{url: "{rx.url}/in"}}}}\n')
+        async with run_gateway(tmp_path, text) as gw:
+            stream = "KV_" + gw.running.broker.topology.endpoints_bucket
+            counts = []
+            for _ in range(4):  # several refresh periods (STATE_POLL) of an idle gateway
+                counts.append(await _consumer_count(nats_server.url, stream))
+                await trio.sleep(STATE_POLL)
+            assert len(set(counts)) == 1, counts
+            assert counts[0] <= 1, counts
+
+
+async def test_a_state_set_on_one_gateway_is_seen_by_another_within_a_second(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    auth = {"Authorization": "Bearer test-token"}
+    async with receiver() as rx:
+        text = base_config(nats_server.url, f'endpoints: {{svc: {{url: "{rx.url}/in"}}}}\n')
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        async with run_gateway(tmp_path / "a", text) as first, run_gateway(tmp_path / "b", text) as second:
+
+            async def seen_by_first(disabled: bool) -> float:
+                started = trio.current_time()
+                with trio.fail_after(5):
+                    while True:
+                        shown = await first.http.get(f"{first.url}/api/v1/endpoints/svc", headers=auth)
+                        if shown.json()["disabled"] is disabled:
+                            return trio.current_time() - started
+                        await trio.sleep(0.02)
+
+            for action, disabled in (("disable", True), ("enable", False)):
+                changed = await second.http.post(f"{second.url}/api/v1/endpoints/svc/{action}", headers=auth)
+                assert changed.status_code == 200, changed.text
+                assert await seen_by_first(disabled) < 1.2

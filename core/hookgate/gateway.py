@@ -116,7 +116,7 @@ async def run(
         catalog = Catalog(loaded, hooks, broker, guard, _sealer(loaded, target))
         metrics = Metrics()
         # One view of endpoint states for the API and the dispatcher: a change made here applies
-        # here at once, and reaches other replicas within a second.
+        # here at once, and reaches other replicas as soon as their watch sees it stored.
         states = EndpointStates(broker, config.ops.endpoint)
         transforms = {i: build_transform(registry, c) for i, c in loaded.transforms.items()}
         router = Router(broker, hooks, config.routes, set(catalog.config_entries), transforms)
@@ -162,6 +162,8 @@ async def run(
         async with trio.open_nursery() as nursery:
             # The stored endpoints are known before anything routes or delivers.
             await nursery.start(catalog.run, stopping)
+            # Endpoint states, followed by one watch for the API and the dispatcher alike.
+            await nursery.start(states.run, stopping)
             binds = await nursery.start(_serve_http, app, loaded, metrics, stopping)
             # Consumers exist (created or updated) before the gateway reports itself started.
             await nursery.start(router.run, stopping)

@@ -16,7 +16,7 @@ from hookgate.broker import Broker, ConsumerSpec, PullConsumer
 from hookgate.egress.context import WorkerContext
 from hookgate.egress.endpoint import Endpoint
 from hookgate.egress.state import EndpointStates
-from hookgate.egress.worker import STATE_POLL, EndpointWorker
+from hookgate.egress.worker import EndpointWorker
 from hookgate.observe.metrics import Metrics
 from hookgate.observe.tracing import OFF, Tracing
 from hookgate.plugin_host.hooks import Hooks
@@ -72,7 +72,6 @@ class Dispatcher:
         # before the gateway reports itself started.
         initial = dict(self.endpoints)
         consumers = await self.broker.consumers([self.consumer_spec(e) for e in initial.values()])
-        await self.states.refresh()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -81,7 +80,6 @@ class Dispatcher:
                     self._start(endpoint, consumer)
                 task_status.started()
                 self._reconcile()  # endpoints that changed while the consumers were being created
-                nursery.start_soon(self._follow_states, stopping)
                 nursery.start_soon(self._measure_backlog, stopping)
                 await stopping.wait()
                 for slot in self._slots.values():
@@ -205,16 +203,6 @@ class Dispatcher:
                 self.metrics.endpoint_disabled.labels(name).set(1 if self.states.disabled(name) else 0)
             with trio.move_on_after(BACKLOG_POLL):
                 await stopping.wait()
-
-    async def _follow_states(self, stopping: trio.Event) -> None:
-        """Re-read endpoint states, so a disable or enable by any replica or the API applies here."""
-        while not stopping.is_set():
-            with trio.move_on_after(STATE_POLL):
-                await stopping.wait()
-            try:
-                await self.states.refresh()
-            except Exception as exc:
-                log.warning("could not read endpoint states: %s", exc)
 
 
 @dataclass(eq=False)

@@ -1,6 +1,7 @@
 """Endpoint states (enabled or disabled) kept in a JetStream KV bucket, and operational events.
 
-Every replica reads the bucket, so an endpoint disabled by one (on a 410, or after failing for
+Every replica follows the bucket with one KV watch (one consumer on its stream, however long it
+idles), so an endpoint disabled by one (on a 410, or after failing for
 `disable_after`) or through the API stops for all of them. Its deliveries stay in JetStream and
 flow again once it is enabled. Operational events go to `hookgate.ops.<kind>` and, when
 `ops.endpoint` is configured, to that endpoint as internal events of type `hookgate.<kind>`.
@@ -12,8 +13,9 @@ import logging
 import time
 
 import msgspec
+import trio
 
-from hookgate.broker import Broker, Commit, OutMsg
+from hookgate.broker import Broker, Commit, KvUpdate, OutMsg
 from hookgate.broker.events import encode_event
 from hookgate.broker.ids import new_event_id
 from hookgate.types import INTERNAL_SOURCE, Event
@@ -38,6 +40,8 @@ class OpsEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     event_id: str | None = None
 
 
+WATCH_RETRY_MAX = 5.0  # the longest wait before watching the bucket again after the watch failed
+
 _status_decoder = msgspec.json.Decoder(EndpointStatus)
 _encode = msgspec.json.Encoder().encode
 
@@ -53,15 +57,56 @@ class EndpointStates:
         return status is not None and status.disabled
 
     async def refresh(self) -> dict[str, EndpointStatus]:
+        """Read every state once (a tool or test; the gateway follows the bucket with `run`)."""
         raw = await self.broker.kv_get_all(self.broker.topology.endpoints_bucket)
-        states = {}
-        for name, value in raw.items():
+        self.current = {name: s for name, value in raw.items() if (s := _decode(name, value)) is not None}
+        return self.current
+
+    async def run(
+        self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow the bucket until `stopping`; started once the current states are known.
+
+        One watch for the whole process: a change made by any replica or the API arrives here as
+        it is stored, with no polling, and the watch's one consumer lives as long as the process.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when_set, stopping, nursery.cancel_scope)
+            await nursery.start(self._follow)
+            task_status.started()
+
+    async def _follow(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        backoff = 0.5
+        while True:
             try:
-                states[name] = _status_decoder.decode(value)
-            except msgspec.DecodeError:
-                log.warning("ignoring an unreadable state for endpoint %s", name)
+                async with self.broker.watch_kv(self.broker.topology.endpoints_bucket) as batches:
+                    snapshot = True
+                    async for batch in batches:
+                        self._apply(batch, snapshot=snapshot)
+                        snapshot = False
+                        backoff = 0.5
+                        if not started:
+                            started = True
+                            task_status.started()
+            except Exception as exc:
+                if not started:
+                    raise
+                log.warning("watching endpoint states failed: %s; again in %.1fs", exc, backoff)
+            # Until watched again, the last known states stay in force.
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, WATCH_RETRY_MAX)
+
+    def _apply(self, batch: list[KvUpdate], *, snapshot: bool) -> None:
+        """A snapshot replaces every state (a watch started again may have missed deletes)."""
+        states = {} if snapshot else dict(self.current)
+        for update in batch:
+            status = None if update.value is None else _decode(update.key, update.value)
+            if status is None:
+                states.pop(update.key, None)
+            else:
+                states[update.key] = status
         self.current = states
-        return states
 
     async def set(self, endpoint: str, disabled: bool, reason: str) -> None:
         status = EndpointStatus(disabled=disabled, reason=reason, since=time.time())
@@ -88,3 +133,16 @@ class EndpointStates:
             )
             msgs.append(OutMsg(self.broker.topology.event_subject(INTERNAL_SOURCE), encode_event(event)))
         self.broker.commit_later(Commit(msgs))
+
+
+def _decode(endpoint: str, value: bytes) -> EndpointStatus | None:
+    try:
+        return _status_decoder.decode(value)
+    except msgspec.DecodeError:
+        log.warning("ignoring an unreadable state for endpoint %s", endpoint)
+        return None
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
