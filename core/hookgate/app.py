@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import trio
+
 from hookgate.api.app import Api
 from hookgate.broker import Broker
 from hookgate.ingress.asgi import Receive, Scope, Send, send_bytes, send_error, send_json
@@ -14,6 +16,9 @@ from hookgate.observe.metrics import CONTENT_TYPE, Metrics
 log = logging.getLogger("hookgate.http")
 
 WEBHOOKS = "/webhooks/"
+# /readyz answers within this, even when the broker does not answer at all (a frozen server), so
+# a probe with a 1 s timeout gets a 503 rather than timing out.
+READY_DEADLINE = 0.5
 
 
 class App:
@@ -40,10 +45,11 @@ class App:
             elif path == "/metrics":
                 await send_bytes(send, 200, self.metrics.render(), CONTENT_TYPE)
             elif path == "/readyz":
-                ready = await self.broker.ready()
-                await send_json(
-                    send, 200 if ready else 503, {"status": "ready" if ready else "broker unavailable"}
-                )
+                reason = await self._not_ready()
+                if reason is None:
+                    await send_json(send, 200, {"status": "ready"})
+                else:
+                    await send_json(send, 503, {"status": "broker unavailable", "reason": reason})
             else:
                 await send_error(send, 404, "not_found", f"nothing at {path}")
         except Exception:
@@ -51,6 +57,16 @@ class App:
             log.exception("unhandled error serving %s %s", scope.get("method"), path)
             with contextlib.suppress(Exception):  # the response may have started already
                 await send_error(send, 500, "internal_error", "internal error; see the gateway log")
+
+    async def _not_ready(self) -> str | None:
+        """Why the gateway is not ready, or None when it is; decided within READY_DEADLINE."""
+        if not self.broker.connected:
+            return "not connected to the broker"
+        with trio.move_on_after(READY_DEADLINE):
+            if await self.broker.ready():
+                return None
+            return "the broker's streams are missing or unreadable"
+        return f"the broker did not answer within {READY_DEADLINE}s"
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
