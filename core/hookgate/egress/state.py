@@ -56,12 +56,6 @@ class EndpointStates:
         status = self.current.get(endpoint)
         return status is not None and status.disabled
 
-    async def refresh(self) -> dict[str, EndpointStatus]:
-        """Read every state once (a tool or test; the gateway follows the bucket with `run`)."""
-        raw = await self.broker.kv_get_all(self.broker.topology.endpoints_bucket)
-        self.current = {name: s for name, value in raw.items() if (s := _decode(name, value)) is not None}
-        return self.current
-
     async def run(
         self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
