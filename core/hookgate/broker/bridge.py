@@ -215,12 +215,19 @@ class NatsBridge(NatsLoop):
         async def go(nc: Client, jsm: JetStreamManager) -> list[PullConsumer]:
             out = []
             for spec in specs:
-                with admin.jetstream_errors(
-                    f"consumer {spec.durable} of stream {spec.stream}", self._violations
-                ):
-                    consumer = await admin.ensure_consumer(nc, jsm, spec)
-                    self._consumers.append(consumer)
-                    out.append(consumer)
+                what = f"consumer {spec.durable} of stream {spec.stream}"
+
+                async def create(spec: ConsumerSpec = spec, what: str = what) -> PullConsumer:
+                    with admin.jetstream_errors(what, self._violations):
+                        return await admin.ensure_consumer(nc, jsm, spec)
+
+                # Outside the gateway's startup retry: a new cluster's timeouts and 503s are
+                # waited out here, and only a refusal stops at once.
+                consumer = await transient.retrying(
+                    what, create, attempts=transient.SETUP_ATTEMPTS, budget=transient.SETUP_BUDGET
+                )
+                self._consumers.append(consumer)
+                out.append(consumer)
             return out
 
         return await self.run(go, self._client, self.jsm)
