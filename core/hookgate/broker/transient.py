@@ -1,6 +1,6 @@
 """JetStream errors that pass by themselves (a cluster electing a leader, a server paused or
-reconnecting) and the bounded retry of a read that meets one. Coroutines here run on the nats
-loop (see NatsBridge)."""
+reconnecting) and the bounded retry of a call that meets one: a delivery-log read, a consumer's
+creation. Coroutines here run on the nats loop (see NatsBridge)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ log = logging.getLogger("hookgate.broker")
 READ_ATTEMPTS = 3
 """A read of the delivery log is tried at most this many times."""
 READ_BACKOFF = 0.2
-"""Seconds before the second try, doubled before each later one."""
+"""Seconds before the second try of any call, doubled before each later one."""
 READ_BUDGET = 8.0
 """Seconds a read may take over all its tries, within an API client's usual 10 s timeout."""
 SETUP_ATTEMPTS = 6
