@@ -4,6 +4,7 @@ examples/nats-cluster, and the minimum server version. Each test starts its own 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -314,9 +315,10 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-async def test_the_example_three_node_cluster_delivers_with_three_replicas(tmp_path: Path) -> None:
-    # The example's files as they are, on free ports; each node runs in a copy of the directory,
-    # where its relative store_dir lands.
+@contextlib.contextmanager
+def example_cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """The example's three nodes as they are, on free ports (each runs in a copy of the
+    directory, where its relative store_dir lands): the gateway's config, and the nodes."""
     ports = _free_ports(6)
     fixed = ["4231", "4232", "4233", "6231", "6232", "6233"]
 
@@ -339,8 +341,17 @@ async def test_the_example_three_node_cluster_delivers_with_three_replicas(tmp_p
                         stderr=log,
                     )
                 )
+        yield moved((CLUSTER / "hookgate.yaml").read_text()), nodes
+    finally:
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            node.wait(10)
+
+
+async def test_the_example_three_node_cluster_delivers_with_three_replicas(tmp_path: Path) -> None:
+    with example_cluster(tmp_path) as (text, _):
         async with receiver() as rx:
-            text = moved((CLUSTER / "hookgate.yaml").read_text())
             env = {"HOOKGATE_PORT": "0", "RECEIVER_PORT": str(rx.port), "HOOKGATE_API_TOKEN": "test-token"}
             # The gateway waits while the cluster elects its JetStream leader.
             with trio.fail_after(30):
@@ -353,11 +364,79 @@ async def test_the_example_three_node_cluster_delivers_with_three_replicas(tmp_p
         assert len(replicas) == 7  # five streams and two key-value buckets
         for name in ("n1", "n2", "n3"):
             assert (tmp_path / "data" / name / "jetstream").is_dir()
-    finally:
-        for node in nodes:
-            node.terminate()
-        for node in nodes:
-            node.wait(10)
+
+
+async def test_two_replicas_started_together_on_a_new_cluster_both_start(tmp_path: Path) -> None:
+    # Both create the same streams while the cluster elects its leaders: the timeouts and 503s
+    # that meet them are retried, not a crash (issue 12).
+    with example_cluster(tmp_path) as (text, _):
+        env = {"HOOKGATE_PORT": "0", "HOOKGATE_API_TOKEN": "test-token"}
+        ready: list[int] = []
+
+        async def replica(n: int) -> None:
+            (tmp_path / str(n)).mkdir()
+            async with run_gateway(tmp_path / str(n), text, env=env) as gw:
+                response = await gw.http.get(f"{gw.url}/readyz")
+                assert response.status_code == 200, response.text
+                ready.append(n)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(replica, 1)
+                nursery.start_soon(replica, 2)
+        assert sorted(ready) == [1, 2]
+
+
+async def test_filtered_delivery_lists_on_the_cluster_answer_200_every_time(tmp_path: Path) -> None:
+    # The ephemeral consumer a filtered list reads through may not be ready on its node when the
+    # first fetch arrives (a 503): that fetch is retried, not answered 500 (issue 12).
+    with example_cluster(tmp_path) as (text, _):
+        env = {
+            "HOOKGATE_PORT": "0",
+            "HOOKGATE_API_TOKEN": "test-token",
+            "RECEIVER_PORT": str(_free_ports(1)[0]),  # nothing listens: deliveries are retried
+        }
+        with trio.fail_after(90):
+            async with run_gateway(tmp_path, text, env=env) as gw:
+                for n in range(3):
+                    assert (await gw.publish("order.created", {"id": n})).status_code == 202
+                params = {"endpoint": "receiver", "status": "retrying"}
+                await _until(gw, "/deliveries", lambda page: len(page["data"]) == 3, **params)
+                statuses = []
+                for _ in range(20):
+                    response = await gw.http.get(
+                        f"{gw.url}/api/v1/deliveries", params=params, headers=AUTH, timeout=30
+                    )
+                    statuses.append(response.status_code)
+    assert statuses == [200] * 20
+
+
+async def test_the_log_of_a_cluster_without_a_majority_answers_503_then_200_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    # With two of three nodes stopped JetStream answers 503 (no leader): the API passes that on
+    # as 503 with Retry-After, not a 500, and reads again once the nodes are back (issue 12).
+    with example_cluster(tmp_path) as (text, nodes):
+        env = {"HOOKGATE_PORT": "0", "HOOKGATE_API_TOKEN": "test-token"}
+        with trio.fail_after(90):
+            async with run_gateway(tmp_path, text, env=env) as gw:
+                path = f"{gw.url}/api/v1/deliveries?endpoint=receiver&status=retrying"
+                assert (await gw.http.get(path, headers=AUTH)).status_code == 200
+                stopped = [node.args for node in nodes[1:]]
+                for node in nodes[1:]:
+                    node.terminate()
+                    node.wait(10)
+                without = await gw.http.get(path, headers=AUTH, timeout=30)
+                for i, args in enumerate(stopped, start=1):
+                    with (tmp_path / f"n{i + 1}.log").open("ab") as log:
+                        nodes[i] = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
+                while (back := await gw.http.get(path, headers=AUTH, timeout=30)).status_code != 200:
+                    assert back.status_code == 503, back.text
+                    await trio.sleep(0.5)  # the cluster elects its leaders again: nothing to await
+    assert without.status_code == 503, without.text
+    assert without.json()["error"] == "broker_unavailable"
+    assert without.headers["retry-after"] == "2"
+    assert back.json()["data"] == []
 
 
 def _stream_replicas(gw: Gateway):  # type: ignore[no-untyped-def]

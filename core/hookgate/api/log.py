@@ -20,6 +20,10 @@ from hookgate.plugin_kit.units import parse_time
 
 log = logging.getLogger("hookgate.api")
 
+RETRY_AFTER = 2
+"""Seconds a client is asked to wait (Retry-After) when the delivery log cannot be read: the
+broker is away or JetStream is electing a leader, which takes seconds."""
+
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
@@ -75,8 +79,11 @@ class LogApi:
             await send_error(send, exc.status, exc.code, str(exc))
         except (BrokerUnavailable, TimeoutError) as exc:
             log.error("the delivery log could not be read: %s", exc)
-            await send_error(
-                send, 503, "broker_unavailable", "the delivery log could not be read; retry later"
+            await send_json(
+                send,
+                503,
+                {"error": "broker_unavailable", "message": "the delivery log could not be read; retry later"},
+                headers=[(b"retry-after", str(RETRY_AFTER).encode())],
             )
         except Exception:
             log.exception("the API failed on %s /api/v1/%s", method, "/".join(parts))

@@ -28,6 +28,10 @@ from hookgate.broker.pull import PullConsumer
 log = logging.getLogger("hookgate.broker")
 
 
+# JetStream's own answers that no retry can change: it is off for hookgate's account or server.
+_NOT_ENABLED = {10039: "for hookgate's account", 10076: "on the NATS server"}
+
+
 @contextlib.contextmanager
 def jetstream_errors(what: str, violations: Sequence[str]) -> Iterator[None]:
     """Setup failures as BrokerRefused (settings or permissions to fix) or BrokerUnavailable
@@ -35,13 +39,19 @@ def jetstream_errors(what: str, violations: Sequence[str]) -> Iterator[None]:
     the server reported lately, oldest first, which explain a request nobody answered."""
     try:
         yield
-    except nats.errors.NoRespondersError:
-        raise BrokerRefused(
-            f"{what}: nothing answers JetStream requests: enable JetStream on the NATS server, "
-            "and for hookgate's account"
+    except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+        # nats-py reports "no responders" as a 503 without a code. Both come while a node's
+        # JetStream starts or a cluster elects its leader, so they pass; only JetStream's own
+        # "not enabled" answer is final.
+        where = _NOT_ENABLED.get(getattr(exc, "err_code", None) or 0)
+        if where is not None:
+            raise BrokerRefused(f"{what}: JetStream is not enabled {where}") from None
+        raise BrokerUnavailable(
+            f"{what}: JetStream is not available yet (if this persists, enable JetStream on the "
+            "NATS server and for hookgate's account)"
         ) from None
     except nats.js.errors.APIError as exc:
-        if exc.code == 503:  # no JetStream leader yet (a cluster starting or electing)
+        if exc.code == 503:  # a 503 of another kind: no JetStream leader yet
             raise BrokerUnavailable(f"{what}: JetStream is not available yet: {exc.description}") from None
         raise BrokerRefused(
             f"{what}: JetStream refused it: {exc.description} (error {exc.err_code})"

@@ -20,7 +20,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.manager import JetStreamManager
 
-from hookgate.broker import admin, kv, reads
+from hookgate.broker import admin, kv, reads, transient
 from hookgate.broker.commits import PubAcks
 from hookgate.broker.connect import (
     PERMISSIONS_VIOLATION,
@@ -215,12 +215,19 @@ class NatsBridge(NatsLoop):
         async def go(nc: Client, jsm: JetStreamManager) -> list[PullConsumer]:
             out = []
             for spec in specs:
-                with admin.jetstream_errors(
-                    f"consumer {spec.durable} of stream {spec.stream}", self._violations
-                ):
-                    consumer = await admin.ensure_consumer(nc, jsm, spec)
-                    self._consumers.append(consumer)
-                    out.append(consumer)
+                what = f"consumer {spec.durable} of stream {spec.stream}"
+
+                async def create(spec: ConsumerSpec = spec, what: str = what) -> PullConsumer:
+                    with admin.jetstream_errors(what, self._violations):
+                        return await admin.ensure_consumer(nc, jsm, spec)
+
+                # Outside the gateway's startup retry: a new cluster's timeouts and 503s are
+                # waited out here, and only a refusal stops at once.
+                consumer = await transient.retrying(
+                    what, create, attempts=transient.SETUP_ATTEMPTS, budget=transient.SETUP_BUDGET
+                )
+                self._consumers.append(consumer)
+                out.append(consumer)
             return out
 
         return await self.run(go, self._client, self.jsm)
@@ -286,18 +293,32 @@ class NatsBridge(NatsLoop):
         stream order, and whether more follow (see reads.scan)."""
 
         async def go(js: JetStreamContext) -> tuple[list[StoredMsg], bool]:
-            return await reads.scan(
-                js, stream, subjects, start_seq=start_seq, start_time=start_time, limit=limit
+            return await transient.retrying(
+                f"reading stream {stream}",
+                lambda: reads.scan(
+                    js, stream, subjects, start_seq=start_seq, start_time=start_time, limit=limit
+                ),
             )
 
         return await self.run(go, self.js)
 
     async def last_msgs(self, stream: str, subjects: list[str]) -> dict[str, StoredMsg]:
         """The last message stored on each subject (absent when there is none), read concurrently."""
-        return await self.run(reads.last_msgs, self.jsm, stream, subjects)
+
+        async def go(jsm: JetStreamManager) -> dict[str, StoredMsg]:
+            return await transient.retrying(
+                f"reading stream {stream}", lambda: reads.last_msgs(jsm, stream, subjects)
+            )
+
+        return await self.run(go, self.jsm)
 
     async def get_msg(self, stream: str, seq: int) -> StoredMsg | None:
-        return await self.run(reads.get_msg, self.jsm, stream, seq)
+        async def go(jsm: JetStreamManager) -> StoredMsg | None:
+            return await transient.retrying(
+                f"reading stream {stream}", lambda: reads.get_msg(jsm, stream, seq)
+            )
+
+        return await self.run(go, self.jsm)
 
     # --- key-value state ----------------------------------------------------------------------
 
