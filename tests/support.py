@@ -96,11 +96,33 @@ class NatsServer:
         self.stop()
         raise RuntimeError(f"nats-server did not start: {self.log_file.read_text()[-2000:]}")
 
+    async def freeze(self) -> None:
+        """SIGSTOP the server, and return once every one of its threads has stopped: a request
+        sent after this gets no answer until `thaw()`."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        with trio.fail_after(5):
+            while not all(_thread_state(t) in ("T", "t") for t in tasks.iterdir()):
+                await trio.sleep(0.005)  # the kernel offers no event for a finished group stop
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(10)
         self.process = None
+
+
+def _thread_state(task: Path) -> str:
+    """A thread's state letter from /proc/<pid>/task/<tid>/stat (after the command's closing paren)."""
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "T"  # a thread that has gone runs nothing
 
 
 def free_port() -> int:

@@ -284,7 +284,9 @@ async def test_fds_and_memory_return_to_where_they_were(tmp_path: Path, nats_ser
             process.kill(signal.SIGTERM)
             await process.wait()
         process.ensure_stopped()
-    assert peak <= fds_before + 200 + 5, (fds_before, peak)
+    # An evicted connection's socket is closed when its task next runs, which can trail the
+    # accepts that evicted it by a few on a loaded machine: the cap holds, not to the socket.
+    assert peak <= fds_before + 200 + 20, (fds_before, peak)
     assert fds_after <= fds_before + 2, (fds_before, fds_after)
     assert rss_after - rss_before < 20 * 1024, (rss_before, rss_after)
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import trio
@@ -18,13 +17,13 @@ async def test_readyz_answers_503_quickly_while_the_broker_is_frozen(
         assert (await gw.http.get(f"{gw.url}/readyz")).status_code == 200
         assert nats_server.process is not None
         pid = nats_server.process.pid
-        nats_server.process.send_signal(signal.SIGSTOP)
+        await nats_server.freeze()
         try:
             started = trio.current_time()
             frozen = await gw.http.get(f"{gw.url}/readyz", timeout=1)  # a probe's timeout
             elapsed = trio.current_time() - started
         finally:
-            nats_server.process.send_signal(signal.SIGCONT)
+            nats_server.thaw()
         assert nats_server.process.pid == pid
         assert frozen.status_code == 503, frozen.text
         assert frozen.json()["reason"], frozen.text

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,12 +39,12 @@ async def test_a_paused_server_gets_a_503_with_retry_after_and_a_resumed_one_a_2
     async with receiver() as rx, run_gateway(tmp_path, _config(nats_server.url, rx.url)) as gw:
         assert nats_server.process is not None
         pid = nats_server.process.pid
-        nats_server.process.send_signal(signal.SIGSTOP)
+        await nats_server.freeze()
         try:
             with trio.fail_after(transient.READ_BUDGET + 5):
                 paused = await gw.http.get(f"{gw.url}{FILTERED}", headers=AUTH, timeout=30)
         finally:
-            nats_server.process.send_signal(signal.SIGCONT)
+            nats_server.thaw()
         assert nats_server.process.pid == pid
         resumed = await gw.http.get(f"{gw.url}{FILTERED}", headers=AUTH, timeout=30)
     assert paused.status_code == 503, paused.text
