@@ -1,6 +1,7 @@
-"""hookgate's benchmark harness: one command, six measurements, ratios against bare baselines.
+"""hookgate's benchmark harness: one command, seven measurements, ratios against bare baselines.
 
-    python bench/run.py [--quick] [--json PATH] [--only ingress,delivery,e2e,dedup,log,sync] [--profile]
+    python bench/run.py [--quick] [--json PATH] [--only ingress,delivery,e2e,dedup,endpoints,log,sync]
+                        [--profile]
 
 Everything runs on this machine over 127.0.0.1: hookgate as a subprocess (`python -m hookgate.cli
 run`) with its embedded NATS in a temp dir, a trio+h11 receiver, a bare hypercorn-trio app, and a
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import endpointsphase
 import logphase
 import phases
 import report
@@ -34,6 +36,7 @@ PHASES: dict[str, Callable[[phases.Context], dict[str, Any]]] = {
     "delivery": phases.delivery,
     "e2e": phases.end_to_end,
     "dedup": phases.dedup_memory,
+    "endpoints": endpointsphase.endpoint_count,
     "log": logphase.delivery_log,
     "sync": syncphase.sync_cost,
 }
@@ -159,6 +162,9 @@ def render(r: dict[str, Any]) -> str:
     if "sync" in r:
         title = "6. broker.sync: ingress with the embedded server syncing its store to disk"
         out += _section(title, r["sync"], syncphase.rows)
+    if "endpoints" in r:
+        title = "7. endpoint count: idle cost, start, a new endpoint's first delivery, p99 to a random one"
+        out += _section(title, r["endpoints"], endpointsphase.rows)
     out.append("\nRATIOS (quote these; absolute numbers on a shared machine are noisy)")
     if "ratio" in r.get("ingress", {}):
         out.append(
