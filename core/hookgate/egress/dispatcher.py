@@ -33,7 +33,9 @@ log = logging.getLogger("hookgate.dispatcher")
 
 ACK_WAIT = 30.0
 BACKLOG_POLL = 5.0
-FETCH_WAIT = 1.0
+# How long one fetch from a shard waits when there is nothing: a delivery that arrives ends the
+# wait at once, so this only sets how often an idle shard's puller wakes (16 shards: ~3 per second).
+FETCH_WAIT = 5.0
 SHARD_BATCH = 256  # deliveries taken from a shard per fetch, and pulled ahead of it
 # Deliveries of one shard held at once, in all processes together: running, waiting in a lane,
 # or being deferred. Lanes hold at most `lane_capacity` each, so a shard stalls only once this
