@@ -212,20 +212,22 @@ class SharedLimits:
             self._wake = trio.Event()
             if not await self._write_pending():
                 await trio.sleep(WRITE_RETRY)
+                self._wake.set()  # what failed is still pending
 
     async def _write_pending(self) -> bool:
-        """Store every pending wish; False if any failed (kept to try again, unless replaced)."""
-        writes, self._writes = self._writes, {}
+        """Store every pending wish; False if any failed. A wish stays pending until it is stored
+        (or replaced by a newer one), so a write cut off by a shutdown is made by the last flush."""
         ok = True
-        for key, write in writes.items():
+        for key, write in list(self._writes.items()):
             try:
                 await write()
-                self.stats.writes += 1
             except Exception as exc:
                 ok = False
                 log.warning("could not store %s in the health bucket: %s; trying again", key, exc)
-                if key not in self._writes:
-                    self._want(key, write)
+                continue
+            self.stats.writes += 1
+            if self._writes.get(key) is write:
+                del self._writes[key]
         return ok
 
     def _apply(self, batch: list[KvUpdate], snapshot: bool) -> None:
