@@ -174,3 +174,35 @@ async def test_a_failing_streak_is_shared_and_outlives_the_process(nats_server: 
         restarted.clear_failing("svc")
     async with processes(nats_server.url, 1) as (again,):
         assert again.failing_since("svc") is None
+
+
+async def test_a_probe_given_back_lets_another_process_probe_at_once(nats_server: NatsServer) -> None:
+    """A probe refused by the rate limit (or cancelled) sends nothing: another process probes
+    without waiting for the claim to expire (twice the 15 s timeout, plus 5 s)."""
+    async with processes(nats_server.url, 2) as limits:
+        first, second = (each.flow_for(endpoint(**BREAKER)) for each in limits)
+        for _ in range(2):
+            assert await first.admit(max_wait=0) is None
+            first.record(500)
+        assert first.breaker is not None
+        assert await first.breaker.wait_until_allowed(max_wait=2.0)  # the probe, claimed
+        first.release()  # ... and sent nothing
+        with trio.fail_after(1.5):
+            assert await second.admit(max_wait=5.0) is None  # the second process's probe
+
+
+async def test_a_removed_endpoint_leaves_no_circuit_or_streak(nats_server: NatsServer) -> None:
+    async with processes(nats_server.url, 2) as (first, second):
+        flow = first.flow_for(endpoint(**BREAKER))
+        for _ in range(2):
+            assert await flow.admit(max_wait=0) is None
+            flow.record(500)
+        first.mark_failing("svc", time.time())
+        await _until(lambda: second.failing_since("svc") is not None)
+        second.remove("svc")
+        await _until(lambda: first.failing_since("svc") is None)
+        assert first.flow_for(endpoint(**BREAKER)) is flow
+        await _until(lambda: flow.breaker is not None and flow.breaker.state is CircuitState.CLOSED)
+    async with processes(nats_server.url, 1) as (restarted,):
+        assert restarted.flow_for(endpoint(**BREAKER)).breaker.state is CircuitState.CLOSED  # type: ignore[union-attr]
+        assert restarted.failing_since("svc") is None

@@ -35,6 +35,7 @@ from hookgate.egress.shared_circuit import (
     claim_change,
     decode_record,
     encode_record,
+    give_back_change,
 )
 from hookgate.egress.shared_rate import LeasedBucket, lease_change, lease_start
 from hookgate.egress.watching import cancel_when_set, follow_bucket
@@ -117,13 +118,26 @@ class SharedLimits:
         """The endpoint is gone from this process: drop its FlowControl."""
         self._flows.pop(endpoint, None)
 
+    def remove(self, endpoint: str) -> None:
+        """The endpoint was deleted: remove its circuit and failing streak for every process, so
+        a new endpoint of the same name starts closed and with its own `disable_after` clock."""
+        self.forget(endpoint)
+        self._circuits.pop(endpoint, None)
+        self._failing.pop(endpoint, None)
+        for key in (CIRCUIT + endpoint, FAILING + endpoint):
+            self._want(key, functools.partial(self._delete, key))
+
     def _build(self, name: str, settings: Settings) -> FlowControl:
         rate_limit, circuit_breaker, probe_timeout = settings
         bucket = LeasedBucket(rate_limit, functools.partial(self._lease, name), name) if rate_limit else None
         breaker = None
         if circuit_breaker is not None:
-            publish = functools.partial(self._publish_circuit, name)
-            share = CircuitShare(self.process, publish, functools.partial(self._claim, name))
+            share = CircuitShare(
+                self.process,
+                functools.partial(self._publish_circuit, name),
+                functools.partial(self._claim, name),
+                functools.partial(self._give_back, name),
+            )
             breaker = SharedBreaker(circuit_breaker, share, probe_timeout=probe_timeout)
             if name in self._circuits:
                 breaker.follow(self._circuits[name])
@@ -152,6 +166,16 @@ class SharedLimits:
         value = encode_record(record)
         bucket = self.broker.topology.health_bucket
         self._want(CIRCUIT + name, lambda: self.broker.kv_put(bucket, CIRCUIT + name, value))
+
+    def _give_back(self, name: str, record: CircuitRecord) -> None:
+        self._circuits[name] = record
+        bucket, key = self.broker.topology.health_bucket, CIRCUIT + name
+        change = give_back_change(self.process, record)
+
+        async def give_back() -> None:
+            await self.broker.kv_swap(bucket, key, change)
+
+        self._want(key, give_back)
 
     # --- failing streaks ------------------------------------------------------------------------
 

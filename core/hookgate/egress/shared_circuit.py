@@ -50,6 +50,18 @@ def decode_record(value: bytes | None) -> CircuitRecord | None:
 CLOCK_SLACK = 0.25
 
 
+def give_back_change(process: str, record: CircuitRecord) -> Callable[[bytes | None], bytes | None]:
+    """Store `record` in place of this process's claim, only if the claim is still what is stored."""
+
+    def change(current: bytes | None) -> bytes | None:
+        stored = decode_record(current)
+        if stored is None or stored.state != "half_open" or stored.by != process:
+            return None
+        return encode_record(record)
+
+    return change
+
+
 def claim_change(claim: CircuitRecord, cooldown: float) -> Callable[[bytes | None], bytes | None]:
     """The compare-and-set step of claiming the probe: only while nobody else holds a live claim,
     the circuit is not closed, and its cooldown is over (run on the nats loop: pure)."""
@@ -78,11 +90,14 @@ class CircuitShare:
         process: str,
         publish: Callable[[CircuitRecord], None],
         claim: Callable[[CircuitRecord, float], Awaitable[CircuitRecord | None]],
+        give_back: Callable[[CircuitRecord], None],
     ):
         self.process = process  # this process's id in the records it stores
         self.publish = publish  # store a record, without waiting
         # Claim the probe: None once claimed, else the record that stands in the way.
         self.claim = claim
+        # Store this record instead of our claim, if the claim is still there, without waiting.
+        self.give_back = give_back
 
 
 class SharedBreaker(CircuitBreaker):
@@ -128,6 +143,13 @@ class SharedBreaker(CircuitBreaker):
                 self._clear_window()
                 self._set_state(CircuitState.OPEN)
                 self._wake_waiters()
+            elif (
+                self._state is CircuitState.HALF_OPEN
+                and not self._own_probe
+                and self._probe_since is not None
+            ):
+                self._probe_since = None  # the other process gave its probe back: probe again
+                self._wake_waiters()
             return
         # half-open: another process holds the probe until `probe_until`.
         self._own_probe = False
@@ -152,7 +174,8 @@ class SharedBreaker(CircuitBreaker):
             log.warning("circuit breaker: cannot claim the probe (%s); probing from here", exc)
             standing = None
         except BaseException:
-            self._probe_since = None  # cancelled: the next caller claims again
+            self._give_back()  # cancelled: the claim may have been stored all the same
+            self._probe_since = None  # and the next caller claims again
             self._wake_waiters()
             raise
         if standing is None:
@@ -176,8 +199,16 @@ class SharedBreaker(CircuitBreaker):
         self._advance(self._clock())
         if self._state is CircuitState.HALF_OPEN and not self._own_probe:
             return  # the probe out is another process's: only its outcome frees it
+        if self._own_probe and self._state is CircuitState.HALF_OPEN:
+            self._give_back()  # sent nothing: another process may probe at once
         self._own_probe = False
         super().release()
+
+    def _give_back(self) -> None:
+        """Turn this process's claim back into the open circuit it claimed, for the others."""
+        local = self._opened_at if self._opened_at is not None else self._clock() - self.cooldown
+        opened_at = self._unix(local)
+        self.share.give_back(CircuitRecord(state="open", opened_at=opened_at, by=self.share.process))
 
     def _set_state(self, new: CircuitState) -> None:
         old = self._state
