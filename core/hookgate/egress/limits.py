@@ -74,6 +74,10 @@ class LimitStats:
         return self.leases + self.claims + self.writes
 
 
+# The flow control of every endpoint with neither a rate limit nor a circuit breaker: it holds
+# no state, so one serves them all.
+UNLIMITED = FlowControl()
+
 Settings = tuple[RateLimitConfig | None, CircuitBreakerConfig | None, float]
 
 
@@ -104,6 +108,9 @@ class SharedLimits:
         """The endpoint's FlowControl: the same one for as long as its limits' config is the same,
         whichever worker or lane asks. `on_change` (circuit transitions) is the latest caller's."""
         config = endpoint.config
+        if config.rate_limit is None and config.circuit_breaker is None:
+            self._flows.pop(endpoint.name, None)
+            return UNLIMITED  # no state: nothing kept per endpoint, however many there are
         # A probe may be sent twice (a 401 refreshes the token and sends again).
         settings: Settings = (config.rate_limit, config.circuit_breaker, 2 * endpoint.timeout + 5)
         held = self._flows.get(endpoint.name)
