@@ -21,6 +21,7 @@ from hookgate.egress.endpoint import Endpoint
 from hookgate.egress.flow import CircuitState, FlowControl
 from hookgate.egress.limits import SharedLimits
 from hookgate.egress.shared_circuit import SharedBreaker
+from hookgate.egress.shared_rate import LEASE_TIMEOUT
 from hookgate.plugin_host.hooks import Hooks
 from tests.support import NatsServer, base_config
 
@@ -206,3 +207,25 @@ async def test_a_removed_endpoint_leaves_no_circuit_or_streak(nats_server: NatsS
     async with processes(nats_server.url, 1) as (restarted,):
         assert restarted.flow_for(endpoint(**BREAKER)).breaker.state is CircuitState.CLOSED  # type: ignore[union-attr]
         assert restarted.failing_since("svc") is None
+
+
+async def test_without_the_broker_a_process_limits_on_its_own(nats_server: NatsServer) -> None:
+    """A lease the broker does not answer within LEASE_TIMEOUT: the process keeps delivering at the
+    endpoint's rate on its own (never faster) instead of stopping."""
+    async with processes(nats_server.url, 1) as (limits,):
+        flow = limits.flow_for(endpoint(rate_limit={"rate": 20, "burst": 2}))
+        assert await flow.admit(max_wait=1.0) is None  # the broker answers: a lease
+        leases = limits.stats.leases
+        await nats_server.freeze()
+        try:
+            start = trio.current_time()
+            admitted = 0
+            while trio.current_time() < start + LEASE_TIMEOUT + 1.0:
+                assert await flow.admit(max_wait=5.0) is None
+                admitted += 1
+            elapsed = trio.current_time() - start
+        finally:
+            nats_server.thaw()
+        # Refused nothing; waited out the lease, then held 20/s on its own.
+        assert 10 <= admitted <= 20 * (elapsed - LEASE_TIMEOUT) + 2 + 2, (admitted, elapsed)
+        assert limits.stats.leases == leases
