@@ -364,7 +364,7 @@ async def test_the_example_three_node_cluster_delivers_with_three_replicas(tmp_p
                     replicas = await gw.running.broker.bridge.run(_stream_replicas(gw))
         assert received.json()["data"] == {"id": 3}
         assert set(replicas.values()) == {3}
-        assert len(replicas) == 7  # five streams and two key-value buckets
+        assert len(replicas) == 9  # five streams and four key-value buckets
         for name in ("n1", "n2", "n3"):
             assert (tmp_path / "data" / name / "jetstream").is_dir()
 
