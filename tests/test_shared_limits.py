@@ -229,3 +229,18 @@ async def test_without_the_broker_a_process_limits_on_its_own(nats_server: NatsS
         # Refused nothing; waited out the lease, then held 20/s on its own.
         assert 10 <= admitted <= 20 * (elapsed - LEASE_TIMEOUT) + 2 + 2, (admitted, elapsed)
         assert limits.stats.leases == leases
+
+
+async def test_flow_for_keeps_one_flow_control_per_endpoint_until_its_limits_change(
+    nats_server: NatsServer,
+) -> None:
+    async with processes(nats_server.url, 1) as (limits,):
+        limited = {"rate_limit": {"rate": 10}, **BREAKER}
+        flow = limits.flow_for(endpoint(**limited))
+        # Another worker or lane of the endpoint, or a change elsewhere in its config: the same one.
+        assert limits.flow_for(endpoint(**limited, headers={"X-New": "1"})) is flow
+        changed = limits.flow_for(endpoint(**{**limited, "rate_limit": {"rate": 20}}))
+        assert changed is not flow and changed.bucket is not None
+        unlimited = limits.flow_for(endpoint())
+        assert unlimited.bucket is None and unlimited.breaker is None
+        assert await unlimited.admit(max_wait=0) is None
