@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -29,17 +28,14 @@ from typing import Any
 import msgspec
 import trio
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "core"))
-
-from hookgate import config as config_mod  # noqa: E402
-from hookgate.broker import Broker  # noqa: E402
-from hookgate.broker.embedded import embedded_nats  # noqa: E402
-from hookgate.config import EndpointConfig  # noqa: E402
-from hookgate.egress.endpoint import Endpoint  # noqa: E402
-from hookgate.egress.flow import FlowControl  # noqa: E402
-from hookgate.egress.limits import SharedLimits  # noqa: E402
-from hookgate.plugin_host.hooks import Hooks  # noqa: E402
+from hookgate import config as config_mod
+from hookgate.broker import Broker
+from hookgate.broker.embedded import embedded_nats
+from hookgate.config import EndpointConfig
+from hookgate.egress.endpoint import Endpoint
+from hookgate.egress.flow import FlowControl
+from hookgate.egress.limits import SharedLimits
+from hookgate.plugin_host.hooks import Hooks
 
 BREAKER = {"failure_rate": 0.5, "window": "60s", "min_requests": 10, "cooldown": "30s"}
 CALLERS = 20
