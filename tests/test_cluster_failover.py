@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import textwrap
 from collections import Counter
@@ -22,7 +23,9 @@ import httpx
 import pytest
 import trio
 
-from hookgate.broker import BrokerRefused
+from hookgate import config as config_mod
+from hookgate.broker import Broker, BrokerRefused, Commit, OutMsg
+from hookgate.plugin_host.hooks import Hooks
 from tests.cluster_support import Cluster, ClusterNode, GatewayProcess, free_ports
 from tests.support import NatsServer, Receiver, base_config, receiver, run_gateway, startup_error
 from tests.test_external_nats import documented_permissions, external, servers, start
@@ -404,3 +407,24 @@ async def test_an_event_that_cannot_be_stored_gets_a_503_with_retry_after(
             "id, which is never stored twice",
             "id": event_id,
         }
+
+
+# --- failed stores are logged once, then counted --------------------------------------------------
+
+
+async def test_failed_stores_are_one_line_then_a_count_not_a_line_each(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Through a leader election every publisher retries every RETRY_INTERVAL: a line per try was
+    # about 1,400 lines per replica in 7 s (issue 12).
+    loaded = config_mod.loads(base_config(nats_server.url), Hooks(()).registry)
+    with caplog.at_level(logging.WARNING, logger="hookgate.broker"):
+        async with Broker.connect(loaded.config.broker, nats_server.url) as broker:
+            for n in range(30):
+                (result,) = await broker.commit(Commit([OutMsg(f"nowhere.captured.{n}", b"x")]))
+                assert not result.ok
+    lines = [r.getMessage() for r in caplog.records if "could not store" in r.getMessage()]
+    assert lines == [
+        "could not store a message: no JetStream stream captures this subject",
+        "could not store 29 more message(s) in 10s: no JetStream stream captures this subject",
+    ]
