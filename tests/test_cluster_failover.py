@@ -5,7 +5,8 @@ the node. No event answered 2xx is lost, duplicates stay within what at-least-on
 killed replica held is delivered by the other within ack_wait, and clients only ever see 2xx or
 503 with Retry-After.
 
-Run with `-s` to see the figures it measured (docs/production.md, "Failover on a NATS cluster")."""
+Run with `-s` to see the figures it measured (docs/external-nats.md, "Failover on a NATS
+cluster"). The smaller tests after it each pin a defect it found, on a single nats-server."""
 
 from __future__ import annotations
 
@@ -32,9 +33,7 @@ from hookgate.broker.pull import PullConsumer, take
 from hookgate.plugin_host.hooks import Hooks
 from tests.cluster_support import Cluster, ClusterNode, GatewayProcess, free_ports
 from tests.support import NatsServer, Receiver, base_config, receiver, run_gateway, startup_error
-from tests.test_external_nats import documented_permissions, external, servers, start
-
-__all__ = ["servers"]  # the fixture, used here too
+from tests.test_external_nats import documented_permissions, external
 
 SECRET = "cluster-secret"
 TOKEN = "test-token"
@@ -373,14 +372,20 @@ def _without_stream_updates() -> str:
     return re.sub(r', "\$JS\.API\.STREAM\.UPDATE\.HOOKGATE_[A-Z]+"', "", block)
 
 
-async def test_a_restart_with_unchanged_streams_sends_them_no_update(
-    tmp_path: Path, servers: list[NatsServer]
-) -> None:
+async def test_a_restart_with_unchanged_streams_sends_them_no_update(tmp_path: Path) -> None:
     # On a new cluster an update that meets another replica's create of the same stream goes
     # unanswered, and both replicas wait out a timeout for every stream (issue 12).
     block = _without_stream_updates()
     assert "STREAM.UPDATE.HOOKGATE" not in block and "STREAM.CREATE.HOOKGATE_LOG" in block
-    server = start(servers, tmp_path / "nats", block)
+    server = NatsServer(tmp_path / "nats", block)
+    server.start()
+    try:
+        await _start_twice_then_change(tmp_path, server)
+    finally:
+        server.stop()
+
+
+async def _start_twice_then_change(tmp_path: Path, server: NatsServer) -> None:
     broker = f"url: {server.url}\nuser: hookgate\npassword: hookgate-pw"
     async with run_gateway(tmp_path, external(broker, "")):
         pass  # creates the streams
