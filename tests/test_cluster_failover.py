@@ -301,7 +301,9 @@ class Failover:
 
 async def _start_replicas(
     tmp_path: Path, cluster: Cluster, rx: Receiver, replicas: dict[str, GatewayProcess]
-) -> None:
+) -> float:
+    """Start both replicas together on the new cluster; how long until both were ready."""
+    began = trio.current_time()
     for name, port in zip(("a", "b"), free_ports(2), strict=True):
         config = tmp_path / f"{name}.yaml"
         config.write_text(_config(port, cluster.urls, rx.url))
@@ -309,6 +311,7 @@ async def _start_replicas(
         replicas[name].start()
     for replica in replicas.values():
         await replica.ready()
+    return trio.current_time() - began
 
 
 @pytest.mark.slow
@@ -323,8 +326,9 @@ async def test_a_cluster_loses_no_acknowledged_event_when_its_leader_and_a_repli
             receiver(lambda request, n: RECEIVER_SECONDS) as rx,
             httpx.AsyncClient(timeout=15, limits=httpx.Limits(max_connections=400)) as client,
         ):
-            await _start_replicas(tmp_path, cluster, rx, replicas)
+            both_ready = await _start_replicas(tmp_path, cluster, rx, replicas)
             run = Failover(cluster, rx, client, Balancer(replicas, ["a", "b"]), start=trio.current_time())
+            run.figures["both replicas ready on the new cluster after s"] = both_ready
             tally, load_done = run.tally, trio.Event()
 
             async def load() -> None:
