@@ -35,7 +35,8 @@ from hookgate.broker.messages import (
 )
 from hookgate.broker.pull import PullConsumer
 from hookgate.config import BrokerConfig
-from hookgate.plugin_kit.units import plural, seconds
+from hookgate.observe.logs import Summary
+from hookgate.plugin_kit.units import seconds
 
 __all__ = ["MIN_SERVER_VERSION", "Broker", "Topology"]
 
@@ -242,6 +243,9 @@ class Broker:
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
+        # Publishers retry every few hundred ms through a leader election, each try a failed
+        # store: one line per error, then a count every interval, not a line per try.
+        self.store_failures = Summary(log, logging.WARNING)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -267,6 +271,7 @@ class Broker:
             async with trio.open_nursery() as nursery:
                 for _ in range(cls.FLUSHERS):
                     nursery.start_soon(broker._flush)
+                nursery.start_soon(broker.store_failures.run)
                 try:
                     yield broker
                 finally:
@@ -335,10 +340,15 @@ class Broker:
                     if pending.commit.abandoned and late is not None:
                         for stored in result:
                             late(stored)
-                    elif not all(r.ok for r in result):
-                        errors = {r.error for r in result if r.error}
-                        failed = plural(sum(1 for r in result if not r.ok), "message")
-                        log.warning("could not store %s: %s", failed, "; ".join(sorted(errors)))
+                    else:
+                        for failed in result:
+                            if not failed.ok:
+                                error = failed.error or "unknown error"
+                                self.store_failures.note(
+                                    error,
+                                    "could not store {count} more message(s) in {interval}: {key}",
+                                    first=f"could not store a message: {error}",
+                                )
             finally:
                 self._in_flight -= 1
                 if not self._queue and not self._in_flight:
