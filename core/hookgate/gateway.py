@@ -8,6 +8,7 @@ server.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -185,6 +186,11 @@ async def run(
             http_url = binds[0]
             log.info("hookgate %s listening on %s (broker %s)", __version__, http_url, url)
             await hooks.call("hookgate_startup", info={"listen": http_url, "version": __version__})
+            # What startup built (the config, every endpoint, the plugins) lives as long as the
+            # process: out of the cyclic collector's reach, its full passes do not walk it all
+            # (with 10,000 endpoints they added 100-400 ms pauses to p99 delivery latency).
+            gc.collect()
+            gc.freeze()
             task_status.started(Running(http_url, url, broker, target.nkey_seed_file))
             await stopping.wait()
             log.info("shutting down: finishing in-flight deliveries")
