@@ -174,6 +174,12 @@ def render(r: dict[str, Any]) -> str:
         out.append(
             f"  delivery hookgate / bare trio+h11 client: {report.verdict(r['delivery']['ratio'], 0.5)}"
         )
+    if r.get("e2e", {}).get("cpu_us_per_event") is not None:
+        e = r["e2e"]
+        out.append(
+            f"  e2e      {e['cpu_us_per_event'] / 1000:.2f} ms of gateway CPU per webhook (target < 1.5), "
+            f"p50 {e['p50_ms']} ms, p99 {e['p99_ms']} ms (target < 20)"
+        )
     if "bytes_per_id" in r.get("dedup", {}):
         d = r["dedup"]
         out.append(
