@@ -92,9 +92,15 @@ class PullConsumer:
                     self.requests[0][0] = 0
                 self._drop_settled()
             if status == "408":
-                # Expired: pull again now, not when the waiting take() times out, so a message
+                # Expired: pull again now, not when the waiting fetch times out, so a message
                 # stored meanwhile is not left waiting for the end of that wait.
                 self.top_up_soon()
+        elif status == "503" and self.requests:
+            # No responders: nobody serves this consumer's pulls now (a cluster electing its
+            # leader), so the oldest request reached nobody. Counted as owed, it would hold off
+            # the next pull until it expired, long after the election. Not renewed here (that
+            # would spin while the election lasts): the next fetch that waits in vain pulls again.
+            self.requests.popleft()
         # 100 (idle heartbeat) needs nothing.
 
     def notify(self) -> None:
