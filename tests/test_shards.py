@@ -93,10 +93,9 @@ async def test_twelve_hundred_endpoints_share_the_shard_consumers_and_each_gets_
     assert {consumers[s] for s in shards} == {SHARD_MAX_ACK_PENDING}
 
 
-async def test_an_endpoint_with_a_full_lane_defers_without_holding_up_its_shard(
-    tmp_path: Path, nats_server: NatsServer, monkeypatch: Any
+async def test_an_endpoint_with_a_full_lane_spills_without_holding_up_its_shard(
+    tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    monkeypatch.setattr(lanes, "OVERFLOW_DELAY", 0.2)
     slow, fast = _same_shard_names(2)
     events = 80  # the slow endpoint's lane holds 64 (concurrency 1)
 
@@ -296,3 +295,34 @@ async def test_the_api_refuses_an_ordered_endpoint_past_the_limit(
         assert refused.json()["message"].startswith(
             "$.ordered: 2 endpoints have ordered: true, and at most 1 may"
         )
+
+
+async def test_spilled_deliveries_left_by_a_stopped_gateway_are_drained_after_a_restart(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    events = 100  # concurrency 1: the lane holds 64, the rest spills
+
+    def config(url: str) -> str:
+        return base_config(
+            nats_server.url,
+            f"""
+            endpoints:
+              svc: {{url: "{url}/in", concurrency: 1, signing: null}}
+            routes:
+              - {{from: [internal], to: [svc]}}
+            """,
+        )
+
+    async with receiver(lambda request, n: 5.0) as stuck, run_gateway(tmp_path, config(stuck.url)) as gw:
+        async with trio.open_nursery() as nursery:
+            for n in range(events):
+                nursery.start_soon(gw.publish, "work", {"n": n})
+        with trio.fail_after(10):
+            while "spill-svc" not in await _consumers(nats_server.url):
+                await trio.sleep(0.05)
+    async with receiver() as rx, run_gateway(tmp_path, config(rx.url)):
+        got = await rx.wait_for(events, timeout=30)
+        with trio.fail_after(20):
+            while "spill-svc" in await _consumers(nats_server.url):
+                await trio.sleep(0.1)
+    assert {r.json()["data"]["n"] for r in got} == set(range(events))

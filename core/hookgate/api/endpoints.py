@@ -279,12 +279,17 @@ class EndpointApi:
         # endpoint of the same name starts empty. Another replica still pulling finds a consumer
         # gone and waits quietly.
         try:
-            for durable in (topology.ordered_consumer(name), topology.parked_consumer(name)):
+            for durable in (
+                topology.ordered_consumer(name),
+                topology.parked_consumer(name),
+                topology.spill_consumer(name),
+            ):
                 await self.broker.delete_consumer(topology.deliveries_stream, durable)
             for subject in (
                 topology.delivery_subject(name),
                 topology.delivery_subject(name, ordered=True),
                 topology.parked_subject(name),
+                topology.spill_subject(name),
                 f"{topology.prefix}.schedules.{name}.>",
             ):
                 await self.broker.purge_subject(topology.deliveries_stream, subject)

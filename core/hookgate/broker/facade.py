@@ -141,6 +141,14 @@ class Topology:
     def parked_filter(self) -> str:
         return f"{self.prefix}.deliveries.parked.*"
 
+    def spill_subject(self, endpoint: str) -> str:
+        """Where deliveries wait that found the endpoint's lane full: read at its pace from there."""
+        return f"{self.prefix}.deliveries.spill.{endpoint}"
+
+    @property
+    def spill_filter(self) -> str:
+        return f"{self.prefix}.deliveries.spill.*"
+
     @property
     def legacy_delivery_filter(self) -> str:
         """Deliveries stored by releases before the shards (one subject, and consumer, per endpoint)."""
@@ -187,6 +195,9 @@ class Topology:
 
     def parked_consumer(self, endpoint: str) -> str:
         return f"parked-{endpoint}"
+
+    def spill_consumer(self, endpoint: str) -> str:
+        return f"spill-{endpoint}"
 
     def legacy_consumer(self, endpoint: str) -> str:
         """An endpoint's own consumer in releases before the shards."""

@@ -263,11 +263,13 @@ class Dispatcher:
                 gauge.remove(name)
 
     async def _measure_backlog(self, stopping: trio.Event) -> None:
-        """Backlog gauges: what each endpoint's lane holds, what is parked for it, and what waits in
-        an ordered endpoint's own consumer. What waits in a shard is not told apart by endpoint."""
+        """Backlog gauges: what each endpoint's lane holds, what is spilled or parked for it, and
+        what waits in an ordered endpoint's own consumer. What waits in a shard is not told apart
+        by endpoint."""
         while not stopping.is_set():
             backlog = dict.fromkeys(self._gauged, 0)
-            for name, count in [*self.lanes.held().items(), *self.parking.counts.items()]:
+            spilled, parked = self.lanes.spills.counts, self.parking.counts
+            for name, count in [*self.lanes.held().items(), *spilled.items(), *parked.items()]:
                 backlog[name] = backlog.get(name, 0) + count
             own = {n: s.consumer for n, s in self._slots.items() if s.consumer is not None}
             consumers = {consumer.spec.durable: n for n, consumer in own.items()}

@@ -4,9 +4,9 @@ A shard consumer carries the deliveries of many endpoints (see `Topology.deliver
 endpoint gets a lane in each process: started when its first delivery arrives, stopped once it
 has been idle for LANE_IDLE, so an idle endpoint costs nothing but its config. A lane holds at
 most `lane_capacity` deliveries (running or waiting, as the per-endpoint consumers' max_ack_pending
-did); a delivery past that is deferred, not counted as an attempt, so an endpoint that hangs never
-holds up the others in its shard. A disabled endpoint's deliveries are parked
-(`hookgate.egress.parking`) until it is enabled.
+did); a delivery past that is spilled (`hookgate.egress.spill`) and comes back as the lane has
+room, so an endpoint that is behind or hangs never holds up the others in its shard. A disabled
+endpoint's deliveries are parked (`hookgate.egress.parking`) until it is enabled.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import random
-import time
 from dataclasses import dataclass, field
 
-import msgspec
 import trio
 
 from hookgate.broker import Commit, InMsg, PullConsumer, Topology
@@ -27,25 +24,18 @@ from hookgate.egress.endpoint import Endpoint
 from hookgate.egress.forward import moved
 from hookgate.egress.parking import Parking
 from hookgate.egress.parts import EndpointParts
-from hookgate.egress.retry import schedule_next
+from hookgate.egress.spill import Spills
 from hookgate.egress.worker import KEEPALIVE, MARK_DELIVERING_AFTER, EndpointWorker
-from hookgate.types import Delivery
 
 log = logging.getLogger("hookgate.dispatcher")
 
 LANE_IDLE = 30.0  # a lane with nothing to do for this long stops (its endpoint's parts stay)
 SWEEP_EVERY = 5.0
-# A delivery that finds its lane full is deferred: by OVERFLOW_DELAY at first, doubling while the
-# lane stays full, up to OVERFLOW_DELAY_MAX, so a hanging endpoint's backlog is not churned.
-OVERFLOW_DELAY = 1.0
-OVERFLOW_DELAY_MAX = 60.0
 # A delivery for an endpoint this process does not know (created a moment ago on another
 # replica, or deleted): redelivered after UNKNOWN_RETRY_DELAY, and dropped after UNKNOWN_GIVE_UP
 # deliveries (a minute), as its endpoint is gone.
 UNKNOWN_RETRY_DELAY = 2.0
 UNKNOWN_GIVE_UP = 30
-
-_delivery_decoder = msgspec.msgpack.Decoder(Delivery)
 
 
 def lane_capacity(endpoint: Endpoint) -> int:
@@ -67,7 +57,7 @@ class _Lane:
     stop: trio.Event = field(default_factory=trio.Event)  # stop now: shutdown, or a changed config
     closed: trio.Event = field(default_factory=trio.Event)  # nothing more comes (stopped, or idle)
     done: trio.Event = field(default_factory=trio.Event)
-    overflowed: int = 0  # deliveries deferred since the lane last had room to spare
+    room: trio.Event = field(default_factory=trio.Event)  # set as a delivery leaves the lane
     tasks: int = 0
     nursery: trio.Nursery | None = None
 
@@ -98,6 +88,7 @@ class _Lane:
                 await worker.work_on(msg)
             finally:
                 worker.held.pop(msg.stream_seq, None)
+                self.room.set()
 
 
 class Lanes:
@@ -118,6 +109,7 @@ class Lanes:
         self._retiring: dict[str, _Lane] = {}
         self._parts: dict[str, tuple[Endpoint, EndpointParts]] = {}
         self._nursery: trio.Nursery | None = None
+        self.spills = Spills(self.broker, self, lambda name: name in self.endpoints)
 
     def held(self) -> dict[str, int]:
         """Deliveries each running lane holds (running or waiting)."""
@@ -131,6 +123,7 @@ class Lanes:
                 self._nursery = nursery
                 nursery.start_soon(self._sweep, stopping)
                 nursery.start_soon(self._keep_alive)
+                nursery.start_soon(self.spills.run, stopping)
                 task_status.started()
                 await stopping.wait()
                 self.stop_all()
@@ -141,8 +134,9 @@ class Lanes:
             self._nursery = None
             self.finished.set()
 
-    def offer(self, consumer: PullConsumer, msg: InMsg) -> None:
-        """Hand a delivery pulled from `consumer` to its endpoint's lane; never waits."""
+    def offer(self, consumer: PullConsumer, msg: InMsg, *, spill: bool = True) -> None:
+        """Hand a delivery pulled from `consumer` to its endpoint's lane; never waits. One that
+        finds the lane full is spilled, or (not `spill`) given back."""
         if self.closing:
             self.broker.give_back(consumer, [msg])
             return
@@ -156,7 +150,34 @@ class Lanes:
             # Stored before the endpoint became ordered, or by a replay: into its ordered line.
             self.broker.commit_later(moved(msg, self.topology.delivery_subject(name, ordered=True)))
         else:
-            self._enqueue(self._lanes.get(name) or self._open(endpoint, consumer), msg)
+            lane = self._lanes.get(name) or self._open(endpoint, consumer)
+            if not self._enqueue(lane, msg):
+                if spill:
+                    self.context.metrics.deferrals.labels(name, "lane_full").inc()
+                    self.spills.spill(msg, name)
+                else:
+                    self.broker.give_back(consumer, [msg])
+
+    # --- what the spills' drainers use (see `hookgate.egress.spill.LaneRoom`) ---------------
+
+    def room(self, name: str) -> int:
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            return 0
+        lane = self._lanes.get(name)
+        return lane_capacity(endpoint) - (len(lane.worker.held) if lane is not None else 0)
+
+    def take(self, consumer: PullConsumer, msg: InMsg) -> None:
+        self.offer(consumer, msg, spill=False)
+
+    async def wait_for_room(self, name: str, timeout: float) -> None:
+        lane = self._lanes.get(name)
+        if lane is None:
+            await trio.lowlevel.checkpoint()
+            return
+        lane.room = trio.Event()
+        with trio.move_on_after(timeout):
+            await lane.room.wait()
 
     def update(self, endpoints: dict[str, Endpoint]) -> None:
         """A lane whose endpoint changed or went stops; the next delivery opens one on the new config."""
@@ -176,17 +197,16 @@ class Lanes:
             self._stop(lane)
         self._lanes.clear()
 
-    def _enqueue(self, lane: _Lane, msg: InMsg) -> None:
+    @staticmethod
+    def _enqueue(lane: _Lane, msg: InMsg) -> bool:
         try:
             lane.send.send_nowait(msg)
         except trio.WouldBlock:
-            self._overflow(lane, msg)
-            return
+            return False
         lane.worker.held[msg.stream_seq] = msg
         lane.last_active = trio.current_time()
         lane.add_task_if_needed()
-        if len(lane.worker.held) * 2 < lane.send.statistics().max_buffer_size:
-            lane.overflowed = 0
+        return True
 
     def _open(self, endpoint: Endpoint, consumer: PullConsumer) -> _Lane:
         assert self._nursery is not None
@@ -267,23 +287,6 @@ class Lanes:
     def _stop(lane: _Lane) -> None:
         lane.stop.set()
         lane.close()
-
-    def _overflow(self, lane: _Lane, msg: InMsg) -> None:
-        name = lane.worker.endpoint.name
-        try:
-            delivery = _delivery_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            log.error("endpoint %s: dropping unreadable delivery seq %d: %s", name, msg.stream_seq, exc)
-            self.broker.commit_later(Commit(ack=msg))
-            return
-        capacity = lane.send.statistics().max_buffer_size
-        doublings = min(lane.overflowed // capacity, 6)
-        delay = min(OVERFLOW_DELAY_MAX, OVERFLOW_DELAY * 2**doublings) + random.uniform(0, OVERFLOW_DELAY)
-        lane.overflowed += 1
-        self.context.metrics.deferrals.labels(name, "lane_full").inc()
-        self.broker.commit_later(
-            schedule_next(self.topology, name, msg, delivery, time.time() + delay, counted=False)
-        )
 
     def _unknown(self, msg: InMsg, name: str) -> None:
         if msg.num_delivered < UNKNOWN_GIVE_UP:
