@@ -1,0 +1,139 @@
+"""`server.role` in one process, `server.workers` as the config and the command line give it."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import msgspec
+import nats
+import nats.js.errors
+import pytest
+import trio
+
+from hookgate import config
+from hookgate.supervisor import serving_roles, worker_roles
+from tests.support import NatsServer, base_config, receiver, run_gateway
+
+ROUTES = """
+endpoints:
+  svc: {{url: "{url}/in"}}
+routes:
+  - {{from: [internal], to: [svc]}}
+"""
+
+
+def _with_role(text: str, role: str) -> str:
+    return text.replace("server:\n", f"server:\n  role: {role}\n", 1)
+
+
+async def _router_consumer_exists(nats_url: str) -> bool:
+    async def look() -> bool:
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.jsm().consumer_info("HOOKGATE_EVENTS", "router")
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
+        finally:
+            await nc.close()
+
+    return await trio.to_thread.run_sync(lambda: asyncio.run(look()))
+
+
+async def test_an_ingress_process_stores_and_a_delivery_process_delivers(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    for name in ("ingress", "delivery"):
+        (tmp_path / name).mkdir()
+    async with receiver() as rx:
+        text = base_config(nats_server.url, ROUTES.format(url=rx.url))
+        async with run_gateway(tmp_path / "ingress", _with_role(text, "ingress")) as ingress:
+            response = await ingress.publish("order.created", {"n": 1}, id="split-1")
+            assert response.status_code == 202, response.text
+            # Stored, and nothing routes it: an ingress process runs no router.
+            assert not await _router_consumer_exists(nats_server.url)
+
+            async with run_gateway(tmp_path / "delivery", _with_role(text, "delivery")) as delivery:
+                (received,) = await rx.wait_for(1)
+                assert received.json()["data"] == {"n": 1}
+                # A delivery process serves health, readiness and metrics, not webhooks or the API.
+                http = delivery.http
+                assert (await http.get(f"{delivery.url}/healthz")).status_code == 200
+                assert (await http.get(f"{delivery.url}/readyz")).status_code == 200
+                assert (await http.get(f"{delivery.url}/metrics")).status_code == 200
+                for path in ("/api/v1/events", "/webhooks/anything"):
+                    refused = await http.post(f"{delivery.url}{path}", json={})
+                    assert refused.status_code == 404
+                    assert refused.json()["error"] == "not_served"
+
+
+def _server(text: str) -> config.ServerConfig:
+    return msgspec.convert(msgspec.yaml.decode(textwrap.dedent(text)), config.ServerConfig)
+
+
+def test_workers_default_to_the_cores_each_running_the_role() -> None:
+    assert worker_roles(_server("{}"), cores=3) == ["all", "all", "all"]
+    assert worker_roles(_server("{workers: 2, role: delivery}"), cores=8) == ["delivery", "delivery"]
+    split = worker_roles(_server("{workers: {ingress: 1, delivery: 2}}"), cores=8)
+    assert split == ["ingress", "delivery", "delivery"]
+    # The port is served by the workers that take webhooks; delivery workers beside them serve none.
+    assert serving_roles(split) == {"ingress"}
+    assert serving_roles(["delivery", "delivery"]) == {"delivery"}
+
+
+@pytest.mark.parametrize(
+    ("server", "error"),
+    [
+        ("workers: 0", "hookgate.yaml:3: $.server.workers: expected an integer >= 1, got 0"),
+        ("workers: 300", "hookgate.yaml:3: $.server.workers: expected an integer <= 256, got 300"),
+        ("workers: {ingress: -1}", "hookgate.yaml:3: $.server.workers.ingress: expected an integer >= 0"),
+        ("workers: {backend: 1}", "hookgate.yaml:3: $.server.workers: object contains unknown field backend"),
+        ("workers: {ingress: 0}", "hookgate.yaml:3: $.server.workers: give at least one worker"),
+        ("role: edge", "hookgate.yaml:3: $.server.role: invalid enum value 'edge'"),
+        (
+            "workers: {ingress: 1, delivery: 1}\n  role: ingress",
+            "hookgate.yaml:4: $.server.role: with workers given per role",
+        ),
+    ],
+)
+def test_bad_workers_and_roles_are_refused_with_their_line(tmp_path: Path, server: str, error: str) -> None:
+    path = tmp_path / "hookgate.yaml"
+    path.write_text(f"# workers\nserver:\n  {server}\n")
+    result = _hookgate("check", "-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{tmp_path}/{error}"), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--workers", "0"], "--workers: expected 1 to 256, got 0"),
+        (["--workers", "ingress=x"], "--workers: expected N or role=N"),
+        (["--workers", "ingress=0"], "--workers: expected 1 to 256 workers in all"),
+        (["--role", "delivery"], "--role: the workers are given per role"),
+    ],
+)
+def test_bad_workers_on_the_command_line_are_refused(tmp_path: Path, args: list[str], error: str) -> None:
+    path = tmp_path / "hookgate.yaml"
+    path.write_text("server:\n  workers: {ingress: 1, delivery: 1}\n")
+    result = _hookgate("run", "-c", str(path), *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"hookgate: {error}"), result.stderr
+
+
+def test_check_shows_the_workers(tmp_path: Path) -> None:
+    path = tmp_path / "hookgate.yaml"
+    path.write_text("server:\n  workers: {ingress: 1, delivery: 2}\n")
+    result = _hookgate("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "  workers:   3: 1 ingress, 2 delivery\n" in result.stdout
+
+
+def _hookgate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hookgate.cli", *args], capture_output=True, text=True, timeout=60
+    )
