@@ -1,6 +1,7 @@
-"""hookgate's benchmark harness: one command, six measurements, ratios against bare baselines.
+"""hookgate's benchmark harness: one command, seven measurements, ratios against bare baselines.
 
-    python bench/run.py [--quick] [--json PATH] [--only ingress,delivery,e2e,dedup,log,sync] [--profile]
+    python bench/run.py [--quick] [--json PATH] [--profile]
+        [--only ingress,delivery,e2e,dedup,log,sync,workers]
 
 Everything runs on this machine over 127.0.0.1: hookgate as a subprocess (`python -m hookgate.cli
 run`) with its embedded NATS in a temp dir, a trio+h11 receiver, a bare hypercorn-trio app, and a
@@ -27,6 +28,7 @@ import logphase
 import phases
 import report
 import syncphase
+import workersphase
 from procs import BENCH, Processes
 
 PHASES: dict[str, Callable[[phases.Context], dict[str, Any]]] = {
@@ -36,6 +38,7 @@ PHASES: dict[str, Callable[[phases.Context], dict[str, Any]]] = {
     "dedup": phases.dedup_memory,
     "log": logphase.delivery_log,
     "sync": syncphase.sync_cost,
+    "workers": workersphase.workers,
 }
 
 
@@ -159,6 +162,9 @@ def render(r: dict[str, Any]) -> str:
     if "sync" in r:
         title = "6. broker.sync: ingress with the embedded server syncing its store to disk"
         out += _section(title, r["sync"], syncphase.rows)
+    if "workers" in r:
+        title = "7. workers: one gateway process against several under the supervisor"
+        out += _section(title, r["workers"], workersphase.rows)
     out.append("\nRATIOS (quote these; absolute numbers on a shared machine are noisy)")
     if "ratio" in r.get("ingress", {}):
         out.append(
