@@ -16,6 +16,7 @@ import trio
 
 from hookgate import config
 from hookgate.supervisor import serving_roles, worker_roles
+from hookgate.supervisor.plan import available_cores, cgroup_cpu_quota
 from tests.support import NatsServer, base_config, receiver, run_gateway
 
 ROUTES = """
@@ -83,6 +84,22 @@ def test_workers_default_to_the_cores_each_running_the_role() -> None:
     # The port is served by the workers that take webhooks; delivery workers beside them serve none.
     assert serving_roles(split) == {"ingress"}
     assert serving_roles(["delivery", "delivery"]) == {"delivery"}
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "quota"), [("max 100000\n", None), ("150000 100000\n", 2), ("400000 100000\n", 4), ("", None)]
+)
+def test_the_cgroup_cpu_quota_is_read_in_whole_cores(tmp_path: Path, cpu_max: str, quota: int | None) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    assert cgroup_cpu_quota(path) == quota
+    assert cgroup_cpu_quota(tmp_path / "absent") is None
+
+
+def test_the_default_workers_are_capped_by_the_cpu_quota(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text("50000 100000\n")  # half a core: one worker
+    assert available_cores(path) == 1
 
 
 @pytest.mark.parametrize(

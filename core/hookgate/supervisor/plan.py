@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 from hookgate.config import Role, ServerConfig, WorkerCounts
 
+# cgroup v2: "<quota> <period>" in microseconds, or "max <period>" without a quota.
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, as a container's cpuset limits it)."""
+
+def available_cores(cpu_max: Path = CPU_MAX) -> int:
+    """The cores this process may run on: its CPU affinity (as a container's cpuset limits it),
+    and no more than its cgroup's CPU quota, rounded up (as `--cpus` or a Kubernetes CPU limit
+    sets it)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cpu_max)
+    return max(1, min(cores, quota)) if quota is not None else cores
+
+
+def cgroup_cpu_quota(cpu_max: Path) -> int | None:
+    """The cgroup's CPU quota in whole cores (rounded up), or None when there is none."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota == "max":
+            return None
+        return math.ceil(int(quota) / int(period))
+    except (OSError, ValueError):
+        return None
 
 
 def worker_roles(server: ServerConfig, cores: int | None = None) -> list[Role]:
