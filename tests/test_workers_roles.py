@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import textwrap
@@ -140,6 +141,20 @@ def test_bad_workers_on_the_command_line_are_refused(tmp_path: Path, args: list[
     result = _hookgate("run", "-c", str(path), *args)
     assert result.returncode == 2
     assert result.stderr.startswith(f"hookgate: {error}"), result.stderr
+
+
+def test_a_port_in_use_stops_the_supervisor_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "hookgate.yaml"
+        path.write_text(f"server:\n  listen: 127.0.0.1:{port}\nbroker:\n  data_dir: {tmp_path / 'data'}\n")
+        result = _hookgate("run", "-c", str(path), "--workers", "2")
+    assert result.returncode == 1
+    expected = f"hookgate: server.listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_check_shows_the_workers(tmp_path: Path) -> None:

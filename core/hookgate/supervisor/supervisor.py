@@ -74,9 +74,13 @@ class _Supervisor:
     async def keep_running(self, slot: _Slot) -> None:
         backoff = RESTART_BACKOFF
         while not self.draining.is_set():
-            worker = slot.worker = start_worker(
-                str(self.loaded.path), slot.role, self.seat(slot), self.metrics_dir, self.log_level
-            )
+            try:
+                worker = slot.worker = start_worker(
+                    str(self.loaded.path), slot.role, self.seat(slot), self.metrics_dir, self.log_level
+                )
+            except OSError as exc:  # out of processes or file descriptors
+                self.fail(f"cannot start worker {slot.index} ({slot.role}): {exc.strerror or exc}")
+                return
             began = trio.current_time()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(worker.watch_ready)
@@ -166,18 +170,23 @@ async def supervise(loaded: LoadedConfig, roles: list[Role], log_level: str | No
     server = loaded.config.server
     gateway.check_server_tls(server)
     serving = serving_roles(roles)
-    with (
-        tempfile.TemporaryDirectory(prefix="hookgate-metrics-") as metrics_dir,
-        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
-    ):
-        async with gateway.broker_target(loaded, supervised=True) as target:
-            listener = bind_listener(server.listen, server.backlog)
-            slots = [_Slot(i, role, role in serving) for i, role in enumerate(roles)]
-            sup = _Supervisor(loaded, log_level, listener, target, metrics_dir, slots)
-            try:
+    try:
+        listener = bind_listener(server.listen, server.backlog)
+    except OSError as exc:
+        raise gateway.StartupError(
+            f"server.listen: cannot listen on {server.listen}: {exc.strerror or exc}"
+        ) from None
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="hookgate-metrics-") as metrics_dir,
+            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        ):
+            async with gateway.broker_target(loaded, supervised=True) as target:
+                slots = [_Slot(i, role, role in serving) for i, role in enumerate(roles)]
+                sup = _Supervisor(loaded, log_level, listener, target, metrics_dir, slots)
                 await _run(sup, signals)
-            finally:
-                listener.close()
+    finally:
+        listener.close()
     if sup.failure is not None:
         log.error("%s", sup.failure)
         return 1
