@@ -54,26 +54,29 @@ async def test_shutdown_lets_in_flight_deliveries_finish(tmp_path: Path, nats_se
 async def test_topology_is_created_once_and_updated_when_the_config_changes(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    def text(concurrency: int) -> str:
+    def text(ordered: bool) -> str:
         return base_config(
             nats_server.url,
             f"""
             endpoints:
-              svc: {{url: "http://127.0.0.1:9/in", concurrency: {concurrency}}}
+              svc: {{url: "http://127.0.0.1:9/in", ordered: {str(ordered).lower()}}}
             """,
         )
 
-    async with run_gateway(tmp_path, text(1)):
-        pass
-    async with run_gateway(tmp_path, text(40)) as gw:
-        info = await gw.running.broker.bridge.run(_consumer_max_ack_pending(gw.running.broker))
-    assert info == 160
+    async with run_gateway(tmp_path, text(False)) as gw:
+        first = await gw.running.broker.bridge.run(_consumers(gw.running.broker))
+    async with run_gateway(tmp_path, text(True)) as gw:
+        second = await gw.running.broker.bridge.run(_consumers(gw.running.broker))
+    shards = {f"shard-{k}": 10_000 for k in range(16)}
+    assert first == shards
+    # An ordered endpoint has a consumer of its own, with one delivery in flight at a time.
+    assert second == {**shards, "ordered-svc": 1}
 
 
-def _consumer_max_ack_pending(broker):  # type: ignore[no-untyped-def]
-    async def go() -> int:
-        consumer = await broker.bridge.jsm.consumer_info("HOOKGATE_DELIVERIES", "endpoint-svc")
-        return consumer.config.max_ack_pending
+def _consumers(broker):  # type: ignore[no-untyped-def]
+    async def go() -> dict[str, int]:
+        infos = await broker.bridge.jsm.consumers_info("HOOKGATE_DELIVERIES")
+        return {info.name: info.config.max_ack_pending for info in infos}
 
     return go
 

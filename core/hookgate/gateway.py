@@ -34,6 +34,7 @@ from hookgate.broker.embedded import embedded_nats, generated_secrets_key
 from hookgate.config import DEFAULT_SYNC, LoadedConfig, Role, ServerConfig
 from hookgate.config.sealing import Sealer, parse_key
 from hookgate.egress.dispatcher import Dispatcher
+from hookgate.egress.endpoint import Endpoint
 from hookgate.egress.state import EndpointStates
 from hookgate.ingress.admission import Admission
 from hookgate.ingress.handler import Ingress, Source
@@ -142,7 +143,14 @@ async def run(
         # here at once, and reaches other replicas as soon as their watch sees it stored.
         states = EndpointStates(broker, config.ops.endpoint)
         transforms = {i: build_transform(registry, c) for i, c in loaded.transforms.items()}
-        router = Router(broker, hooks, config.routes, set(catalog.config_entries), transforms)
+        router = Router(
+            broker,
+            hooks,
+            config.routes,
+            set(catalog.config_entries),
+            transforms,
+            ordered=_ordered(catalog.endpoints()),
+        )
         delivery_log = DeliveryLog(broker, states, size_bytes(config.log.body_excerpt))
         replayer = Replayer(
             broker,
@@ -180,7 +188,9 @@ async def run(
             states,
             tracing,
         )
-        catalog.subscribe(lambda c: router.update(set(c.endpoints()), c.implicit_routes()))
+        catalog.subscribe(
+            lambda c: router.update(set(c.endpoints()), c.implicit_routes(), _ordered(c.endpoints()))
+        )
         if delivery_role:
             catalog.subscribe(lambda c: dispatcher.update(c.endpoints()))
 
@@ -352,3 +362,7 @@ async def _connect(
             await trio.sleep(delay)
             delay = min(delay * 2, 10)
         yield broker
+
+
+def _ordered(endpoints: dict[str, Endpoint]) -> frozenset[str]:
+    return frozenset(name for name, endpoint in endpoints.items() if endpoint.config.ordered)

@@ -23,6 +23,7 @@ import msgspec
 from hookgate.api.catalog import Catalog, CatalogEntry, EndpointDocument, pack, unpack
 from hookgate.broker import Broker
 from hookgate.config import NAME_PATTERN, ConfigError, EndpointConfig
+from hookgate.config.checks import MAX_ORDERED_ENDPOINTS, too_many_ordered
 from hookgate.config.sealing import SealError
 from hookgate.egress.state import EndpointStates
 from hookgate.ingress.asgi import (
@@ -273,12 +274,19 @@ class EndpointApi:
             await send_error(send, 409, "conflict", f"endpoint {name!r} was changed meanwhile; retry")
             return
         await self.catalog.wait_for(kv_revision, APPLY_TIMEOUT)
-        # Every replica stops its worker when it sees the delete; the consumer, what is still
-        # queued for the endpoint and its state go once, here, so a new endpoint of the same name
-        # starts empty. Another replica still pulling finds the consumer gone and waits quietly.
+        # Every replica stops its lane or worker when it sees the delete; the consumers of its own,
+        # what is still queued or parked for the endpoint and its state go once, here, so a new
+        # endpoint of the same name starts empty. Another replica still pulling finds a consumer
+        # gone and waits quietly.
         try:
-            await self.broker.delete_consumer(topology.deliveries_stream, topology.endpoint_consumer(name))
-            for subject in (topology.delivery_subject(name), f"{topology.prefix}.schedules.{name}.>"):
+            for durable in (topology.ordered_consumer(name), topology.parked_consumer(name)):
+                await self.broker.delete_consumer(topology.deliveries_stream, durable)
+            for subject in (
+                topology.delivery_subject(name),
+                topology.delivery_subject(name, ordered=True),
+                topology.parked_subject(name),
+                f"{topology.prefix}.schedules.{name}.>",
+            ):
                 await self.broker.purge_subject(topology.deliveries_stream, subject)
             await self.broker.kv_delete(topology.endpoints_bucket, name)
         except Exception as exc:
@@ -340,11 +348,18 @@ class EndpointApi:
             await send_error(send, 422, "invalid_endpoint", message)
             return None
         try:
-            return self.catalog.check(raw).config
+            document = self.catalog.check(raw).config
         except ConfigError as exc:
             message = "; ".join(f"{p.at}: {p.message}" for p in exc.problems)
             await send_error(send, 422, "invalid_endpoint", message)
             return None
+        if document.ordered:
+            ordered = [e.name for e in self.catalog.entries() if e.config.ordered and e.name != document.name]
+            if len(ordered) >= MAX_ORDERED_ENDPOINTS:
+                message = f"$.ordered: {too_many_ordered(len(ordered) + 1, MAX_ORDERED_ENDPOINTS)}"
+                await send_error(send, 422, "invalid_endpoint", message)
+                return None
+        return document
 
 
 async def _not_found(send: Send, name: str) -> None:

@@ -92,7 +92,7 @@ async def ensure_consumer(nc: Client, jsm: JetStreamManager, spec: ConsumerSpec)
     config = ConsumerConfig(
         durable_name=spec.durable,
         ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
+        deliver_policy=DeliverPolicy.NEW if spec.new_only else DeliverPolicy.ALL,
         ack_wait=spec.ack_wait,
         max_ack_pending=spec.max_ack_pending,
         max_deliver=-1,
@@ -114,9 +114,25 @@ async def delete_consumer(jsm: JetStreamManager, stream: str, durable: str) -> b
         return False
 
 
-async def purge_subject(jsm: JetStreamManager, stream: str, subject: str) -> None:
+async def purge_subject(
+    jsm: JetStreamManager, stream: str, subject: str, before_seq: int | None = None
+) -> None:
     with contextlib.suppress(nats.js.errors.NotFoundError):
-        await jsm.purge_stream(stream, subject=subject)
+        await jsm.purge_stream(stream, subject=subject, seq=before_seq)
+
+
+async def subject_counts(jsm: JetStreamManager, stream: str, subjects_filter: str) -> dict[str, int]:
+    info = await jsm.stream_info(stream, subjects_filter=subjects_filter)
+    return dict(info.state.subjects or {})
+
+
+async def consumer_filters(jsm: JetStreamManager, stream: str) -> dict[str, str | None]:
+    """Every durable consumer of a stream, with its filter subject."""
+    out: dict[str, str | None] = {}
+    for info in await jsm.consumers_info(stream):
+        if info.config.durable_name:
+            out[info.config.durable_name] = info.config.filter_subject
+    return out
 
 
 async def streams_present(jsm: JetStreamManager, names: list[str]) -> bool:

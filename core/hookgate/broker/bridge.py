@@ -246,9 +246,17 @@ class NatsBridge(NatsLoop):
         """Delete a durable consumer; False when it was gone already (another replica deleted it)."""
         return await self.run(admin.delete_consumer, self.jsm, stream, durable)
 
-    async def purge_subject(self, stream: str, subject: str) -> None:
-        """Remove every message on `subject` (wildcards allowed) from a stream."""
-        await self.run(admin.purge_subject, self.jsm, stream, subject)
+    async def purge_subject(self, stream: str, subject: str, before_seq: int | None = None) -> None:
+        """Remove the messages on `subject` (wildcards allowed) from a stream: all of them, or
+        those stored before `before_seq`."""
+        await self.run(admin.purge_subject, self.jsm, stream, subject, before_seq)
+
+    async def subject_counts(self, stream: str, subjects_filter: str) -> dict[str, int]:
+        """Messages stored per subject matching the filter (subjects with none are left out)."""
+        return await self.run(admin.subject_counts, self.jsm, stream, subjects_filter)
+
+    async def consumer_filters(self, stream: str) -> dict[str, str | None]:
+        return await self.run(admin.consumer_filters, self.jsm, stream)
 
     async def streams_present(self, names: list[str]) -> bool:
         try:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import ssl
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -99,8 +100,41 @@ class Topology:
     def publish_prefix(self) -> str:
         return f"{self.prefix}.publish."
 
-    def delivery_subject(self, endpoint: str) -> str:
-        return f"{self.prefix}.deliveries.{endpoint}"
+    # Deliveries. An endpoint's deliveries go to one of `shards` subjects, each read by one shard
+    # consumer, so the consumer count stays bounded however many endpoints there are; the gateway
+    # keeps each endpoint apart in its own lane (see hookgate.egress.lanes). Ordered endpoints keep
+    # a consumer of their own, which hands out the next message only once the head is acked.
+    # `shards` is fixed: changing it would strand deliveries stored under the old numbers.
+
+    shards: int = 16
+
+    def shard_of(self, endpoint: str) -> int:
+        return zlib.crc32(endpoint.encode()) % self.shards
+
+    def delivery_subject(self, endpoint: str, *, ordered: bool = False) -> str:
+        if ordered:
+            return f"{self.prefix}.deliveries.ordered.{endpoint}"
+        return f"{self.prefix}.deliveries.{self.shard_of(endpoint)}.{endpoint}"
+
+    def shard_filter(self, shard: int) -> str:
+        return f"{self.prefix}.deliveries.{shard}.*"
+
+    def parked_subject(self, endpoint: str) -> str:
+        """Where a disabled endpoint's deliveries wait, out of their shard, until it is enabled."""
+        return f"{self.prefix}.deliveries.parked.{endpoint}"
+
+    @property
+    def parked_filter(self) -> str:
+        return f"{self.prefix}.deliveries.parked.*"
+
+    @property
+    def legacy_delivery_filter(self) -> str:
+        """Deliveries stored by releases before the shards (one subject, and consumer, per endpoint)."""
+        return f"{self.prefix}.deliveries.*"
+
+    @staticmethod
+    def endpoint_of(delivery_subject: str) -> str:
+        return delivery_subject.rpartition(".")[2]
 
     def schedule_subject(self, endpoint: str, delivery_id: str, attempt: int) -> str:
         return f"{self.prefix}.schedules.{endpoint}.{delivery_id}.{attempt}"
@@ -131,7 +165,17 @@ class Topology:
     def router_consumer(self) -> str:
         return "router"
 
-    def endpoint_consumer(self, endpoint: str) -> str:
+    def shard_consumer(self, shard: int) -> str:
+        return f"shard-{shard}"
+
+    def ordered_consumer(self, endpoint: str) -> str:
+        return f"ordered-{endpoint}"
+
+    def parked_consumer(self, endpoint: str) -> str:
+        return f"parked-{endpoint}"
+
+    def legacy_consumer(self, endpoint: str) -> str:
+        """An endpoint's own consumer in releases before the shards."""
         return f"endpoint-{endpoint}"
 
     def streams(self, config: BrokerConfig) -> list[StreamSpec]:
@@ -348,8 +392,20 @@ class Broker:
     async def get_msg(self, stream: str, seq: int) -> StoredMsg | None:
         return await self.bridge.get_msg(stream, seq)
 
-    async def purge_subject(self, stream: str, subject: str) -> None:
-        await self.bridge.purge_subject(stream, subject)
+    async def purge_subject(self, stream: str, subject: str, before_seq: int | None = None) -> None:
+        await self.bridge.purge_subject(stream, subject, before_seq)
+
+    async def subject_counts(self, stream: str, subjects_filter: str) -> dict[str, int]:
+        """Messages stored per subject matching the filter (subjects with none are left out)."""
+        return await self.bridge.subject_counts(stream, subjects_filter)
+
+    async def consumer_filters(self, stream: str) -> dict[str, str | None]:
+        """Every durable consumer of a stream, by name, with its filter subject."""
+        return await self.bridge.consumer_filters(stream)
+
+    async def pending_counts(self, consumers: list[PullConsumer]) -> dict[str, int]:
+        """What each consumer still has to hand out or see acked, by durable name."""
+        return await self.bridge.pending_counts(consumers)
 
     async def kv_get_all(self, bucket: str) -> dict[str, bytes]:
         return await self.bridge.kv_get_all(bucket)

@@ -44,6 +44,7 @@ class ConsumerSpec:
     ack_wait: float
     max_ack_pending: int
     buffer: int = 64  # messages pulled ahead of the caller
+    new_only: bool = False  # starts with what is stored after its creation, not with all there is
 
 
 @dataclass(frozen=True)

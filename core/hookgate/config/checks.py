@@ -51,6 +51,19 @@ _OWN_HEADERS = frozenset(
 )
 
 
+# Each ordered endpoint has a JetStream consumer of its own, and nats-server allows a stream 1,000
+# by default; the rest share sixteen shard consumers. The margin leaves room for the shards, the
+# short-lived consumers that move parked deliveries back, and an operator's own.
+MAX_ORDERED_ENDPOINTS = 900
+
+
+def too_many_ordered(count: int, limit: int) -> str:
+    return (
+        f"{count} endpoints have ordered: true, and at most {limit} may: each has a "
+        "JetStream consumer of its own, and a stream allows 1,000"
+    )
+
+
 def check_rules(
     problem: Report,
     config: Config,
@@ -72,6 +85,9 @@ def check_rules(
     egress = config.egress if "egress" in valid else None
     for name, endpoint in config.endpoints.items():
         check_endpoint(problem, child("$.endpoints", name), endpoint, broker, egress)
+    ordered = [name for name, endpoint in config.endpoints.items() if endpoint.ordered]
+    if len(ordered) > MAX_ORDERED_ENDPOINTS:
+        problem("$.endpoints", too_many_ordered(len(ordered), MAX_ORDERED_ENDPOINTS))
     _check_proxies(problem, config, egress)
     if "ops" in valid and config.ops.endpoint is not None and config.ops.endpoint not in endpoints:
         problem("$.ops.endpoint", f"no endpoint named {show(config.ops.endpoint)}")

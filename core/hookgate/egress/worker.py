@@ -7,10 +7,12 @@ An attempt goes in named steps: admitted (rate limit plugins, flow control), bui
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
+from collections.abc import Callable
 
 import msgspec
 import trio
@@ -19,10 +21,11 @@ from hookgate.broker import Commit, InMsg, OutMsg, PullConsumer
 from hookgate.broker.records import DeliveryMarker, entry_decoder
 from hookgate.egress.context import WorkerContext
 from hookgate.egress.endpoint import Endpoint
-from hookgate.egress.flow import CircuitState, FlowControl
-from hookgate.egress.outcome import Outcomes, log_context
+from hookgate.egress.flow import CircuitState
+from hookgate.egress.outcome import log_context
+from hookgate.egress.parts import EndpointParts
 from hookgate.egress.request import authorize_and_sign, build_request
-from hookgate.egress.send import Result, Sender
+from hookgate.egress.send import Result
 from hookgate.observe.redact import redact_headers, redact_text
 from hookgate.observe.tracing import NO_SPAN, Span
 from hookgate.types import Attempt, Delivery, Event
@@ -54,29 +57,34 @@ class EndpointWorker:
     records are handed to the broker's batching without waiting, so the next delivery starts.
     """
 
-    def __init__(self, context: WorkerContext, endpoint: Endpoint, consumer: PullConsumer):
+    def __init__(
+        self,
+        context: WorkerContext,
+        endpoint: Endpoint,
+        consumer: PullConsumer,
+        parts: EndpointParts | None = None,
+        park: Callable[[InMsg], None] | None = None,
+    ):
         self.context = context
         self.broker = context.broker
         self.hooks = context.hooks
         self.metrics = context.metrics
         self.states = context.states
         self.endpoint = endpoint
-        self.consumer = consumer
+        self.consumer = consumer  # where its deliveries come from: its own consumer, or its shard's
+        # Set for a lane (see hookgate.egress.lanes): a disabled endpoint's deliveries leave the
+        # shard, rather than wait in it in front of other endpoints' deliveries.
+        self.park = park
         self.concurrency = 1 if endpoint.config.ordered else endpoint.config.concurrency
         self.stopping = False
-        self.sender = Sender(endpoint, context.broker, context.hooks)
-        self.outcomes = Outcomes(context, endpoint)
+        parts = parts or EndpointParts.build(context, endpoint)
+        self.sender = parts.sender
+        self.outcomes = parts.outcomes
+        self.flow = parts.flow
         self.held: dict[int, InMsg] = {}  # fetched and not yet settled, by stream sequence
         # Attempts in flight: delivery id -> (delivery, trio time started, marked delivering yet).
         self.in_flight: dict[str, tuple[Delivery, float, bool]] = {}
         self.handed_back: set[int] = set()  # stream sequences settled as cut off by a shutdown
-        config = endpoint.config
-        self.flow = FlowControl(
-            config.rate_limit,
-            config.circuit_breaker,
-            on_change=self._circuit_changed,
-            probe_timeout=2 * endpoint.timeout + 5,  # a probe may be sent twice (401 token refresh)
-        )
 
     async def run(self, stopping: trio.Event) -> None:
         send, receive = trio.open_memory_channel[InMsg](0)
@@ -100,6 +108,34 @@ class EndpointWorker:
                 with trio.CancelScope(shield=True):
                     await self.broker.release_consumer(self.consumer)
             keeping.cancel_scope.cancel()
+
+    async def run_lane(self, receive: trio.MemoryReceiveChannel[InMsg], stop: trio.Event) -> None:
+        """Serve what a shard hands over through `receive` until it is closed (the lane was idle)
+        or `stop` is set (shutdown, or the endpoint changed): then in-flight deliveries get the
+        grace period, and those not started go back to the shard."""
+        working = trio.CancelScope()
+        async with trio.open_nursery() as around, receive:
+            around.start_soon(self._keep_alive)
+            around.start_soon(self._stop_when_set, stop, working)
+            with working:
+                async with trio.open_nursery() as workers:
+                    for _ in range(self.concurrency):
+                        workers.start_soon(self._work, receive.clone())
+            # Cut off by the grace period: what still waits in the lane was never started.
+            waiting = []
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                while True:
+                    waiting.append(receive.receive_nowait())
+            for msg in waiting:
+                self.held.pop(msg.stream_seq, None)
+            if waiting:
+                self.broker.give_back(self.consumer, waiting)
+            around.cancel_scope.cancel()
+
+    async def _stop_when_set(self, stop: trio.Event, working: trio.CancelScope) -> None:
+        await stop.wait()
+        self.stopping = True
+        working.deadline = trio.current_time() + self.context.grace
 
     async def _fetch_loop(self, send: trio.MemorySendChannel[InMsg]) -> None:
         backoff = 0.5
@@ -133,10 +169,6 @@ class EndpointWorker:
                     self.broker.give_back(self.consumer, msgs[i:])
                     raise
 
-    def _circuit_changed(self, old: CircuitState, new: CircuitState) -> None:
-        log.warning("endpoint %s: circuit %s -> %s", self.endpoint.name, old, new)
-        self.metrics.circuit_open.labels(self.endpoint.name).set(0 if new is CircuitState.CLOSED else 1)
-
     async def _keep_alive(self) -> None:
         """Tell the server every held message is still being worked on, so only a crash lets
         ack_wait run out (and redelivery then comes within ACK_WAIT, not after a long attempt).
@@ -147,9 +179,10 @@ class EndpointWorker:
             self._mark_long_attempts()
             if trio.current_time() - last_keep_alive >= KEEPALIVE:
                 last_keep_alive = trio.current_time()
-                self.broker.commit_later(
-                    Commit(in_progress=list(self.held.values()), keep_queued=self.consumer)
-                )
+                # A shard's own buffer is kept alive by its puller, not by each of its lanes.
+                queued = self.consumer if self.park is None else None
+                if self.held or queued is not None:
+                    self.broker.commit_later(Commit(in_progress=list(self.held.values()), keep_queued=queued))
 
     def _mark_long_attempts(self) -> None:
         now = trio.current_time()
@@ -182,7 +215,10 @@ class EndpointWorker:
             self.broker.give_back(self.consumer, [msg])  # not started: back in line
             return
         if self.states.disabled(self.endpoint.name):
-            self.broker.commit_later(Commit(nak=msg))  # not started: back in line
+            if self.park is not None:
+                self.park(msg)
+            else:
+                self.broker.commit_later(Commit(nak=msg))  # not started: back in line
             return
         try:
             await self.deliver(msg)

@@ -250,7 +250,9 @@ class Replayer:
             Commit(
                 [
                     OutMsg(
-                        self.t.delivery_subject(delivery.endpoint),
+                        self.t.delivery_subject(
+                            delivery.endpoint, ordered=self.endpoint_ordered(delivery.endpoint)
+                        ),
                         _encode(delivery),
                         {"Nats-Msg-Id": f"replay:{delivery.id}:{nxt}"},
                     ),

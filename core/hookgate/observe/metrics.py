@@ -84,7 +84,7 @@ class Metrics:
 
         self.deferrals = Counter(
             "hookgate_delivery_deferrals",
-            "Deliveries put off by a rate limit or an open circuit (not counted as attempts)",
+            "Deliveries put off by a rate limit, an open circuit or a full lane (not counted as attempts)",
             ["endpoint", "reason"],
             registry=self.registry,
         )

@@ -49,6 +49,7 @@ class Router:
         routes: list[RouteConfig],
         endpoints: set[str],
         transforms: dict[int, Transform] | None = None,
+        ordered: frozenset[str] = frozenset(),
     ):
         self.broker = broker
         self.hooks = hooks
@@ -56,17 +57,21 @@ class Router:
         self.config_routes = [CompiledRoute.compile(i, r, transforms.get(i)) for i, r in enumerate(routes)]
         self.routes = list(self.config_routes)
         self.endpoints = endpoints
+        self.ordered = ordered  # endpoints whose deliveries go to their own ordered line
         self._encode = msgspec.msgpack.Encoder().encode
         self._encode_json = msgspec.json.Encoder().encode
         self.consumer: PullConsumer | None = None
 
-    def update(self, endpoints: set[str], implicit_routes: list[CompiledRoute]) -> None:
+    def update(
+        self, endpoints: set[str], implicit_routes: list[CompiledRoute], ordered: frozenset[str] = frozenset()
+    ) -> None:
         """Swap in the current endpoints and, after the YAML routes, the API endpoints' subscriptions.
 
         Both are replaced whole, so an event being planned sees either the old set or the new one.
         """
         self.routes = [*self.config_routes, *implicit_routes]
         self.endpoints = endpoints
+        self.ordered = ordered
 
     def consumer_spec(self) -> ConsumerSpec:
         t = self.broker.topology
@@ -182,7 +187,11 @@ class Router:
         event = decided.event
         deliveries = [] if event is None else self._deliveries(msg, event, decided, now)
         topology = self.broker.topology
-        out = [OutMsg(topology.delivery_subject(d.endpoint), self._encode(d), h) for d, h in deliveries]
+        ordered = self.ordered
+        out = [
+            OutMsg(topology.delivery_subject(d.endpoint, ordered=d.endpoint in ordered), self._encode(d), h)
+            for d, h in deliveries
+        ]
         out.append(self._routing_record(msg, decided))
         if event is not None:
             out.extend(self._created_record(event, d, now) for d, _ in deliveries)
