@@ -73,6 +73,32 @@ async def test_an_ingress_process_stores_and_a_delivery_process_delivers(
                     assert refused.json()["error"] == "not_served"
 
 
+async def test_an_ingress_process_applies_max_unrouted_to_the_routers_backlog(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    for name in ("delivery", "ingress", "again"):
+        (tmp_path / name).mkdir()
+    async with receiver() as rx:
+        text = base_config(nats_server.url, ROUTES.format(url=rx.url))
+        # A delivery process has made the router's consumer, and stopped: nothing routes now.
+        async with run_gateway(tmp_path / "delivery", _with_role(text, "delivery")):
+            pass
+        limited = _with_role(text, "ingress").replace("server:\n", "server:\n  max_unrouted: 2\n", 1)
+        async with run_gateway(tmp_path / "ingress", limited) as ingress:
+            for i in range(2):
+                assert (await ingress.publish("order.created", {"n": i})).status_code == 202
+            with trio.fail_after(5):  # the backlog is read once a second
+                while (refused := await ingress.publish("order.created", {"n": "late"})).status_code != 503:
+                    await trio.sleep(0.1)
+            assert refused.json()["error"] == "overloaded"
+            # A router catches up, and the ingress process admits again.
+            async with run_gateway(tmp_path / "again", _with_role(text, "delivery")):
+                await rx.wait_for(2)
+                with trio.fail_after(5):
+                    while (await ingress.publish("order.created", {"n": "again"})).status_code != 202:
+                        await trio.sleep(0.1)
+
+
 def _server(text: str) -> config.ServerConfig:
     return msgspec.convert(msgspec.yaml.decode(textwrap.dedent(text)), config.ServerConfig)
 

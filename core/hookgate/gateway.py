@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,10 +206,12 @@ async def run(
             if delivery_role:
                 # Consumers exist (created or updated) before the gateway reports itself started.
                 await nursery.start(router.run, stopping)
-                if admission.max_unrouted and ingress_role:
-                    nursery.start_soon(_follow_router_backlog, router, admission, stopping)
                 await nursery.start(dispatcher.run, stopping)
             if ingress_role:
+                if admission.max_unrouted:
+                    nursery.start_soon(
+                        _follow_router_backlog, _router_backlog(router, broker, role), admission, stopping
+                    )
                 nursery.start_soon(ingress.rejections.run, stopping)
                 await nursery.start(replayer.run, stopping)
             http_url = binds[0] if binds else ""
@@ -260,11 +262,13 @@ async def _serve_http(
 ROUTER_BACKLOG_POLL = 1.0
 
 
-async def _follow_router_backlog(router: Router, admission: Admission, stopping: trio.Event) -> None:
+async def _follow_router_backlog(
+    backlog_of_router: Callable[[], Awaitable[int | None]], admission: Admission, stopping: trio.Event
+) -> None:
     """Keep admission control's view of the router's backlog current (one consumer info a second)."""
     while not stopping.is_set():
         try:
-            backlog = await router.backlog()
+            backlog = await backlog_of_router()
         except Exception as exc:
             log.debug("could not read the router's backlog: %s", exc)
         else:
@@ -272,6 +276,15 @@ async def _follow_router_backlog(router: Router, admission: Admission, stopping:
                 admission.unrouted = backlog
         with trio.move_on_after(ROUTER_BACKLOG_POLL):
             await stopping.wait()
+
+
+def _router_backlog(router: Router, broker: Broker, role: Role) -> Callable[[], Awaitable[int | None]]:
+    """How this process reads the router's backlog: from the consumer it pulls for, or, where no
+    router runs (role ingress), by the consumer's name."""
+    if role == "all":
+        return router.backlog
+    topology = broker.topology
+    return lambda: broker.consumer_backlog(topology.events_stream, topology.router_consumer())
 
 
 def check_server_tls(server: ServerConfig) -> None:
