@@ -103,8 +103,13 @@ def _server(text: str) -> config.ServerConfig:
     return msgspec.convert(msgspec.yaml.decode(textwrap.dedent(text)), config.ServerConfig)
 
 
-def test_workers_default_to_the_cores_each_running_the_role() -> None:
-    assert worker_roles(_server("{}"), cores=3) == ["all", "all", "all"]
+def test_workers_default_to_the_cores_split_between_ingress_and_delivery() -> None:
+    assert worker_roles(_server("{}"), cores=1) == ["all"]
+    assert worker_roles(_server("{}"), cores=2) == ["ingress", "delivery"]
+    assert worker_roles(_server("{}"), cores=5) == ["ingress"] * 3 + ["delivery"] * 2
+    # A role given, or a number: that many workers of that role.
+    assert worker_roles(_server("{role: delivery}"), cores=3) == ["delivery"] * 3
+    assert worker_roles(_server("{workers: 2}"), cores=8) == ["all", "all"]
     assert worker_roles(_server("{workers: 2, role: delivery}"), cores=8) == ["delivery", "delivery"]
     split = worker_roles(_server("{workers: {ingress: 1, delivery: 2}}"), cores=8)
     assert split == ["ingress", "delivery", "delivery"]
@@ -189,6 +194,11 @@ def test_check_shows_the_workers(tmp_path: Path) -> None:
     result = _hookgate("check", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert "  workers:   3: 1 ingress, 2 delivery\n" in result.stdout
+    path.write_text("server: {}\n")
+    result = _hookgate("check", "-c", str(path))
+    cores = available_cores()
+    split = "1 all" if cores == 1 else f"{cores - cores // 2} ingress, {cores // 2} delivery"
+    assert f"  workers:   {cores} (the cores available): {split}\n" in result.stdout
 
 
 def _hookgate(*args: str) -> subprocess.CompletedProcess[str]:

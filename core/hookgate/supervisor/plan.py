@@ -36,11 +36,19 @@ def cgroup_cpu_quota(cpu_max: Path) -> int | None:
 
 
 def worker_roles(server: ServerConfig, cores: int | None = None) -> list[Role]:
-    """One role per worker process; a single one means no supervisor at all."""
+    """One role per worker process; a single one means no supervisor at all.
+
+    `workers` omitted: one per core, and with `role: all` half of them ingress, half delivery (the
+    odd one ingress), which cost the least CPU per event on 2 cores (docs/scaling.md)."""
     if isinstance(server.workers, WorkerCounts):
         return server.workers.roles()
-    count = server.workers if server.workers is not None else (cores or available_cores())
-    return [server.role] * count
+    if server.workers is not None:
+        return [server.role] * server.workers
+    count = cores or available_cores()
+    if server.role != "all" or count == 1:
+        return [server.role] * count
+    delivery = count // 2
+    return WorkerCounts(ingress=count - delivery, delivery=delivery).roles()
 
 
 def serving_roles(roles: list[Role]) -> set[Role]:
