@@ -1,6 +1,7 @@
 """Workers (`--only workers`): one gateway process against several under the supervisor.
 
-Each layout (1 x all, 2 x all, 1 ingress + 1 delivery) gets a fresh gateway and three loads:
+Each layout (1 x all, 2 x all, 1 ingress + 1 delivery) gets a fresh gateway for each of three
+loads, in three rounds that rotate the layouts' order (one with --quick); the table gives medians:
 
 - **ingress**: HMAC-signed webhooks, no routes, as phase 1 (32 connections), for 6 s (4 s quick)
   after a warm-up: accepted/s and CPU µs per accepted event;
