@@ -72,7 +72,8 @@ class ServerConfig(_Base):
         msgspec.Meta(
             description="gateway processes on this host, sharing the port and the embedded"
             " nats-server under one supervisor: a number (each runs server.role), or a number per"
-            " role like {ingress: 1, delivery: 1}; omitted: the number of cores available"
+            " role like {ingress: 1, delivery: 1}; omitted: one per core available, half ingress and"
+            " half delivery (one core: one process)"
         ),
     ] = None
     role: Annotated[
