@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import trio
 
+from tests.credentials import make_pki
 from tests.support import free_port, hookgate_command, receiver
 
 TOKEN = "workers-token"
@@ -130,18 +132,21 @@ class Supervised:
 
 
 @asynccontextmanager
-async def supervised(config: Path, port: int, *args: str, workers: int = 2) -> AsyncIterator[Supervised]:
+async def supervised(
+    config: Path, port: int, *args: str, workers: int = 2, verify: ssl.SSLContext | None = None
+) -> AsyncIterator[Supervised]:
+    """`hookgate run` on `config`, ready; `verify`: it serves HTTPS, with a certificate this trusts."""
     log = config.parent / "gateway.log"
     with log.open("ab") as out:
         process = subprocess.Popen(
             hookgate_command("run", "-c", str(config), *args), stdout=out, stderr=subprocess.STDOUT
         )
-    sup = Supervised(process, f"http://127.0.0.1:{port}", log)
+    sup = Supervised(process, f"{'https' if verify else 'http'}://127.0.0.1:{port}", log)
     try:
         await sup.wait_for(
             "every worker started", lambda: "hookgate listening on" in log.read_text() or workers == 1
         )
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with httpx.AsyncClient(timeout=10, verify=verify or True) as http:
 
             async def ready() -> bool:
                 try:
@@ -285,21 +290,24 @@ async def test_sigterm_drains_every_worker_and_stops_the_nats_server_last(tmp_pa
         assert len(rx.requests) == held
 
 
-async def test_every_serving_worker_accepts_on_the_one_port(tmp_path: Path) -> None:
+async def test_every_serving_worker_accepts_on_the_one_port_with_tls(tmp_path: Path) -> None:
     port = free_port()
+    pki = make_pki(tmp_path / "tls")
+    tls = f"tls: {{certfile: {pki.server_cert}, keyfile: {pki.server_key}}}"
+    verify = ssl.create_default_context(cafile=str(pki.ca))
     async with (
         receiver() as rx,
-        supervised(_config(tmp_path, port, rx.url, "workers: 2"), port) as sup,
+        supervised(_config(tmp_path, port, rx.url, f"workers: 2\n{tls}"), port, verify=verify) as sup,
         AsyncExitStack() as clients,
     ):
         workers = sup.workers()
         listening = {inode for inode, state in _tcp_sockets(port).items() if state == "0A"}
         assert len(listening) == 1
         assert all(listening <= _socket_inodes(pid) for pid in workers)
-        # Keep-alive connections, opened one by one until each worker has accepted one.
+        # Keep-alive HTTPS connections, opened one by one until each worker has accepted one.
         holders: set[int] = set()
         for _ in range(200):
-            client = await clients.enter_async_context(httpx.AsyncClient(timeout=10))
+            client = await clients.enter_async_context(httpx.AsyncClient(timeout=10, verify=verify))
             assert (await client.get(f"{sup.url}/healthz")).status_code == 200
             accepted = {inode for inode, state in _tcp_sockets(port).items() if state == "01"}
             holders = {pid for pid in workers if _socket_inodes(pid) & accepted}
