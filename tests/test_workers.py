@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from tests.credentials import make_pki
-from tests.support import free_port, hookgate_command, receiver
+from tests.support import NatsServer, free_port, hookgate_command, receiver
 
 TOKEN = "workers-token"
 START_TIMEOUT = 40
@@ -335,3 +335,34 @@ async def test_one_ingress_and_one_delivery_worker_deliver_end_to_end(tmp_path: 
             # The delivery worker's figures reach /metrics through the ingress worker.
             text = (await http.get(f"{sup.url}/metrics")).text
             assert _metric(text, "hookgate_deliveries_total", endpoint="svc", outcome="succeeded") == 5
+
+
+async def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None:
+    """Workers refused by the broker would be refused on every restart: the supervisor exits 1."""
+    server = NatsServer(tmp_path / "nats", "authorization { token: right-token }\n")
+    server.start()
+    try:
+        port = free_port()
+        config = tmp_path / "hookgate.yaml"
+        config.write_text(
+            f"server:\n  listen: 127.0.0.1:{port}\n  workers: 2\n"
+            f"broker:\n  url: {server.url}\n  token: wrong-token\n"
+        )
+        log = tmp_path / "gateway.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                hookgate_command("run", "-c", str(config)), stdout=out, stderr=subprocess.STDOUT
+            )
+        sup = Supervised(process, f"http://127.0.0.1:{port}", log)
+        try:
+            assert await sup.wait_exit(60) == 1
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        text = log.read_text()
+        assert re.search(r"worker \d \(all\) could not start: exit code 1", text), text
+        assert "Traceback" not in text
+        assert "restarting" not in text
+    finally:
+        server.stop()
