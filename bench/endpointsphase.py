@@ -8,7 +8,8 @@ gateway with its embedded nats-server is measured for:
   time from the publish request to the receiver seeing it (and the create request's time);
 - latency under load: RATE events/s for LOAD_SECONDS through `POST /api/v1/events`, each to one
   endpoint picked at random (`to`), timed from the publish request to the receiver seeing it
-  (matched by the event id, which the delivery carries as `webhook-id`): p50 and p99.
+  (matched by the event id, which the delivery carries as `webhook-id`): p50 and p99; and the CPU
+  of the gateway and its nats-server per event delivered meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 import report
 import trio
-from procs import HTTP, CpuMeter, free_port, hookgate_config, start_hookgate, start_receiver
+from procs import HTTP, CpuMeter, cpu_seconds, free_port, hookgate_config, start_hookgate, start_receiver
 
 IDLE_SETTLE = 5.0
 IDLE_SECONDS = 15.0
@@ -58,7 +59,12 @@ def _measure(ctx: Any, receiver_url: str, count: int) -> dict[str, Any]:
     idle = meter.read()
     rss = {"hookgate": _rss_mb(hookgate.proc.pid), "nats-server": _rss_mb(hookgate.nats_pid)}
     first = _first_delivery(hookgate.url, receiver_url)
+    pids = (hookgate.proc.pid, hookgate.nats_pid)
+    cpu_before = sum(cpu_seconds(pid) for pid in pids)
     load = trio.run(_load, hookgate.url, receiver_url, [f"e{i}" for i in range(count)])
+    # Over the load and the wait for its last deliveries: the gateway and its nats-server.
+    cpu_used = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+    load["cpu_us_per_event"] = round(cpu_used / max(load["load_delivered"], 1) * 1e6)
     ctx.procs.stop(hookgate.proc)
     return {
         "start_s": round(start_seconds, 2),
@@ -157,6 +163,7 @@ def rows(d: dict[str, Any]) -> list[str]:
                 m["p50_ms"],
                 m["p99_ms"],
                 f"{m['load_delivered']}/{m['load_events']}",
+                m.get("cpu_us_per_event"),
             ]
         )
     headers = [
@@ -171,5 +178,6 @@ def rows(d: dict[str, Any]) -> list[str]:
         "p50 ms",
         "p99 ms",
         "delivered",
+        "cpu µs/event",
     ]
     return report.table(table, headers).splitlines()

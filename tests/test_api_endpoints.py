@@ -367,3 +367,27 @@ async def test_a_change_lets_the_attempt_in_flight_finish_first(
     assert second.at - first.at >= 0.9
     assert len(rx.requests) == 2  # nothing was sent twice
     assert [json.loads(r.data)["outcome"] for r in records] == ["succeeded", "succeeded"]
+
+
+async def test_deleting_an_endpoint_clears_its_shared_circuit_so_a_new_one_starts_closed(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    auth = {"Authorization": "Bearer test-token"}
+    breaker = {"failure_rate": 0.5, "window": "60s", "min_requests": 2, "cooldown": "60s"}
+    async with receiver(lambda request, n: 500) as rx, run_gateway(tmp_path, _config(nats_server.url)) as gw:
+        broker = gw.running.broker
+        bucket, key = broker.topology.health_bucket, "circuit.svc"
+        body = {"name": "svc", "url": f"{rx.url}/in", "signing": None, "circuit_breaker": breaker}
+        assert (await gw.http.post(f"{gw.url}/api/v1/endpoints", json=body, headers=auth)).status_code == 201
+        for n in range(2):
+            await gw.publish("a", {"n": n}, to=["svc"])
+        opened = await _poll(
+            lambda: broker.kv_get(bucket, key), lambda found: found is not None and found.value
+        )
+        deleted = await gw.http.delete(f"{gw.url}/api/v1/endpoints/svc", headers=auth)
+        cleared = await _poll(
+            lambda: broker.kv_get(bucket, key), lambda found: found is None or not found.value
+        )
+    assert deleted.status_code == 204
+    assert b"open" in opened.value
+    assert cleared is None or not cleared.value

@@ -236,9 +236,12 @@ async def test_the_documented_permissions_are_all_the_gateway_needs(
     async with receiver() as ok, receiver(_first_attempt_fails) as flaky, receiver(lambda r, n: 500) as dead:
         extra = f"""
             endpoints:
-              svc: {{url: "{ok.url}/in"}}
+              svc: {{url: "{ok.url}/in", rate_limit: {{rate: 100}}}}
               flaky: {{url: "{flaky.url}/in", retry: {{schedule: [100ms], jitter: 0}}}}
-              dead: {{url: "{dead.url}/in", retry: {{schedule: [100ms], jitter: 0}}}}
+              dead:
+                url: "{dead.url}/in"
+                retry: {{schedule: [100ms], jitter: 0}}
+                circuit_breaker: {{min_requests: 2, cooldown: 1s}}
             routes:
               - {{from: [internal], types: ["order.*"], to: [svc, flaky, dead]}}
             """
@@ -361,7 +364,7 @@ async def test_the_example_three_node_cluster_delivers_with_three_replicas(tmp_p
                     replicas = await gw.running.broker.bridge.run(_stream_replicas(gw))
         assert received.json()["data"] == {"id": 3}
         assert set(replicas.values()) == {3}
-        assert len(replicas) == 7  # five streams and two key-value buckets
+        assert len(replicas) == 9  # five streams and four key-value buckets
         for name in ("n1", "n2", "n3"):
             assert (tmp_path / "data" / name / "jetstream").is_dir()
 

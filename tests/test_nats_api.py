@@ -39,7 +39,7 @@ async def test_a_status_reply_is_read_from_the_status_header(nats_server: NatsSe
     loaded = config_mod.loads(base_config(nats_server.url), Hooks(()).registry)
     async with Broker.connect(loaded.config.broker, nats_server.url) as broker:
         [results] = await broker.bridge.commit([Commit([OutMsg("nowhere.captured", b"x")])], 2.0)
-    assert results[0].error == "no JetStream stream captures this subject", (
+    assert (results[0].error or "").startswith("no JetStream stream captures this subject"), (
         f"a publish no stream captures answered {results[0]!r}: nats-py no longer reports a reply's "
         "status as the 'Status' header, which PullConsumer and PubAcks read"
     )

@@ -13,6 +13,7 @@ server.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -223,6 +224,11 @@ async def run(
                 url,
             )
             await hooks.call("hookgate_startup", info={"listen": http_url, "version": __version__})
+            # What startup built (the config, every endpoint, the plugins) lives as long as the
+            # process: out of the cyclic collector's reach, its full passes do not walk it all
+            # (with 10,000 endpoints they added 100-400 ms pauses to p99 delivery latency).
+            gc.collect()
+            gc.freeze()
             task_status.started(Running(http_url, url, broker, target.nkey_seed_file))
             await stopping.wait()
             log.info("shutting down: finishing in-flight deliveries")

@@ -289,6 +289,7 @@ class EndpointApi:
             ):
                 await self.broker.purge_subject(topology.deliveries_stream, subject)
             await self.broker.kv_delete(topology.endpoints_bucket, name)
+            self.states.limits.remove(name)  # its circuit and failing streak, for every replica
         except Exception as exc:
             # The endpoint is deleted; leftovers expire with the streams' retention.
             log.warning("endpoint %s deleted; cleaning up after it failed: %s", name, exc)

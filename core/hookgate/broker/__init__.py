@@ -5,6 +5,7 @@ The rest of the gateway uses the broker through the names exported here.
 """
 
 from hookgate.broker.facade import MIN_SERVER_VERSION, Broker, Topology
+from hookgate.broker.kv import Swapped
 from hookgate.broker.messages import (
     BrokerRefused,
     BrokerUnavailable,
@@ -31,5 +32,6 @@ __all__ = [
     "PubResult",
     "PullConsumer",
     "StoredMsg",
+    "Swapped",
     "Topology",
 ]

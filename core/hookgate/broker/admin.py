@@ -79,12 +79,26 @@ async def ensure_stream(jsm: JetStreamManager, spec: StreamSpec) -> None:
         allow_msg_schedules=spec.allow_msg_schedules or None,
     )
     try:
-        await jsm.stream_info(spec.name)
+        info = await jsm.stream_info(spec.name)
     except nats.js.errors.NotFoundError:
         await jsm.add_stream(config)
         log.info("created stream %s", spec.name)
-    else:
+        return
+    # Only a change is sent: on a new cluster an update that meets another replica's create of
+    # the same stream goes unanswered (both wait out their timeout), and every restart would
+    # otherwise propose a no-op to the cluster.
+    if not _holds(info.config, config):
         await jsm.update_stream(config)
+
+
+_SETTINGS = ("subjects", "retention", "storage", "discard", "max_age", "duplicate_window", "num_replicas")
+
+
+def _holds(current: StreamConfig, wanted: StreamConfig) -> bool:
+    """Whether a stream's current config has every setting hookgate sets as `wanted` has it."""
+    if bool(current.allow_msg_schedules) != bool(wanted.allow_msg_schedules):
+        return False
+    return all(getattr(current, name) == getattr(wanted, name) for name in _SETTINGS)
 
 
 async def ensure_consumer(nc: Client, jsm: JetStreamManager, spec: ConsumerSpec) -> PullConsumer:

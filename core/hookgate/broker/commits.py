@@ -16,6 +16,10 @@ from nats.aio.msg import Msg
 
 from hookgate.broker.messages import LATE_WINDOW, Commit, PubResult
 
+# A publish nobody answered: JetStream answers for a stream's subjects only through the stream's
+# leader, so this is also what a publish meets while a cluster elects one.
+NO_STREAM = "no JetStream stream captures this subject (or, on a cluster, its stream is electing a leader)"
+
 # A publish's token and the future its PubAck resolves.
 _Waiting = tuple[str, "asyncio.Future[PubResult]"]
 
@@ -135,7 +139,7 @@ def pub_result(msg: Msg) -> PubResult:
     if not msg.data:
         status = (msg.headers or {}).get("Status")
         if status == "503":
-            return PubResult(error="no JetStream stream captures this subject")
+            return PubResult(error=NO_STREAM)
         return PubResult(error=f"JetStream answered status {status}")
     try:
         ack = _puback.decode(msg.data)
@@ -148,5 +152,5 @@ def pub_result(msg: Msg) -> PubResult:
 
 def describe(exc: BaseException | None) -> str:
     if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
-        return "no JetStream stream captures this subject"
+        return NO_STREAM
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -12,14 +12,16 @@ import dataclasses
 import logging
 import ssl
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import trio
 
+from hookgate.broker import kv
 from hookgate.broker.bridge import NatsBridge
 from hookgate.broker.connect import ConnectOptions
+from hookgate.broker.kv import Swapped
 from hookgate.broker.messages import (
     BrokerRefused,
     Commit,
@@ -33,7 +35,8 @@ from hookgate.broker.messages import (
 )
 from hookgate.broker.pull import PullConsumer
 from hookgate.config import BrokerConfig
-from hookgate.plugin_kit.units import plural, seconds
+from hookgate.observe.logs import Summary
+from hookgate.plugin_kit.units import seconds
 
 __all__ = ["MIN_SERVER_VERSION", "Broker", "Topology"]
 
@@ -86,6 +89,17 @@ class Topology:
     def endpoint_configs_bucket(self) -> str:
         """Endpoints created through the API, one JSON document per endpoint name."""
         return self.stream_prefix + "ENDPOINT_CONFIGS"
+
+    @property
+    def rates_bucket(self) -> str:
+        """Shared rate limits: one key per endpoint, the time its token bucket is full again."""
+        return self.stream_prefix + "RATES"
+
+    @property
+    def health_bucket(self) -> str:
+        """Shared endpoint health: `circuit.<endpoint>` (open, half-open with its probe) and
+        `failing.<endpoint>` (since when every attempt failed), followed by every replica."""
+        return self.stream_prefix + "HEALTH"
 
     def ops_subject(self, kind: str) -> str:
         return f"{self.prefix}.ops.{kind}"
@@ -229,6 +243,9 @@ class Broker:
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
+        # Publishers retry every few hundred ms through a leader election, each try a failed
+        # store: one line per error, then a count every interval, not a line per try.
+        self.store_failures = Summary(log, logging.WARNING)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -249,9 +266,12 @@ class Broker:
             await bridge.ensure_streams(broker.topology.streams(config))
             await bridge.ensure_kv(broker.topology.endpoints_bucket, config.replicas)
             await bridge.ensure_kv(broker.topology.endpoint_configs_bucket, config.replicas)
+            await bridge.ensure_kv(broker.topology.rates_bucket, config.replicas)
+            await bridge.ensure_kv(broker.topology.health_bucket, config.replicas)
             async with trio.open_nursery() as nursery:
                 for _ in range(cls.FLUSHERS):
                     nursery.start_soon(broker._flush)
+                nursery.start_soon(broker.store_failures.run)
                 try:
                     yield broker
                 finally:
@@ -320,10 +340,15 @@ class Broker:
                     if pending.commit.abandoned and late is not None:
                         for stored in result:
                             late(stored)
-                    elif not all(r.ok for r in result):
-                        errors = {r.error for r in result if r.error}
-                        failed = plural(sum(1 for r in result if not r.ok), "message")
-                        log.warning("could not store %s: %s", failed, "; ".join(sorted(errors)))
+                    else:
+                        for failed in result:
+                            if not failed.ok:
+                                error = failed.error or "unknown error"
+                                self.store_failures.note(
+                                    error,
+                                    "could not store {count} more message(s) in {interval}: {key}",
+                                    first=f"could not store a message: {error}",
+                                )
             finally:
                 self._in_flight -= 1
                 if not self._queue and not self._in_flight:
@@ -432,6 +457,11 @@ class Broker:
     async def kv_delete(self, bucket: str, key: str, revision: int | None = None) -> int | None:
         """The delete marker's revision, or None when the key changed since `revision`."""
         return await self.bridge.kv_delete(bucket, key, revision)
+
+    async def kv_swap(self, bucket: str, key: str, change: Callable[[bytes | None], bytes | None]) -> Swapped:
+        """Replace a key's value by `change(current)` with compare-and-set, retried when another
+        writer won, in one crossing (see `kv.swap`: `change` runs on the nats loop and must be pure)."""
+        return await self.bridge.run(kv.swap, self.bridge.js, bucket, key, change)
 
     def watch_kv(
         self, bucket: str

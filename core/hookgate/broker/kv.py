@@ -1,12 +1,15 @@
-"""Key-value buckets (endpoint states and configs): reads, writes with revisions, and a watch that
-follows a bucket from trio. Coroutines here run on the nats loop (see NatsBridge)."""
+"""Key-value buckets (endpoint states and configs, shared limits): reads, writes with revisions, a
+read-modify-write with compare-and-set, and a watch that follows a bucket from trio. Coroutines here
+run on the nats loop (see NatsBridge)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import math
+import weakref
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import nats.js.errors
 import trio
@@ -23,10 +26,67 @@ def subject(bucket: str, key: str) -> str:
 
 
 async def ensure(js: JetStreamContext, bucket: str, replicas: int) -> None:
+    _handles.pop(js, None)  # a bucket made again gets a fresh handle
     try:
         await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         await js.create_key_value(bucket=bucket, history=1, replicas=replicas)
+
+
+@dataclass(frozen=True, slots=True)
+class Swapped:
+    """What `swap` left in a key: its value (None: absent or deleted), its revision, whether this
+    call wrote it, and how many compare-and-set tries that took."""
+
+    value: bytes | None
+    revision: int
+    written: bool
+    tries: int
+
+
+# A change that another writer beat to the key is tried again on the value that won, this often.
+SWAP_TRIES = 8
+
+# KeyValue handles by JetStream context and bucket: `js.key_value()` asks the server for the
+# bucket's stream info, a round trip that a swap on the hot path must not pay every time.
+_handles: weakref.WeakKeyDictionary[JetStreamContext, dict[str, KeyValue]] = weakref.WeakKeyDictionary()
+
+
+async def _handle(js: JetStreamContext, bucket: str) -> KeyValue:
+    by_bucket = _handles.setdefault(js, {})
+    handle = by_bucket.get(bucket)
+    if handle is None:
+        handle = by_bucket[bucket] = await js.key_value(bucket)
+    return handle
+
+
+async def swap(
+    js: JetStreamContext, bucket: str, key: str, change: Callable[[bytes | None], bytes | None]
+) -> Swapped:
+    """Replace a key's value by `change(current)` with compare-and-set, all in one crossing.
+
+    `change` gets the current value (None: no key) and returns the new one, or None to leave the
+    key as it is. When another writer stored a value in between, the server refuses the write and
+    `change` is called again on the value that won: it runs on the nats loop, so it must be a pure
+    function of its argument (and the clock). Each try is two requests: a get and a conditional put.
+    """
+    kv = await _handle(js, bucket)
+    for tries in range(1, SWAP_TRIES + 1):
+        try:
+            entry = await kv.get(key)
+            current, revision = entry.value or b"", entry.revision or 0
+        except nats.js.errors.KeyNotFoundError as exc:
+            # A deleted key's marker still has a revision, which the next write must name.
+            current, revision = None, (exc.entry.revision or 0) if exc.entry is not None else 0
+        new = change(current)
+        if new is None:
+            return Swapped(current, revision, False, tries)
+        try:
+            stored = await kv.update(key, new, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            continue
+        return Swapped(new, int(stored), True, tries)
+    raise nats.js.errors.KeyWrongLastSequenceError(description=f"{key}: {SWAP_TRIES} writers in a row won")
 
 
 async def get_all(js: JetStreamContext, bucket: str) -> dict[str, bytes]:

@@ -65,6 +65,11 @@ class PullConsumer:
                 else:
                     self.requests[0][0] = 0
                 self._drop_settled()
+        elif status == "503" and self.requests:
+            # No responders: nobody serves this consumer's pulls now (a cluster electing its
+            # leader), so the oldest request reached nobody. Counted as owed, it would hold off
+            # the next pull until it expired, long after the election.
+            self.requests.popleft()
         # 100 (idle heartbeat) needs nothing.
 
     def _settle_owed(self, count: int) -> None:

@@ -159,6 +159,7 @@ class Dispatcher:
         """Serve these endpoints from now on: start new ones, restart changed ones, stop removed ones."""
         for name in self.endpoints.keys() - endpoints.keys():
             self._forget_metrics(name)
+            self.states.limits.forget(name)
             self._disabled_gauged.pop(name, None)
         self.endpoints = dict(endpoints)
         self.lanes.update(self.endpoints)

@@ -11,13 +11,20 @@ from hookgate.types import Attempt
 
 
 class FailureTracker:
-    """Follows one endpoint's outcomes, for its worker."""
+    """Follows one endpoint's outcomes, for its worker. The streak's start is shared with every
+    process through the health bucket (`SharedLimits`), so a restart does not reset the clock and
+    replicas failing by turns count as one endpoint failing."""
 
     def __init__(self, states: EndpointStates, endpoint: str, disable_after: float | None):
         self.states = states
+        self.limits = states.limits
         self.endpoint = endpoint
         self.disable_after = disable_after
-        self.failing_since: float | None = None  # start of the current run of failed attempts
+
+    @property
+    def failing_since(self) -> float | None:
+        """The start of the current run of failed attempts (unix seconds), on any process."""
+        return self.limits.failing_since(self.endpoint)
 
     async def track(self, result: Result, attempt: Attempt) -> None:
         """Operational events, and disabling after `disable_after` of continuous failure."""
@@ -28,11 +35,12 @@ class FailureTracker:
                 "delivery.exhausted", name, delivery_id=attempt.delivery_id, event_id=attempt.event_id
             )
         if result.ok:
-            self.failing_since = None
+            self.limits.clear_failing(name)
             return
         now = time.time()
-        if self.failing_since is None:
-            self.failing_since = now
+        since = self.limits.failing_since(name)
+        if since is None:
+            self.limits.mark_failing(name, now)
             states.emit(
                 "delivery.failing",
                 name,
@@ -41,10 +49,6 @@ class FailureTracker:
                 reason=attempt.error or "",
             )
         elif (
-            self.disable_after is not None
-            and now - self.failing_since >= self.disable_after
-            and not states.disabled(name)
+            self.disable_after is not None and now - since >= self.disable_after and not states.disabled(name)
         ):
-            await states.set(
-                name, True, f"failing continuously since {rfc3339(self.failing_since)} ({attempt.error})"
-            )
+            await states.set(name, True, f"failing continuously since {rfc3339(since)} ({attempt.error})")

@@ -15,8 +15,9 @@ monotonic (wall-clock jumps do not refill a bucket or end a cooldown early), it 
 now, to schedule on the wall clock. A different clock is only for synchronous use (`reserve()`,
 `allow()`, `record()`); the async methods sleep with trio and need a clock that trio's sleeps advance.
 
-The state is per process: N replicas sharing an endpoint's consumer each admit `rate`, so the
-endpoint sees up to N times the configured rate, and each replica's breaker decides on what it saw.
+These classes keep their state in one process. `hookgate.egress.limits` builds the FlowControl of
+each endpoint with the shared forms (`LeasedBucket`, `SharedBreaker`), which hold across every
+process and replica through JetStream KV.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, Protocol
 
 import trio
 
@@ -257,6 +258,8 @@ class CircuitBreaker:
             if self.allow():
                 # A schedule point that cannot be cancelled: a probe just admitted is not lost.
                 await trio.lowlevel.cancel_shielded_checkpoint()
+                if self._state is CircuitState.HALF_OPEN and not await self._claim_probe():
+                    continue  # another process probes: wait for its outcome like for our own
                 return True
             now = self._clock()
             if self._state is CircuitState.OPEN:
@@ -274,6 +277,11 @@ class CircuitBreaker:
                 until = min(deadline, self._probe_since + self.probe_timeout)
                 with trio.move_on_after(max(0.0, until - now)):
                     await self._probe_done.wait()
+
+    async def _claim_probe(self) -> bool:
+        """The probe `allow()` just admitted may go: always, in one process. A breaker shared
+        between processes claims it from the others first (False: another one probes)."""
+        return True
 
     # -- outcomes --------------------------------------------------------------------------------
 
@@ -387,6 +395,17 @@ def breaker_outcome(status: int | None, error_kind: str | None = None) -> bool |
     return not (status >= 500 or status in (408, 429))
 
 
+class RateLimiter(Protocol):
+    """What FlowControl asks of a rate limit: a TokenBucket, or one shared between processes."""
+
+    @property
+    def tokens(self) -> float: ...
+
+    async def acquire(self, max_wait: float) -> bool: ...
+
+    def deferral_delay(self) -> float: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Deferral:
     """Why a delivery was not admitted, and how many seconds from now to try it again."""
@@ -413,12 +432,23 @@ class FlowControl:
         probe_timeout: float | None = None,
     ):
         self._clock = clock
-        self.bucket = TokenBucket.from_config(rate_limit, clock=clock) if rate_limit else None
+        self.bucket: RateLimiter | None = (
+            TokenBucket.from_config(rate_limit, clock=clock) if rate_limit else None
+        )
         self.breaker = (
             CircuitBreaker(circuit_breaker, clock=clock, on_change=on_change, probe_timeout=probe_timeout)
             if circuit_breaker
             else None
         )
+
+    @classmethod
+    def of(
+        cls, bucket: RateLimiter | None, breaker: CircuitBreaker | None, *, clock: Clock = trio.current_time
+    ) -> FlowControl:
+        """Flow control over a rate limiter and breaker built elsewhere (the shared ones)."""
+        flow = cls(clock=clock)
+        flow.bucket, flow.breaker = bucket, breaker
+        return flow
 
     async def admit(self, max_wait: float) -> Deferral | None:
         """None: send now (then `record()` or `release()`). A Deferral: do not send; come back later.

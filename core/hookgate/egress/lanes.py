@@ -28,7 +28,7 @@ from hookgate.egress.forward import moved
 from hookgate.egress.parking import Parking
 from hookgate.egress.parts import EndpointParts
 from hookgate.egress.retry import schedule_next
-from hookgate.egress.worker import EndpointWorker
+from hookgate.egress.worker import KEEPALIVE, MARK_DELIVERING_AFTER, EndpointWorker
 from hookgate.types import Delivery
 
 log = logging.getLogger("hookgate.dispatcher")
@@ -54,12 +54,50 @@ def lane_capacity(endpoint: Endpoint) -> int:
 
 @dataclass(eq=False)
 class _Lane:
+    """One endpoint's queue in this process, and the tasks that take from it.
+
+    Tasks start as deliveries wait, up to the endpoint's `concurrency`, and stay until the lane
+    closes; a lane that only ever has one delivery at a time runs one task.
+    """
+
     worker: EndpointWorker
     send: trio.MemorySendChannel[InMsg]
-    stop: trio.Event
+    receive: trio.MemoryReceiveChannel[InMsg]
     last_active: float
-    overflowed: int = 0  # deliveries deferred since the lane last had room to spare
+    stop: trio.Event = field(default_factory=trio.Event)  # stop now: shutdown, or a changed config
+    closed: trio.Event = field(default_factory=trio.Event)  # nothing more comes (stopped, or idle)
     done: trio.Event = field(default_factory=trio.Event)
+    overflowed: int = 0  # deliveries deferred since the lane last had room to spare
+    tasks: int = 0
+    nursery: trio.Nursery | None = None
+
+    def close(self) -> None:
+        self.send.close()
+        self.closed.set()
+
+    def add_task_if_needed(self) -> None:
+        """A delivery was queued: start a task if none is free to take it."""
+        stats = self.send.statistics()
+        if (
+            self.nursery is not None
+            and stats.current_buffer_used > 0
+            and stats.tasks_waiting_receive == 0
+            and self.tasks < self.worker.concurrency
+        ):
+            self.tasks += 1
+            self.nursery.start_soon(self._take)
+
+    async def _take(self) -> None:
+        worker = self.worker
+        while True:
+            try:
+                msg = await self.receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            try:
+                await worker.work_on(msg)
+            finally:
+                worker.held.pop(msg.stream_seq, None)
 
 
 class Lanes:
@@ -73,7 +111,8 @@ class Lanes:
         self.parking = parking
         self.closing = False
         self.finished = trio.Event()  # every lane has stopped, after shutdown
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[str, _Lane] = {}  # the lanes deliveries go to, by endpoint
+        self._running: set[_Lane] = set()  # those, and stopped ones still finishing
         # Lanes stopped for a changed endpoint, until their deliveries in flight are done: the
         # lane on the new config starts sending only then.
         self._retiring: dict[str, _Lane] = {}
@@ -91,9 +130,13 @@ class Lanes:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._sweep, stopping)
+                nursery.start_soon(self._keep_alive)
                 task_status.started()
                 await stopping.wait()
                 self.stop_all()
+                while self._running:  # each finishes within the grace period
+                    await next(iter(self._running)).done.wait()
+                nursery.cancel_scope.cancel()  # the keep-alives, once nothing is held
         finally:
             self._nursery = None
             self.finished.set()
@@ -141,6 +184,7 @@ class Lanes:
             return
         lane.worker.held[msg.stream_seq] = msg
         lane.last_active = trio.current_time()
+        lane.add_task_if_needed()
         if len(lane.worker.held) * 2 < lane.send.statistics().max_buffer_size:
             lane.overflowed = 0
 
@@ -154,31 +198,75 @@ class Lanes:
         park = functools.partial(self.parking.park, name=name)
         worker = EndpointWorker(self.context, endpoint, consumer, parts[1], park=park)
         send, receive = trio.open_memory_channel[InMsg](lane_capacity(endpoint))
-        lane = _Lane(worker, send, trio.Event(), trio.current_time())
+        lane = _Lane(worker, send, receive, trio.current_time())
         self._lanes[name] = lane
-        self._nursery.start_soon(self._serve, lane, receive, self._retiring.get(name))
+        self._running.add(lane)
+        self._nursery.start_soon(self._serve, lane, self._retiring.get(name))
         return lane
 
-    async def _serve(
-        self, lane: _Lane, receive: trio.MemoryReceiveChannel[InMsg], previous: _Lane | None
-    ) -> None:
+    async def _serve(self, lane: _Lane, previous: _Lane | None) -> None:
+        """Run the lane's tasks until it closes; stopped, in-flight deliveries get the grace
+        period, and those not started go back to the shard."""
         endpoint = lane.worker.endpoint
         try:
             if previous is not None:
                 await previous.done.wait()
-            await lane.worker.run_lane(receive, lane.stop)
+            working = trio.CancelScope()
+            async with trio.open_nursery() as around:
+                around.start_soon(self._stop_when_set, lane, working)
+                with working:
+                    async with trio.open_nursery() as tasks:
+                        lane.nursery = tasks
+                        for _ in range(len(lane.worker.held)):  # queued while `previous` finished
+                            lane.add_task_if_needed()
+                        await lane.closed.wait()
+                        lane.nursery = None
+                self._hand_back_waiting(lane)
+                around.cancel_scope.cancel()
             if endpoint.transport is not None and self.endpoints.get(endpoint.name) is not endpoint:
                 with trio.CancelScope(shield=True):
                     await endpoint.transport.aclose()
         finally:
             lane.done.set()
+            self._running.discard(lane)
             if self._retiring.get(endpoint.name) is lane:
                 del self._retiring[endpoint.name]
+
+    async def _stop_when_set(self, lane: _Lane, working: trio.CancelScope) -> None:
+        await lane.stop.wait()
+        lane.worker.stopping = True  # what its tasks take from here on goes back to the shard
+        working.deadline = trio.current_time() + self.context.grace
+
+    def _hand_back_waiting(self, lane: _Lane) -> None:
+        """What still waits in a lane cut off by the grace period was never started."""
+        waiting = []
+        with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+            while True:
+                waiting.append(lane.receive.receive_nowait())
+        for msg in waiting:
+            lane.worker.held.pop(msg.stream_seq, None)
+        if waiting:
+            self.broker.give_back(lane.worker.consumer, waiting)
+
+    async def _keep_alive(self) -> None:
+        """For every lane at once: tell the server what lanes hold is still being worked on (see
+        `EndpointWorker._keep_alive`), and mark long attempts `delivering`."""
+        last_keep_alive = trio.current_time()
+        while True:
+            await trio.sleep(MARK_DELIVERING_AFTER)
+            for lane in self._running:
+                if lane.worker.in_flight:
+                    lane.worker.mark_long_attempts()
+            if trio.current_time() - last_keep_alive >= KEEPALIVE:
+                last_keep_alive = trio.current_time()
+                held = [msg for lane in self._running for msg in lane.worker.held.values()]
+                if held:
+                    self.broker.commit_later(Commit(in_progress=held))
 
     @staticmethod
     def _stop(lane: _Lane) -> None:
         lane.stop.set()
-        lane.send.close()
+        lane.close()
 
     def _overflow(self, lane: _Lane, msg: InMsg) -> None:
         name = lane.worker.endpoint.name
@@ -218,5 +306,4 @@ class Lanes:
             for name, lane in list(self._lanes.items()):
                 if not lane.worker.held and now - lane.last_active >= LANE_IDLE:
                     del self._lanes[name]
-                    with contextlib.suppress(trio.ClosedResourceError):
-                        lane.send.close()
+                    lane.close()

@@ -25,13 +25,8 @@ class EndpointParts:
 
     @classmethod
     def build(cls, context: WorkerContext, endpoint: Endpoint) -> EndpointParts:
-        config = endpoint.config
-        flow = FlowControl(
-            config.rate_limit,
-            config.circuit_breaker,
-            on_change=_CircuitLog(context.metrics, endpoint.name),
-            probe_timeout=2 * endpoint.timeout + 5,  # a probe may be sent twice (401 token refresh)
-        )
+        # The same flow control for as long as its config is the same, shared with other processes.
+        flow = context.states.limits.flow_for(endpoint, _CircuitLog(context.metrics, endpoint.name))
         return cls(flow, Outcomes(context, endpoint), Sender(endpoint, context.broker, context.hooks))
 
 

@@ -1,5 +1,7 @@
 """Endpoint states (enabled or disabled) kept in a JetStream KV bucket, and operational events.
 
+The endpoint's shared limits (rate, circuit, failing streak) are `limits`, started with the states.
+
 Every replica follows the bucket with one KV watch (one consumer on its stream, however long it
 idles), so an endpoint disabled by one (on a 410, or after failing for
 `disable_after`) or through the API stops for all of them. Its deliveries stay in JetStream and
@@ -18,6 +20,8 @@ import trio
 from hookgate.broker import Broker, Commit, KvUpdate, OutMsg
 from hookgate.broker.events import encode_event
 from hookgate.broker.ids import new_event_id
+from hookgate.egress.limits import SharedLimits
+from hookgate.egress.watching import cancel_when_set, follow_bucket
 from hookgate.types import INTERNAL_SOURCE, Event
 
 log = logging.getLogger("hookgate.endpoints")
@@ -40,8 +44,6 @@ class OpsEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     event_id: str | None = None
 
 
-WATCH_RETRY_MAX = 5.0  # the longest wait before watching the bucket again after the watch failed
-
 _status_decoder = msgspec.json.Decoder(EndpointStatus)
 _encode = msgspec.json.Encoder().encode
 
@@ -51,6 +53,8 @@ class EndpointStates:
         self.broker = broker
         self.ops_endpoint = ops_endpoint
         self.current: dict[str, EndpointStatus] = {}
+        # Rate limits, circuits and failing streaks, shared with every process through KV.
+        self.limits = SharedLimits(broker)
 
     def disabled(self, endpoint: str) -> bool:
         status = self.current.get(endpoint)
@@ -59,37 +63,24 @@ class EndpointStates:
     async def run(
         self, stopping: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Follow the bucket until `stopping`; started once the current states are known.
+        """Follow the bucket, and the shared limits, until `stopping`; started once the current
+        states are known.
 
         One watch for the whole process: a change made by any replica or the API arrives here as
         it is stored, with no polling, and the watch's one consumer lives as long as the process.
         """
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_when_set, stopping, nursery.cancel_scope)
-            await nursery.start(self._follow)
+            nursery.start_soon(cancel_when_set, stopping, nursery.cancel_scope)
+            await nursery.start(
+                follow_bucket,
+                self.broker,
+                self.broker.topology.endpoints_bucket,
+                lambda batch, snapshot: self._apply(batch, snapshot=snapshot),
+                log,
+                "endpoint states",
+            )
+            await nursery.start(self.limits.run, stopping)
             task_status.started()
-
-    async def _follow(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        started = False
-        backoff = 0.5
-        while True:
-            try:
-                async with self.broker.watch_kv(self.broker.topology.endpoints_bucket) as batches:
-                    snapshot = True
-                    async for batch in batches:
-                        self._apply(batch, snapshot=snapshot)
-                        snapshot = False
-                        backoff = 0.5
-                        if not started:
-                            started = True
-                            task_status.started()
-            except Exception as exc:
-                if not started:
-                    raise
-                log.warning("watching endpoint states failed: %s; again in %.1fs", exc, backoff)
-            # Until watched again, the last known states stay in force.
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, WATCH_RETRY_MAX)
 
     def _apply(self, batch: list[KvUpdate], *, snapshot: bool) -> None:
         """A snapshot replaces every state (a watch started again may have missed deletes)."""
@@ -135,8 +126,3 @@ def _decode(endpoint: str, value: bytes) -> EndpointStatus | None:
     except msgspec.DecodeError:
         log.warning("ignoring an unreadable state for endpoint %s", endpoint)
         return None
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

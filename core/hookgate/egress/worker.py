@@ -7,7 +7,6 @@ An attempt goes in named steps: admitted (rate limit plugins, flow control), bui
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -109,34 +108,6 @@ class EndpointWorker:
                     await self.broker.release_consumer(self.consumer)
             keeping.cancel_scope.cancel()
 
-    async def run_lane(self, receive: trio.MemoryReceiveChannel[InMsg], stop: trio.Event) -> None:
-        """Serve what a shard hands over through `receive` until it is closed (the lane was idle)
-        or `stop` is set (shutdown, or the endpoint changed): then in-flight deliveries get the
-        grace period, and those not started go back to the shard."""
-        working = trio.CancelScope()
-        async with trio.open_nursery() as around, receive:
-            around.start_soon(self._keep_alive)
-            around.start_soon(self._stop_when_set, stop, working)
-            with working:
-                async with trio.open_nursery() as workers:
-                    for _ in range(self.concurrency):
-                        workers.start_soon(self._work, receive.clone())
-            # Cut off by the grace period: what still waits in the lane was never started.
-            waiting = []
-            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                while True:
-                    waiting.append(receive.receive_nowait())
-            for msg in waiting:
-                self.held.pop(msg.stream_seq, None)
-            if waiting:
-                self.broker.give_back(self.consumer, waiting)
-            around.cancel_scope.cancel()
-
-    async def _stop_when_set(self, stop: trio.Event, working: trio.CancelScope) -> None:
-        await stop.wait()
-        self.stopping = True
-        working.deadline = trio.current_time() + self.context.grace
-
     async def _fetch_loop(self, send: trio.MemorySendChannel[InMsg]) -> None:
         backoff = 0.5
         breaker = self.flow.breaker
@@ -176,15 +147,14 @@ class EndpointWorker:
         last_keep_alive = trio.current_time()
         while True:
             await trio.sleep(MARK_DELIVERING_AFTER)
-            self._mark_long_attempts()
+            self.mark_long_attempts()
             if trio.current_time() - last_keep_alive >= KEEPALIVE:
                 last_keep_alive = trio.current_time()
-                # A shard's own buffer is kept alive by its puller, not by each of its lanes.
-                queued = self.consumer if self.park is None else None
-                if self.held or queued is not None:
-                    self.broker.commit_later(Commit(in_progress=list(self.held.values()), keep_queued=queued))
+                self.broker.commit_later(
+                    Commit(in_progress=list(self.held.values()), keep_queued=self.consumer)
+                )
 
-    def _mark_long_attempts(self) -> None:
+    def mark_long_attempts(self) -> None:
         now = trio.current_time()
         marks = []
         for key, (delivery, started, marked) in self.in_flight.items():
@@ -206,11 +176,11 @@ class EndpointWorker:
         async with receive:
             async for msg in receive:
                 try:
-                    await self._work_on(msg)
+                    await self.work_on(msg)
                 finally:
                     self.held.pop(msg.stream_seq, None)
 
-    async def _work_on(self, msg: InMsg) -> None:
+    async def work_on(self, msg: InMsg) -> None:
         if self.stopping:
             self.broker.give_back(self.consumer, [msg])  # not started: back in line
             return

@@ -117,6 +117,11 @@ async def send_error(send: Send, status: int, code: str, message: str) -> None:
     await send_json(send, status, {"error": code, "message": message})
 
 
+UNSTORED_RETRY_AFTER = 2
+"""Seconds a client is asked to wait before sending an unstored event again: JetStream is back
+within seconds after a leader election or a reconnect."""
+
+
 async def send_unstored(send: Send, event_id: str) -> None:
     """503 for an event the broker did not confirm in time. It may be stored later all the same,
     so the answer names its id: sending it again under that id cannot make a second event."""
@@ -129,6 +134,7 @@ async def send_unstored(send: Send, event_id: str) -> None:
             "the same id, which is never stored twice",
             "id": event_id,
         },
+        headers=[(b"retry-after", str(UNSTORED_RETRY_AFTER).encode())],
     )
 
 
