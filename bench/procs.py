@@ -74,7 +74,8 @@ class CpuMeter:
         out["loadgen"] = (_children_seconds() - self.start_children) / wall
         machine = (machine_busy_seconds() - self.start_machine) / wall
         out["other"] = max(0.0, machine - sum(out.values()))
-        return {name: round(value, 2) for name, value in out.items()}
+        # Four digits: `cpu_us_per_event` divides these by event rates of a few hundred per second.
+        return {name: round(value, 4) for name, value in out.items()}
 
 
 class Processes:

@@ -84,3 +84,10 @@ def verdict(value: float | None, target: float) -> str:
     if value is None:
         return "n/a"
     return f"{value:.2f}x  (target >= {target}x: {'MET' if value >= target else 'MISSED'})"
+
+
+def cpu_us_per_event(cores: dict[str, float], events_per_s: float | None, *names: str) -> float | None:
+    """CPU µs the named processes spent per event: their cores over the event rate."""
+    if not events_per_s:
+        return None
+    return round(sum(cores.get(n, 0.0) for n in names) / events_per_s * 1e6, 1)

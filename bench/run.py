@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=20, help="endpoint concurrency (default 20)")
     parser.add_argument("--log-level", default="INFO", help="hookgate's --log-level (default INFO)")
     parser.add_argument(
-        "--profile", action="store_true", help="py-spy the gateway during ingress and delivery"
+        "--profile", action="store_true", help="py-spy the gateway during ingress, delivery and e2e"
     )
     args = parser.parse_args()
     selected = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -179,6 +179,12 @@ def render(r: dict[str, Any]) -> str:
         out.append(
             f"  delivery hookgate / bare trio+h11 client: {report.verdict(r['delivery']['ratio'], 0.5)}"
         )
+    if r.get("e2e", {}).get("cpu_us_per_event") is not None:
+        e = r["e2e"]
+        out.append(
+            f"  e2e      {e['cpu_us_per_event'] / 1000:.2f} ms of gateway CPU per webhook (target < 1.5), "
+            f"p50 {e['p50_ms']} ms, p99 {e['p99_ms']} ms (target < 20)"
+        )
     if "bytes_per_id" in r.get("dedup", {}):
         d = r["dedup"]
         out.append(
@@ -223,27 +229,37 @@ def _section(title: str, data: dict[str, Any], rows: Callable[[dict[str, Any]], 
 def _ingress_rows(d: dict[str, Any]) -> list[str]:
     rows: list[list[object]] = []
     for label, s in (("hookgate", d["hookgate"]), ("bare hypercorn-trio", d["bare_hypercorn"])):
-        rows.append([label, s["req_per_s"], s["p50_ms"], s["p99_ms"], s["errors"], _cpu(s)])
+        per = s.get("cpu_us_per_event")
+        rows.append([label, s["req_per_s"], s["p50_ms"], s["p99_ms"], s["errors"], per, _cpu(s)])
     rounds = ", ".join(f"{r:.2f}" for r in d["round_ratios"])
-    rows.append(["ratio", d["ratio"], None, None, None, f"per round: {rounds}"])
-    headers = ["", "req/s", "p50 ms", "p99 ms", "errors", "CPU (cores)"]
+    rows.append(["ratio", d["ratio"], None, None, None, None, f"per round: {rounds}"])
+    headers = ["", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/event", "CPU (cores)"]
     return report.table(rows, headers).splitlines()
 
 
 def _delivery_rows(d: dict[str, Any]) -> list[str]:
     h, b, c = d["hookgate"], d["bare_client"], d["receiver_ceiling"]
     rows: list[list[object]] = [
-        ["hookgate (drain)", h["deliveries_per_s"], h["delivered"], h["seconds"], _cpu(h)]
+        [
+            "hookgate (drain)",
+            h["deliveries_per_s"],
+            h["delivered"],
+            h["seconds"],
+            h.get("cpu_us_per_event"),
+            _cpu(h),
+        ]
     ]
     for when in ("before", "after"):
         r = b[when]
-        rows.append([f"bare trio+h11 client, {when}", r["req_per_s"], r["ok"], r["seconds"], _cpu(r)])
+        per = r.get("cpu_us_per_event")
+        rows.append([f"bare trio+h11 client, {when}", r["req_per_s"], r["ok"], r["seconds"], per, _cpu(r)])
     rows += [
-        ["bare client, mean", b["req_per_s"], None, None, ""],
-        [f"receiver ceiling ({c['connections']} conns)", c["req_per_s"], None, None, ""],
-        ["ratio", d["ratio"], None, None, ""],
+        ["bare client, mean", b["req_per_s"], None, None, b.get("cpu_us_per_event"), ""],
+        [f"receiver ceiling ({c['connections']} conns)", c["req_per_s"], None, None, None, ""],
+        ["ratio", d["ratio"], None, None, None, ""],
     ]
-    lines = report.table(rows, ["", "req/s", "requests", "seconds", "CPU (cores)"]).splitlines()
+    headers = ["", "req/s", "requests", "seconds", "CPU µs/event", "CPU (cores)"]
+    lines = report.table(rows, headers).splitlines()
     lines.append(
         f"backlog built with nats-py at {h['backlog_publish_per_s']:,.0f} publishes/s, routed at "
         f"{h['backlog_routed_per_s']:,.0f} events/s"
@@ -263,6 +279,11 @@ def _e2e_rows(d: dict[str, Any]) -> list[str]:
     ]
     lines = report.table(rows, ["ms", "p50", "p90", "p99", "max"]).splitlines()
     lines.append(f"CPU (cores): {_cpu(d)}")
+    if d.get("cpu_us_per_event") is not None:
+        lines.append(
+            f"CPU per webhook: hookgate {d['cpu_us_per_event']:,.0f} µs, "
+            f"with its nats-server {d['cpu_us_per_event_with_nats']:,.0f} µs"
+        )
     lines.append(
         f"sent {d['sent']:,}, accepted {d['accepted']:,}, delivered {d['delivered']:,}, "
         f"missing {d['missing']:,}"

@@ -28,8 +28,8 @@ import trio
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from hookgate import config as config_mod
-from hookgate.broker import Broker, BrokerRefused, Commit, ConsumerSpec, OutMsg
-from hookgate.broker.pull import PullConsumer, take
+from hookgate.broker import Broker, BrokerRefused, Commit, ConsumerSpec, InMsg, OutMsg
+from hookgate.broker.pull import PullConsumer, Waiter, take_queued, top_up_due
 from hookgate.plugin_host.hooks import Hooks
 from tests.cluster_support import Cluster, ClusterNode, GatewayProcess, free_ports
 from tests.support import NatsServer, Receiver, base_config, receiver, run_gateway, startup_error
@@ -460,6 +460,25 @@ async def test_failed_stores_are_one_line_then_a_count_not_a_line_each(
 # --- a pull nobody answered is pulled again -------------------------------------------------------
 
 
+async def _fetch(consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
+    """What NatsBridge.fetch does from trio, here on the consumer's own asyncio loop."""
+    if top_up_due(consumer):
+        await consumer.top_up()
+    if not consumer.queue:
+        arrived = asyncio.Event()
+        consumer.waiter = Waiter(arrived.set)
+        try:
+            if not consumer.queue:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await arrived.wait()
+                except TimeoutError:
+                    consumer.taken_since_top_up = consumer.buffer
+        finally:
+            consumer.waiter = None
+    return take_queued(consumer, batch)
+
+
 async def test_a_pull_that_nobody_answered_is_sent_again_at_once(nats_server: NatsServer) -> None:
     # While a cluster elects a consumer's leader nobody serves its pulls: the server answers 503
     # (no responders). Counted as still owed, such a pull stopped the consumer for its whole
@@ -478,7 +497,7 @@ async def test_a_pull_that_nobody_answered_is_sent_again_at_once(nats_server: Na
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 5
             while loop.time() < deadline:
-                if got := await take(consumer, 10, 0.5):
+                if got := await _fetch(consumer, 10, 0.5):
                     return [m.data for m in got]
             return []
         finally:

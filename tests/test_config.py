@@ -975,7 +975,7 @@ def test_alias_bombs_are_refused(registry: ComponentRegistry) -> None:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
     assert problems(registry, "\n".join(lines) + "\n") == [
-        "hookgate.yaml: $: too many values once aliases are expanded"
+        "hookgate.yaml: $: more than 200,000 values once aliases are expanded"
     ]
 
 

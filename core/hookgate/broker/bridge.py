@@ -43,7 +43,7 @@ from hookgate.broker.messages import (
     StoredMsg,
     StreamSpec,
 )
-from hookgate.broker.pull import PullConsumer, give_back, take
+from hookgate.broker.pull import PullConsumer, Waiter, give_back, take_queued, top_up_due
 
 log = logging.getLogger("hookgate.broker")
 
@@ -278,10 +278,32 @@ class NatsBridge(NatsLoop):
         return await self.run(self._pub_acks.commit, self._nc, commits, timeout)
 
     async def fetch(self, consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
-        """Up to `batch` messages; an empty list when none arrived within `timeout`. Messages
-        fetched for a caller that was cancelled meanwhile are given back (see `give_back`)."""
-        hand_back = functools.partial(give_back, consumer)
-        return await self.run(take, consumer, batch, timeout, abandoned=hand_back)
+        """Up to `batch` messages; an empty list when none arrived within `timeout`.
+
+        Taken from the consumer's queue in trio (see pull.py): the nats loop is asked only to
+        top the pull up, once half the buffer was taken, or after a wait that found nothing (a
+        request lost with a reconnect)."""
+        self._top_up_if_due(consumer)
+        if consumer.queue:
+            await trio.lowlevel.checkpoint()  # a busy consumer must not starve other tasks
+        else:
+            arrived = trio.Event()
+            consumer.waiter = Waiter(functools.partial(self.call_in_trio, arrived.set))
+            try:
+                if not consumer.queue:
+                    with trio.move_on_after(timeout) as waited:
+                        await arrived.wait()
+                    if waited.cancelled_caught:
+                        consumer.taken_since_top_up = consumer.buffer
+            finally:
+                consumer.waiter = None
+        msgs = take_queued(consumer, batch)
+        self._top_up_if_due(consumer)
+        return msgs
+
+    def _top_up_if_due(self, consumer: PullConsumer) -> None:
+        if top_up_due(consumer):
+            self._loop.call_soon_threadsafe(consumer.top_up_soon)
 
     def give_back(self, consumer: PullConsumer, msgs: list[InMsg]) -> None:
         """Return taken messages to their consumer (see `pull.give_back`) without waiting, so a

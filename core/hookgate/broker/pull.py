@@ -1,4 +1,10 @@
-"""Continuous pulls from durable consumers, and handing what they pulled to trio."""
+"""Continuous pulls from durable consumers, and handing what they pulled to trio.
+
+Pulling happens on the nats loop; taking does not. What arrives is queued here and the trio task
+waiting for it is woken (see `Waiter`), and trio takes from the queue itself (NatsBridge.fetch),
+so a fetch costs no crossing into the nats loop: at a steady trickle each crossing wakes the
+other thread, and one per message per consumer was most of what a webhook cost there.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import json
+from collections.abc import Callable
 
 import nats.errors
 from nats.aio.client import Client
@@ -15,6 +22,16 @@ from nats.aio.subscription import Subscription
 from hookgate.broker.messages import ConsumerSpec, InMsg
 
 
+class Waiter:
+    """A trio task waiting for a consumer's queue; woken at most once, from the nats thread."""
+
+    __slots__ = ("wake", "woken")
+
+    def __init__(self, wake: Callable[[], None]):
+        self.wake = wake  # thread-safe: it only schedules the wake-up in trio
+        self.woken = False
+
+
 class PullConsumer:
     """A continuous pull from a durable consumer, kept topped up on the nats loop.
 
@@ -22,6 +39,10 @@ class PullConsumer:
     for the full wait, and it costs a task per message. Instead this keeps pull requests
     outstanding for up to `buffer` messages (each expiring after PULL_EXPIRES), queues what
     arrives, and hands queued messages to trio as soon as there are any.
+
+    The pull is topped up once half the buffer is free, not after every message taken: at a
+    steady trickle, one request per message would cost a publish here and a request in the
+    server for each delivery.
     """
 
     PULL_EXPIRES = 30.0
@@ -31,12 +52,17 @@ class PullConsumer:
         self.nc = nc
         self.spec = spec
         self.buffer = buffer
+        self.refill_at = max(1, buffer // 2)  # free room in the buffer worth a pull request
         self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
         self.inbox = nc.new_inbox()
         self.queue: collections.deque[Msg] = collections.deque()
         # Outstanding pull requests, oldest first: [messages still owed, expiry (loop time)].
         self.requests: collections.deque[list[float]] = collections.deque()
-        self.arrived = asyncio.Event()
+        # The trio task waiting for the queue, if any. Set and cleared by trio; the nats thread
+        # appends to the queue before it reads this, and trio sets it before it checks the queue,
+        # so an arrival is either seen by the waiter's check or wakes it.
+        self.waiter: Waiter | None = None
+        self.taken_since_top_up = buffer  # by trio: a top-up is due once this reaches refill_at
         self.stopped = False
         self.stopped_fully = False  # stop() has handed back everything it held
         self._topping_up: asyncio.Future[None] | None = None
@@ -55,7 +81,7 @@ class PullConsumer:
             self._settle_owed(1)
             # Once stopped, what still arrives is kept for stop() to hand back after the unsubscribe.
             self.queue.append(msg)
-            self.arrived.set()
+            self.notify()
         elif status in ("404", "408", "409"):
             # No messages / request expired / request ended: it owes what it did not deliver.
             pending = (msg.headers or {}).get("Nats-Pending-Messages")
@@ -65,12 +91,24 @@ class PullConsumer:
                 else:
                     self.requests[0][0] = 0
                 self._drop_settled()
+            if status == "408":
+                # Expired: pull again now, not when the waiting fetch times out, so a message
+                # stored meanwhile is not left waiting for the end of that wait.
+                self.top_up_soon()
         elif status == "503" and self.requests:
             # No responders: nobody serves this consumer's pulls now (a cluster electing its
             # leader), so the oldest request reached nobody. Counted as owed, it would hold off
-            # the next pull until it expired, long after the election.
+            # the next pull until it expired, long after the election. Not renewed here (that
+            # would spin while the election lasts): the next fetch that waits in vain pulls again.
             self.requests.popleft()
         # 100 (idle heartbeat) needs nothing.
+
+    def notify(self) -> None:
+        """Wake the trio task waiting for the queue (once; a burst of arrivals wakes it once)."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.woken:
+            waiter.woken = True
+            waiter.wake()
 
     def _settle_owed(self, count: int) -> None:
         while count and self.requests:
@@ -85,15 +123,23 @@ class PullConsumer:
         while self.requests and self.requests[0][0] <= 0:
             self.requests.popleft()
 
-    async def top_up(self) -> None:
+    def _wanted(self) -> int:
+        """Messages to pull now: the free room in the buffer, once it is worth a request."""
         now = asyncio.get_running_loop().time()
         # A request lost in a reconnect never reports back; forget it after its expiry.
         while self.requests and self.requests[0][1] < now:
             self.requests.popleft()
         want = self.buffer - len(self.queue) - self.owed
         # Stopped: a pull sent now would be answered into an inbox nobody reads any more.
-        if want <= 0 or self.stopped or not self.nc.is_connected:
+        if want < self.refill_at or self.stopped or not self.nc.is_connected:
+            return 0
+        return want
+
+    async def top_up(self) -> None:
+        want = self._wanted()
+        if not want:
             return
+        now = asyncio.get_running_loop().time()
         request = json.dumps({"batch": want, "expires": int(self.PULL_EXPIRES * 1e9)}).encode()
         self.requests.append([want, now + self.PULL_EXPIRES + 2.0])
         await self.nc.publish(self.api_subject, request, reply=self.inbox)
@@ -101,11 +147,13 @@ class PullConsumer:
     def top_up_soon(self) -> None:
         """top_up() in a task of its own: pull for what was just taken, without making the caller
         wait (and without a point where cancelling the caller loses what it took)."""
-        if not self.stopped:
+        if self._wanted():  # most takes leave nothing worth a request: no task for them
             self._topping_up = asyncio.ensure_future(self.top_up())  # kept: a task needs a reference
 
     def forget_requests(self) -> None:
+        """After a reconnect: the server dropped our requests with the old connection; pull anew."""
         self.requests.clear()
+        self.top_up_soon()
 
     async def stop(self) -> None:
         """Stop taking messages, and hand back what was pulled but never taken, for prompt
@@ -127,25 +175,37 @@ class PullConsumer:
                 await asyncio.wait_for(sub.drain(), self.DRAIN_TIMEOUT)
         self.requests.clear()
         while self.queue:  # give_back() may add to it meanwhile
+            try:
+                msg = self.queue.popleft()
+            except IndexError:  # taken by trio meanwhile
+                break
             with contextlib.suppress(nats.errors.Error):
-                await self.queue.popleft().nak()
+                await msg.nak()
         self.stopped_fully = True
 
 
-async def take(consumer: PullConsumer, batch: int, timeout: float) -> list[InMsg]:
-    """Up to `batch` queued messages, waiting up to `timeout` for the first (on the nats loop)."""
-    await consumer.top_up()
+def take_queued(consumer: PullConsumer, batch: int) -> list[InMsg]:
+    """Up to `batch` queued messages, taken from trio without waiting (see NatsBridge.fetch).
+
+    Synchronous: what is taken reaches the caller, a cancellation cannot fall in between."""
     out: list[InMsg] = []
-    if not consumer.queue:
-        consumer.arrived.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(consumer.arrived.wait(), timeout)
-    # No await from here on: what is taken from the queue reaches the caller, or, if it was
-    # cancelled, `give_back` (see NatsBridge.fetch).
-    while consumer.queue and len(out) < batch:
-        out.append(_in_msg(consumer.queue.popleft()))
-    consumer.top_up_soon()
+    queue = consumer.queue
+    while len(out) < batch:
+        try:
+            msg = queue.popleft()
+        except IndexError:  # emptied meanwhile by the nats thread (stop)
+            break
+        out.append(_in_msg(msg))
+    consumer.taken_since_top_up += len(out)
     return out
+
+
+def top_up_due(consumer: PullConsumer) -> bool:
+    """Whether trio should have the nats loop top the pull up (and count from there again)."""
+    if consumer.taken_since_top_up < consumer.refill_at:
+        return False
+    consumer.taken_since_top_up = 0
+    return True
 
 
 def _in_msg(m: Msg) -> InMsg:
@@ -172,7 +232,7 @@ async def give_back(consumer: PullConsumer, msgs: list[InMsg]) -> None:
     message and it waits for ack_wait."""
     if not consumer.stopped_fully:
         consumer.queue.extendleft(m.raw for m in reversed(msgs))
-        consumer.arrived.set()
+        consumer.notify()
         return
     for m in msgs:
         with contextlib.suppress(nats.errors.Error):

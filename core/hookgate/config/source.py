@@ -161,7 +161,8 @@ def parse(text: str, file: str, env: dict[str, str] | None) -> tuple[Loader, dic
     try:
         raw: Any = loader.value(node, "$") if node is not None else None
     except _TooLarge:
-        raise ConfigError([Problem(file, None, "$", "too many values once aliases are expanded")]) from None
+        message = f"more than {_MAX_NODES:,} values once aliases are expanded"
+        raise ConfigError([Problem(file, None, "$", message)]) from None
     if raw is None:  # an empty file, or only comments: every default
         raw = {}
     if not isinstance(raw, dict):
