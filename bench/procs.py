@@ -215,6 +215,12 @@ def _has_egress_section() -> bool:
     return "egress" in config.Config.__struct_fields__
 
 
+def _has_server_field(name: str) -> bool:
+    from hookgate import config
+
+    return name in config.ServerConfig.__struct_fields__
+
+
 def hookgate_config(
     port: int,
     data_dir: Path,
@@ -232,6 +238,8 @@ def hookgate_config(
     }
     if endpoints and _has_egress_section():
         config["egress"] = {"allow_networks": ["127.0.0.0/8"]}
+    if _has_server_field("workers"):
+        config["server"]["workers"] = 1  # one process, as measured before the supervisor existed
     return config
 
 

@@ -1,7 +1,7 @@
-"""hookgate's benchmark harness: one command, seven measurements, ratios against bare baselines.
+"""hookgate's benchmark harness: one command, eight measurements, ratios against bare baselines.
 
-    python bench/run.py [--quick] [--json PATH] [--only ingress,delivery,e2e,dedup,endpoints,log,sync]
-                        [--profile]
+    python bench/run.py [--quick] [--json PATH] [--profile]
+        [--only ingress,delivery,e2e,dedup,endpoints,log,sync,workers]
 
 Everything runs on this machine over 127.0.0.1: hookgate as a subprocess (`python -m hookgate.cli
 run`) with its embedded NATS in a temp dir, a trio+h11 receiver, a bare hypercorn-trio app, and a
@@ -29,6 +29,7 @@ import logphase
 import phases
 import report
 import syncphase
+import workersphase
 from procs import BENCH, Processes
 
 PHASES: dict[str, Callable[[phases.Context], dict[str, Any]]] = {
@@ -39,6 +40,7 @@ PHASES: dict[str, Callable[[phases.Context], dict[str, Any]]] = {
     "endpoints": endpointsphase.endpoint_count,
     "log": logphase.delivery_log,
     "sync": syncphase.sync_cost,
+    "workers": workersphase.workers,
 }
 
 
@@ -165,6 +167,9 @@ def render(r: dict[str, Any]) -> str:
     if "endpoints" in r:
         title = "7. endpoint count: idle cost, start, a new endpoint's first delivery, p99 to a random one"
         out += _section(title, r["endpoints"], endpointsphase.rows)
+    if "workers" in r:
+        title = "8. workers: one gateway process against several under the supervisor"
+        out += _section(title, r["workers"], workersphase.rows)
     out.append("\nRATIOS (quote these; absolute numbers on a shared machine are noisy)")
     if "ratio" in r.get("ingress", {}):
         out.append(

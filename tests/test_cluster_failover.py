@@ -56,6 +56,7 @@ def _config(port: int, urls: list[str], receiver_url: str) -> str:
         f"""\
         server:
           listen: 127.0.0.1:{port}
+          workers: 1  # a replica is one process, killed as one
           api_tokens: [{TOKEN}]
           shutdown_grace: 2s
         broker:

@@ -36,6 +36,7 @@ def _write_config(tmp_path: Path, port: int, receiver_url: str) -> Path:
             server:
               listen: 127.0.0.1:{port}
               shutdown_grace: 2s
+              workers: 1  # one process, killed and restarted as one (the supervisor: test_workers)
             broker:
               data_dir: {tmp_path / "data"}
             egress:

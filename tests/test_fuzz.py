@@ -55,6 +55,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             f"""\
             server:
               listen: 127.0.0.1:{port}
+              workers: 1  # one process: the fuzzer's subject is the request path, not the supervisor
               api_tokens: [{TOKEN}]
               max_body: 64KiB
               shutdown_grace: 1s

@@ -246,9 +246,9 @@ def _rss_kib(pid: int) -> int:
 
 async def test_fds_and_memory_return_to_where_they_were(tmp_path: Path, nats_server: NatsServer) -> None:
     port = free_port()
-    text = config(nats_server.url, "max_connections: 200\nheader_timeout: 1s\nbody_timeout: 1s").replace(
-        "listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}"
-    )
+    # One process (workers: 1), whose descriptors and memory are the ones counted.
+    limits = "workers: 1\nmax_connections: 200\nheader_timeout: 1s\nbody_timeout: 1s"
+    text = config(nats_server.url, limits).replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
     process = GatewayProcess(write_config(tmp_path, text), port, tmp_path / "gateway.log")
     await process.start()
     try:

@@ -22,11 +22,15 @@ READY_DEADLINE = 0.5
 
 
 class App:
-    def __init__(self, ingress: Ingress, api: Api, broker: Broker, metrics: Metrics):
+    def __init__(
+        self, ingress: Ingress, api: Api, broker: Broker, metrics: Metrics, *, serves_ingress: bool = True
+    ):
         self.ingress = ingress
         self.api = api
         self.broker = broker
         self.metrics = metrics
+        # False in a delivery process (server.role: delivery): webhooks and the API are not here.
+        self.serves_ingress = serves_ingress
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -36,7 +40,11 @@ class App:
             return
         path: str = scope["path"]
         try:
-            if path.startswith(WEBHOOKS):
+            if not self.serves_ingress and path.startswith((WEBHOOKS, "/api/")):
+                await send_error(
+                    send, 404, "not_served", f"{path} is served by ingress processes, not this delivery one"
+                )
+            elif path.startswith(WEBHOOKS):
                 await self.ingress.handle(scope, receive, send, path[len(WEBHOOKS) :].rstrip("/"))
             elif path.startswith("/api/"):
                 await self.api.handle(scope, receive, send, path.rstrip("/"))

@@ -1,5 +1,10 @@
 """The gateway process: broker (embedded or external), HTTP server, router and dispatcher, in one nursery.
 
+`server.role` picks what runs: ingress (webhooks, the API and its replays), delivery (the router
+and the dispatcher), or all of it. Catalog, endpoint states, /healthz, /readyz and /metrics run in
+every role. A worker started by the supervisor gets a `Seat`: the listening socket it shares with
+the other workers (or none) and the broker the supervisor started.
+
 Shutdown order: stop accepting HTTP, stop fetching, let in-flight deliveries finish within the grace
 period (the rest are nak'ed for prompt redelivery), close the NATS connection, stop the embedded
 server.
@@ -11,8 +16,9 @@ import contextlib
 import gc
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -26,7 +32,7 @@ from hookgate.api.log import LogApi
 from hookgate.app import App
 from hookgate.broker import Broker, BrokerRefused, BrokerUnavailable
 from hookgate.broker.embedded import embedded_nats, generated_secrets_key
-from hookgate.config import DEFAULT_SYNC, LoadedConfig, ServerConfig
+from hookgate.config import DEFAULT_SYNC, LoadedConfig, Role, ServerConfig
 from hookgate.config.sealing import Sealer, parse_key
 from hookgate.egress.dispatcher import Dispatcher
 from hookgate.egress.endpoint import Endpoint
@@ -46,6 +52,8 @@ from hookgate.routing.router import Router
 from hookgate.transport.ssrf import EgressGuard
 
 log = logging.getLogger("hookgate")
+
+ROLE_NAMES: dict[Role, str] = {"all": "ingress and delivery", "ingress": "ingress", "delivery": "delivery"}
 
 # Room above server.max_body for the event envelope (headers, ids) in one NATS message.
 ENVELOPE_ALLOWANCE = 256 * 1024
@@ -68,6 +76,18 @@ class Running:
 
 
 @dataclass(frozen=True)
+class Seat:
+    """What the supervisor hands one of its workers."""
+
+    # The listening socket every serving worker shares; None: this worker serves no HTTP.
+    http_fd: int | None
+    # The embedded nats-server the supervisor started, and the file holding the user nkey seed it
+    # accepts; None: the config's broker.url.
+    broker_url: str | None = None
+    nkey_seed_file: str | None = None
+
+
+@dataclass(frozen=True)
 class BrokerTarget:
     """Where the broker is, and for an embedded one, how to reach it and its generated key."""
 
@@ -83,14 +103,17 @@ async def run(
     stopping: trio.Event | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
     tracer_provider: Any = None,
+    seat: Seat | None = None,
 ) -> None:
     """Run until `stopping` is set (or the task is cancelled), then shut down gracefully.
 
     `tracer_provider`: an OpenTelemetry TracerProvider for `tracing:` (else the global one, or
-    its own).
+    its own). `seat`: given when this process is one of the supervisor's workers.
     """
     config = loaded.config
-    _check_server_tls(config.server)
+    check_server_tls(config.server)
+    role = config.server.role
+    ingress_role, delivery_role = role in ("all", "ingress"), role in ("all", "delivery")
     stopping = stopping if stopping is not None else trio.Event()
     hooks.register(ConfiguredComponents(), name="hookgate.core.components")
     max_body = size_bytes(config.server.max_body)
@@ -98,7 +121,7 @@ async def run(
 
     async with (
         tracing_for(config.tracing, tracer_provider) as tracing,
-        _broker_target(loaded, max_body) as target,
+        _seated_target(loaded, seat) if seat and seat.broker_url else broker_target(loaded) as target,
         _connect(loaded, target, publish_timeout) as broker,
     ):
         url = target.url
@@ -155,6 +178,7 @@ async def run(
             ),
             broker,
             metrics,
+            serves_ingress=ingress_role,
         )
         dispatcher = Dispatcher(
             broker,
@@ -168,23 +192,37 @@ async def run(
         catalog.subscribe(
             lambda c: router.update(set(c.endpoints()), c.implicit_routes(), _ordered(c.endpoints()))
         )
-        catalog.subscribe(lambda c: dispatcher.update(c.endpoints()))
+        if delivery_role:
+            catalog.subscribe(lambda c: dispatcher.update(c.endpoints()))
 
         async with trio.open_nursery() as nursery:
             # The stored endpoints are known before anything routes or delivers.
             await nursery.start(catalog.run, stopping)
             # Endpoint states, followed by one watch for the API and the dispatcher alike.
             await nursery.start(states.run, stopping)
-            binds = await nursery.start(_serve_http, app, loaded, metrics, stopping)
-            # Consumers exist (created or updated) before the gateway reports itself started.
-            await nursery.start(router.run, stopping)
-            nursery.start_soon(ingress.rejections.run, stopping)
-            if admission.max_unrouted:
-                nursery.start_soon(_follow_router_backlog, router, admission, stopping)
-            await nursery.start(dispatcher.run, stopping)
-            await nursery.start(replayer.run, stopping)
-            http_url = binds[0]
-            log.info("hookgate %s listening on %s (broker %s)", __version__, http_url, url)
+            binds: list[str] = []
+            if seat is None or seat.http_fd is not None:
+                http_fd = seat.http_fd if seat is not None else None
+                binds = await nursery.start(_serve_http, app, loaded, metrics, stopping, http_fd)
+            if delivery_role:
+                # Consumers exist (created or updated) before the gateway reports itself started.
+                await nursery.start(router.run, stopping)
+                await nursery.start(dispatcher.run, stopping)
+            if ingress_role:
+                if admission.max_unrouted:
+                    nursery.start_soon(
+                        _follow_router_backlog, _router_backlog(router, broker, role), admission, stopping
+                    )
+                nursery.start_soon(ingress.rejections.run, stopping)
+                await nursery.start(replayer.run, stopping)
+            http_url = binds[0] if binds else ""
+            log.info(
+                "hookgate %s (%s) %s (broker %s)",
+                __version__,
+                ROLE_NAMES[role],
+                f"listening on {http_url}" if http_url else "serving no HTTP",
+                url,
+            )
             await hooks.call("hookgate_startup", info={"listen": http_url, "version": __version__})
             # What startup built (the config, every endpoint, the plugins) lives as long as the
             # process: out of the cyclic collector's reach, its full passes do not walk it all
@@ -203,11 +241,13 @@ async def _serve_http(
     loaded: LoadedConfig,
     metrics: Metrics,
     stopping: trio.Event,
+    http_fd: int | None,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
     server = loaded.config.server
     hc = HypercornConfig()
-    hc.bind = [server.listen]
+    # A worker serves the socket the supervisor bound and every worker shares.
+    hc.bind = [server.listen if http_fd is None else f"fd://{http_fd}"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hookgate.http")
     hc.graceful_timeout = seconds(server.shutdown_grace)
@@ -228,11 +268,13 @@ async def _serve_http(
 ROUTER_BACKLOG_POLL = 1.0
 
 
-async def _follow_router_backlog(router: Router, admission: Admission, stopping: trio.Event) -> None:
+async def _follow_router_backlog(
+    backlog_of_router: Callable[[], Awaitable[int | None]], admission: Admission, stopping: trio.Event
+) -> None:
     """Keep admission control's view of the router's backlog current (one consumer info a second)."""
     while not stopping.is_set():
         try:
-            backlog = await router.backlog()
+            backlog = await backlog_of_router()
         except Exception as exc:
             log.debug("could not read the router's backlog: %s", exc)
         else:
@@ -242,7 +284,16 @@ async def _follow_router_backlog(router: Router, admission: Admission, stopping:
             await stopping.wait()
 
 
-def _check_server_tls(server: ServerConfig) -> None:
+def _router_backlog(router: Router, broker: Broker, role: Role) -> Callable[[], Awaitable[int | None]]:
+    """How this process reads the router's backlog: from the consumer it pulls for, or, where no
+    router runs (role ingress), by the consumer's name."""
+    if role == "all":
+        return router.backlog
+    topology = broker.topology
+    return lambda: broker.consumer_backlog(topology.events_stream, topology.router_consumer())
+
+
+def check_server_tls(server: ServerConfig) -> None:
     """Refuse unusable certificate files before anything starts (hypercorn would fail later, with
     a traceback)."""
     if server.tls is None:
@@ -260,18 +311,31 @@ def _check_server_tls(server: ServerConfig) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _broker_target(loaded: LoadedConfig, max_body: int) -> AsyncIterator[BrokerTarget]:
+async def broker_target(loaded: LoadedConfig, *, supervised: bool = False) -> AsyncIterator[BrokerTarget]:
+    """The config's external broker, or an embedded nats-server started for as long as this lasts
+    (`supervised`: for the supervisor's workers, in a process group of its own)."""
     broker = loaded.config.broker
     if broker.url is not None:
         yield BrokerTarget(broker.url)
         return
-    data_dir = (
-        loaded.path.parent / broker.data_dir if not broker.data_dir.startswith("/") else broker.data_dir
-    )
-    max_payload = max(MIN_MAX_PAYLOAD, max_body + ENVELOPE_ALLOWANCE)
-    async with embedded_nats(data_dir, max_payload, nats_sync_interval(broker.sync)) as server:
+    max_payload = max(MIN_MAX_PAYLOAD, size_bytes(loaded.config.server.max_body) + ENVELOPE_ALLOWANCE)
+    sync = nats_sync_interval(broker.sync)
+    async with embedded_nats(_data_dir(loaded), max_payload, sync, own_process_group=supervised) as server:
         key = generated_secrets_key(server.data_dir, create=not broker.secrets_key_texts())
         yield BrokerTarget(server.url, str(server.seed_file), key)
+
+
+@contextlib.asynccontextmanager
+async def _seated_target(loaded: LoadedConfig, seat: Seat) -> AsyncIterator[BrokerTarget]:
+    """The embedded nats-server the supervisor started (it made the generated key, if any)."""
+    assert seat.broker_url is not None
+    key = generated_secrets_key(Path(_data_dir(loaded)).resolve(), create=False)
+    yield BrokerTarget(seat.broker_url, seat.nkey_seed_file, key)
+
+
+def _data_dir(loaded: LoadedConfig) -> str | Path:
+    data_dir = loaded.config.broker.data_dir
+    return data_dir if data_dir.startswith("/") else loaded.path.parent / data_dir
 
 
 def nats_sync_interval(sync: str | None) -> str:

@@ -155,6 +155,15 @@ async def streams_present(jsm: JetStreamManager, names: list[str]) -> bool:
     return True
 
 
+async def consumer_backlog(jsm: JetStreamManager, stream: str, durable: str) -> int | None:
+    """A consumer's backlog read by name, by a process that does not pull for it; None if absent."""
+    try:
+        info = await jsm.consumer_info(stream, durable)
+    except nats.js.errors.NotFoundError:
+        return None
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
 async def pending_counts(jsm: JetStreamManager, consumers: list[PullConsumer]) -> dict[str, int]:
     out = {}
     for consumer in consumers:

@@ -268,6 +268,9 @@ class NatsBridge(NatsLoop):
         """Messages each consumer has not yet been handed (its backlog), by durable name."""
         return await self.run(admin.pending_counts, self.jsm, consumers)
 
+    async def consumer_backlog(self, stream: str, durable: str) -> int | None:
+        return await self.run(admin.consumer_backlog, self.jsm, stream, durable)
+
     # --- publishing, settling and consuming -------------------------------------------------
 
     async def commit(self, commits: list[Commit], timeout: float) -> list[list[PubResult]]:

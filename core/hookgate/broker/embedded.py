@@ -156,8 +156,18 @@ def generated_secrets_key(data_dir: Path, *, create: bool) -> bytes | None:
 
 
 class EmbeddedNats:
-    def __init__(self, data_dir: str | os.PathLike[str], max_payload: int, sync: str = "1s"):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        max_payload: int,
+        sync: str = "1s",
+        *,
+        own_process_group: bool = False,
+    ):
         self.data_dir = Path(data_dir).resolve()
+        # A supervisor's server is in a process group of its own, so a signal to the supervisor's
+        # group (a terminal's Ctrl-C, `timeout`) does not stop it while the workers drain.
+        self.own_process_group = own_process_group
         self.max_payload = max_payload
         self.sync = sync  # jetstream.sync_interval: "always" or a duration
         self.port = -1
@@ -212,6 +222,7 @@ class EmbeddedNats:
                 stdout=log_handle,
                 stderr=log_handle,
                 preexec_fn=_prepare_child,
+                process_group=0 if self.own_process_group else None,
             )
         except OSError as exc:
             raise BrokerUnavailable(f"cannot start {binary}: {exc.strerror}") from None
@@ -282,9 +293,9 @@ class EmbeddedNats:
 
 @contextlib.asynccontextmanager
 async def embedded_nats(
-    data_dir: str | os.PathLike[str], max_payload: int, sync: str = "1s"
+    data_dir: str | os.PathLike[str], max_payload: int, sync: str = "1s", *, own_process_group: bool = False
 ) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(data_dir, max_payload, sync)
+    server = EmbeddedNats(data_dir, max_payload, sync, own_process_group=own_process_group)
     # Started outside the nursery so a failure to start surfaces as a plain BrokerUnavailable.
     await server.start()
     async with trio.open_nursery() as nursery:

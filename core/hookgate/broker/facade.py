@@ -443,6 +443,11 @@ class Broker:
         """What each consumer still has to hand out or see acked, by durable name."""
         return await self.bridge.pending_counts(consumers)
 
+    async def consumer_backlog(self, stream: str, durable: str) -> int | None:
+        """A consumer's backlog (pending plus unacknowledged), for a process that does not pull
+        for it (an ingress process reading the router's); None if it does not exist."""
+        return await self.bridge.consumer_backlog(stream, durable)
+
     async def kv_get_all(self, bucket: str) -> dict[str, bytes]:
         return await self.bridge.kv_get_all(bucket)
 

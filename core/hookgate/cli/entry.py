@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import logging
@@ -11,9 +12,10 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+import msgspec
 import trio
 
-from hookgate import __version__, config, gateway, hookspecs
+from hookgate import __version__, config, gateway, hookspecs, supervisor
 from hookgate.cli import client, commands, docgen
 from hookgate.observe import logs
 from hookgate.observe.redact import redact_text, without_password
@@ -42,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway: ingress, API, router and dispatcher")
     with_config(run)
     run.add_argument("--log-level", default=os.environ.get("HOOKGATE_LOG_LEVEL"), help="default: log.level")
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        help="gateway processes under one supervisor: a number, or per role like ingress=1,delivery=1"
+        " (default: server.workers, else the number of cores available; 1: no supervisor)",
+    )
+    run.add_argument(
+        "--role",
+        choices=config.ROLES,
+        help="what each process runs: all, ingress (webhooks and the API) or delivery (the router and"
+        " the dispatchers) (default: server.role, else all)",
+    )
     check = sub.add_parser("check", help="validate a config file and summarise it")
     with_config(check)
     sub.add_parser("plugins", help="list loaded plugins, their hooks and components")
@@ -169,7 +183,7 @@ def _api_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
-        return _run(args.config, args.log_level)
+        return _run(args.config, args.log_level, args.workers, args.role)
     if args.command == "check":
         return _check(args.config)
     handler: Handler | None = getattr(args, "handler", None)
@@ -225,6 +239,7 @@ def _check(path: str) -> int:
         broker = ", ".join(without_password(url) for url in urls)
     print(f"{path}: OK")
     print(f"  listen:    {c.server.listen}{' (TLS)' if c.server.tls else ''}")
+    print(f"  workers:   {_describe_workers(c.server)}")
     print(f"  broker:    {broker}, retention {c.broker.retention}")
     print(f"  sources:   {len(c.sources)}")
     for name in c.sources:
@@ -247,6 +262,13 @@ def _check(path: str) -> int:
     for warning in _egress_warnings(loaded):
         print(warning)
     return 0
+
+
+def _describe_workers(server: config.ServerConfig) -> str:
+    roles = supervisor.worker_roles(server)
+    counts = ", ".join(f"{roles.count(role)} {role}" for role in config.ROLES if role in roles)
+    origin = " (the cores available)" if server.workers is None else ""
+    return f"{len(roles)}{origin}: {counts}"
 
 
 def _egress_warnings(loaded: config.LoadedConfig) -> list[str]:
@@ -327,7 +349,7 @@ def _plugins() -> int:
     return 0
 
 
-def _run(path: str, log_level: str | None) -> int:
+def _run(path: str, log_level: str | None, workers: str | None, role: str | None) -> int:
     logs.configure(log_level or "info")
     hooks = Hooks()
     loaded = _load(path, hooks)
@@ -336,7 +358,59 @@ def _run(path: str, log_level: str | None) -> int:
     # The command line (or HOOKGATE_LOG_LEVEL) overrides the config's level.
     logs.configure(log_level or loaded.config.log.level, loaded.config.log.format)
     try:
-        trio.run(_run_until_signalled, loaded, hooks)
+        server = _server_overrides(loaded.config.server, workers, role)
+    except ValueError as exc:
+        print(f"hookgate: {exc}", file=sys.stderr)
+        return 2
+    seated = supervisor.seat_from_env()
+    roles = supervisor.worker_roles(server)
+    if seated is None and len(roles) > 1:
+        loaded.config.server = server
+        return _guarded(lambda: trio.run(supervisor.supervise, loaded, roles, log_level))
+    # One process, as it always was: no supervisor in between.
+    loaded.config.server = msgspec.structs.replace(server, role=roles[0])
+    return _guarded(lambda: trio.run(_run_until_signalled, loaded, hooks, seated))
+
+
+def _server_overrides(
+    server: config.ServerConfig, workers: str | None, role: str | None
+) -> config.ServerConfig:
+    """server.workers and server.role as --workers and --role override them."""
+    if workers is not None:
+        server = msgspec.structs.replace(server, workers=_parse_workers(workers), role="all")
+    if role is not None:
+        if isinstance(server.workers, config.WorkerCounts):
+            raise ValueError(
+                "--role: the workers are given per role (server.workers); use --workers N with it"
+            )
+        server = msgspec.structs.replace(server, role=role)
+    return server
+
+
+def _parse_workers(text: str) -> int | config.WorkerCounts:
+    """--workers 4, or --workers ingress=1,delivery=1."""
+    if text.isdigit():
+        count = int(text)
+        if not 1 <= count <= config.MAX_WORKERS:
+            raise ValueError(f"--workers: expected 1 to {config.MAX_WORKERS}, got {text}")
+        return count
+    counts: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, number = part.partition("=")
+        if name.strip() not in config.ROLES or not number.strip().isdigit():
+            roles = ", ".join(config.ROLES)
+            raise ValueError(f"--workers: expected N or role=N,... (roles: {roles}), got {text!r}")
+        counts[name.strip()] = int(number)
+    parsed = msgspec.convert(counts, config.WorkerCounts)
+    if not parsed.roles() or len(parsed.roles()) > config.MAX_WORKERS:
+        raise ValueError(f"--workers: expected 1 to {config.MAX_WORKERS} workers in all, got {text!r}")
+    return parsed
+
+
+def _guarded(run: Callable[[], int | None]) -> int:
+    """Run the gateway or the supervisor; a failure to start is one line, not a traceback."""
+    try:
+        code = run()
     except KeyboardInterrupt:
         return 130
     except BaseExceptionGroup as group:
@@ -350,7 +424,7 @@ def _run(path: str, log_level: str | None) -> int:
     except _STARTUP_ERRORS as exc:
         print(f"hookgate: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 # Failures to start that are told in one line: a broker that cannot be reached or refuses us, a
@@ -365,7 +439,10 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
-async def _run_until_signalled(loaded: config.LoadedConfig, hooks: Hooks) -> None:
+async def _run_until_signalled(
+    loaded: config.LoadedConfig, hooks: Hooks, seated: tuple[gateway.Seat, int] | None
+) -> None:
+    seat, ready_fd = seated if seated is not None else (None, None)
     stopping = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -380,5 +457,9 @@ async def _run_until_signalled(loaded: config.LoadedConfig, hooks: Hooks) -> Non
                     stopping.set()
 
             nursery.start_soon(watch)
-            await gateway.run(loaded, hooks, stopping=stopping)
+            async with trio.open_nursery() as running:
+                run = functools.partial(gateway.run, loaded, hooks, stopping=stopping, seat=seat)
+                await running.start(run)
+                if ready_fd is not None:
+                    supervisor.tell_ready(ready_fd)
             nursery.cancel_scope.cancel()

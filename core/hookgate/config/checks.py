@@ -9,7 +9,14 @@ import httpx
 from hookgate.config.filters import FilterError, compile_filter
 from hookgate.config.paths import child
 from hookgate.config.problems import Report, show
-from hookgate.config.schema import BrokerConfig, Config, EgressConfig, EndpointConfig, ServerConfig
+from hookgate.config.schema import (
+    BrokerConfig,
+    Config,
+    EgressConfig,
+    EndpointConfig,
+    ServerConfig,
+    WorkerCounts,
+)
 from hookgate.config.sealing import parse_key
 from hookgate.config.subjects import is_subject_pattern, subject_refusal
 from hookgate.observe import tracing
@@ -165,6 +172,14 @@ def check_server(problem: Report, server: ServerConfig) -> None:
         problem("$.server.max_body", "must be more than 0")
     if seconds(server.publish_timeout) == 0:
         problem("$.server.publish_timeout", "must be more than 0")
+    if isinstance(server.workers, WorkerCounts):
+        if not server.workers.roles():
+            problem("$.server.workers", "give at least one worker, e.g. {ingress: 1, delivery: 1}")
+        if server.role != "all":
+            problem(
+                "$.server.role",
+                "with workers given per role, each worker's role is its count's key: remove server.role",
+            )
 
 
 def check_broker(problem: Report, broker: BrokerConfig) -> None:

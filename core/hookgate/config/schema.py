@@ -39,8 +39,50 @@ class TLSFiles(_Base):
     keyfile: FilePath
 
 
+# What one gateway process runs: ingress (webhooks and the API), delivery (the router and the
+# dispatchers), or both. Every role serves /healthz, /readyz and /metrics.
+Role = Literal["all", "ingress", "delivery"]
+ROLES: tuple[Role, ...] = ("all", "ingress", "delivery")
+# More worker processes than this on one host is a typo, not a plan.
+MAX_WORKERS = 256
+
+
+class WorkerCounts(_Base):
+    """Worker processes per role, for a host that runs ingress and delivery apart."""
+
+    all: Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKERS)] = 0
+    ingress: Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKERS)] = 0
+    delivery: Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKERS)] = 0
+
+    def roles(self) -> list[Role]:
+        """One role per worker, in the order they are started."""
+        counts: list[tuple[Role, int]] = [
+            ("all", self.all),
+            ("ingress", self.ingress),
+            ("delivery", self.delivery),
+        ]
+        return [role for role, count in counts for _ in range(count)]
+
+
 class ServerConfig(_Base):
     """The HTTP server: ingress, API, health and metrics on one port."""
+
+    workers: Annotated[
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] | WorkerCounts | None,
+        msgspec.Meta(
+            description="gateway processes on this host, sharing the port and the embedded"
+            " nats-server under one supervisor: a number (each runs server.role), or a number per"
+            " role like {ingress: 1, delivery: 1}; omitted: one per core available, half ingress and"
+            " half delivery (one core: one process)"
+        ),
+    ] = None
+    role: Annotated[
+        Role,
+        msgspec.Meta(
+            description="what each process runs: all, ingress (webhooks and the API) or delivery"
+            " (the router and the dispatchers); each serves /healthz, /readyz and /metrics"
+        ),
+    ] = "all"
 
     listen: Annotated[
         str, msgspec.Meta(description='host:port, e.g. "127.0.0.1:8080" (port 0: any free port)')

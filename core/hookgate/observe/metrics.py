@@ -2,14 +2,24 @@
 
 Each gateway owns its own registry (no process-global state), so tests and embedded uses can run
 several gateways side by side.
+
+The workers of one supervisor are one gateway: it starts them with `PROMETHEUS_MULTIPROC_DIR`
+set to a directory of its own, where prometheus_client keeps every process's values, and each
+worker's `/metrics` renders the sum over that directory (gauges as their `multiprocess_mode`
+says: `livesum` for what each process holds, `livemax` for what any process sees).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Read by prometheus_client when it is imported; the supervisor sets it for its workers.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -83,24 +93,28 @@ class Metrics:
             "hookgate_endpoint_backlog",
             "Deliveries waiting for an endpoint (pending plus in flight), from its JetStream consumer",
             ["endpoint"],
+            multiprocess_mode="livemax",
             registry=self.registry,
         )
         self.circuit_open = Gauge(
             "hookgate_endpoint_circuit_open",
             "1 while an endpoint's circuit breaker is open or half-open, else 0",
             ["endpoint"],
+            multiprocess_mode="livemax",
             registry=self.registry,
         )
         self.endpoint_disabled = Gauge(
             "hookgate_endpoint_disabled",
             "1 while an endpoint is disabled, else 0",
             ["endpoint"],
+            multiprocess_mode="livemax",
             registry=self.registry,
         )
 
         self.connections_open = Gauge(
             "hookgate_http_connections_open",
             "HTTP connections open now",
+            multiprocess_mode="livesum",
             registry=self.registry,
         )
         self.connections_refused = Counter(
@@ -113,6 +127,7 @@ class Metrics:
         self.in_flight = Gauge(
             "hookgate_events_in_flight",
             "Events (webhooks and internal publishes) being verified and stored (see server.max_in_flight)",
+            multiprocess_mode="livesum",
             registry=self.registry,
         )
         self.overloaded = Counter(
@@ -124,4 +139,16 @@ class Metrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get(MULTIPROC_DIR_ENV)
+        if not shared:
+            return generate_latest(self.registry)
+        # Every worker's values, read from the supervisor's directory at each scrape.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=shared)
+        return generate_latest(registry)
+
+
+def process_exited(directory: str, pid: int) -> None:
+    """Drop an exited worker's live gauges from the shared directory; its counters stay, so the
+    gateway's totals never go back."""
+    mark_process_dead(pid, directory)
