@@ -996,7 +996,7 @@ def test_load_reads_a_file_and_names_it(registry: ComponentRegistry, tmp_path: P
         load(path, registry, env={})
     assert str(info.value) == (
         f"{path}:3: $.server.nope: unknown key; "
-        "expected one of: listen, tls, max_body, api_tokens, publish_timeout, shutdown_grace, "
+        "expected one of: workers, role, listen, tls, max_body, api_tokens, publish_timeout, shutdown_grace, "
         "header_timeout, body_timeout, max_connections, backlog, max_in_flight, max_unrouted"
     )
     path.write_text("server:\n  listen: 127.0.0.1:1\n")
