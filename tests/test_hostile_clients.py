@@ -451,3 +451,50 @@ async def test_past_max_unrouted_a_webhook_gets_503_until_the_router_catches_up(
     assert statuses == [202, 202, 202]
     assert refused.json()["error"] == "overloaded" and refused.headers["retry-after"] == "1"
     assert "routed" in refused.json()["message"]
+
+
+async def test_connections_the_clients_closed_do_not_stay_open_until_the_keep_alive_timeout(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    # hypercorn keeps a connection whose client closed right after its answer open until its
+    # keep-alive timeout (75 s), in CLOSE-WAIT; clients like curl do exactly that.
+    port = free_port()
+    text = config(nats_server.url, "workers: 1").replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
+    process = GatewayProcess(write_config(tmp_path, text), port, tmp_path / "gateway.log")
+    await process.start()
+    try:
+        for _ in range(10):
+            answer = await _get_and_close(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", half_close=False)
+            assert answer.startswith(b"HTTP/1.1 200 ")
+        # A client that half-closes after its request still gets the answer.
+        answer = await _get_and_close(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", half_close=True)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        async with httpx.AsyncClient(timeout=5) as client:
+            with trio.fail_after(3):
+                while True:  # the poll's own connection is the one left open
+                    metrics = (await client.get(f"{process.url}/metrics")).text
+                    if "hookgate_http_connections_open 1.0" in metrics:
+                        break
+                    await trio.sleep(0.05)
+    finally:
+        process.kill(signal.SIGTERM)
+        await process.wait()
+
+
+async def _get_and_close(port: int, request: bytes, *, half_close: bool) -> bytes:
+    """Send a request, read its whole answer (Content-Length), and close at once."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(request)
+        if half_close:
+            await stream.send_eof()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(4096)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            body += await stream.receive_some(4096)
+        return data
+    finally:
+        await stream.aclose()

@@ -126,3 +126,18 @@ async def test_accept_failing_with_emfile_is_one_summary_not_a_traceback_each(
     assert len(lines) == 2 and not any(r.exc_info for r in lines)
     assert "EMFILE" in lines[0].getMessage()
     assert lines[1].getMessage().startswith(f"{int(failures) - 1} connection(s) could not be accepted")
+
+
+async def test_a_client_that_closes_an_idle_connection_has_it_closed_at_once() -> None:
+    server = _server()
+    conn = Connection(server, trio.current_time() + 2)
+    conn.request_started(has_body=False)
+    conn.peer_gone()  # half-closed after its request: the answer is still owed
+    assert not conn.scope.cancel_called
+    conn.request_finished(body_complete=True)
+    assert conn.scope.cancel_called
+    idle = Connection(server, trio.current_time() + 2)
+    idle.request_started(has_body=False)
+    idle.request_finished(body_complete=True)
+    idle.peer_gone()
+    assert idle.scope.cancel_called

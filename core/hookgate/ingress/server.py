@@ -127,13 +127,21 @@ class Connection:
             self.reading -= 1
         self._arm()
 
+    def peer_gone(self) -> None:
+        """The client closed its side. hypercorn would keep an idle connection open until its
+        keep-alive timeout (75 s); a request still being read or answered is finished first."""
+        self.peer_closed = True
+        self._arm()
+
     def _became_busy(self) -> None:
         if not self.busy:
             self._server.not_waiting(self)
         self.busy += 1
 
     def _arm(self) -> None:
-        if self.busy:
+        if self.peer_closed and not self.busy and not self.reading:
+            self.scope.cancel()  # nothing more can come, and nothing is owed
+        elif self.busy:
             self.scope.deadline = math.inf
         elif self.reading:
             self.scope.deadline = self.body_deadline
@@ -156,7 +164,7 @@ class _Stream:
         if data:
             self._connection.bytes_arrived()
         else:
-            self._connection.peer_closed = True
+            self._connection.peer_gone()
         return cast(bytes, data)
 
     def __getattr__(self, name: str) -> Any:
