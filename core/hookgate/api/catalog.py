@@ -34,7 +34,7 @@ from hookgate.config import (
 from hookgate.config.filters import FilterError, compile_filter
 from hookgate.config.sealing import Sealer, SealError
 from hookgate.egress.endpoint import Endpoint
-from hookgate.egress.worker import cancel_when_set
+from hookgate.egress.watching import cancel_when_set, follow_bucket
 from hookgate.observe.redact import redact
 from hookgate.plugin_host.builders import build_endpoint_auth, build_signer
 from hookgate.plugin_host.hooks import Hooks
@@ -43,8 +43,6 @@ from hookgate.transport.ssrf import EgressGuard
 from hookgate.types import ComponentRegistry
 
 log = logging.getLogger("hookgate.catalog")
-
-WATCH_RETRY_MAX = 5.0
 
 
 class EndpointDocument(EndpointConfig, kw_only=True):  # type: ignore[call-arg]
@@ -331,22 +329,7 @@ class Catalog:
         return done
 
     async def _follow(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        started = False
-        backoff = 0.5
-        while True:
-            try:
-                async with self.broker.watch_kv(self.bucket) as batches:
-                    snapshot = True
-                    async for batch in batches:
-                        self.apply(batch, snapshot=snapshot)
-                        snapshot = False
-                        backoff = 0.5
-                        if not started:
-                            started = True
-                            task_status.started()
-            except Exception as exc:
-                if not started:
-                    raise
-                log.warning("watching endpoint documents failed: %s; again in %.1fs", exc, backoff)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, WATCH_RETRY_MAX)
+        def apply(batch: list[KvUpdate], snapshot: bool) -> None:
+            self.apply(batch, snapshot=snapshot)
+
+        await follow_bucket(self.broker, self.bucket, apply, log, "endpoint documents", task_status)

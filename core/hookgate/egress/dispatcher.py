@@ -19,12 +19,13 @@ import trio
 from hookgate.broker import Broker, ConsumerSpec, PullConsumer
 from hookgate.egress.context import WorkerContext
 from hookgate.egress.endpoint import Endpoint
-from hookgate.egress.forward import move_all
+from hookgate.egress.forward import consumer_until, move_all
 from hookgate.egress.lanes import Lanes
 from hookgate.egress.leftovers import Leftovers
 from hookgate.egress.parking import Parking
 from hookgate.egress.state import EndpointStates
-from hookgate.egress.worker import EndpointWorker, cancel_when_set
+from hookgate.egress.watching import cancel_when_set
+from hookgate.egress.worker import EndpointWorker
 from hookgate.observe.metrics import Metrics
 from hookgate.observe.tracing import OFF, Tracing
 from hookgate.plugin_host.hooks import Hooks
@@ -196,7 +197,7 @@ class Dispatcher:
             while True:
                 endpoint = slot.endpoint
                 if consumer is None:
-                    consumer = await self._consumer(endpoint, slot.stop)
+                    consumer = await consumer_until(self.broker, self.consumer_spec(endpoint), slot.stop)
                 slot.consumer = consumer
                 if consumer is not None:
                     await EndpointWorker(self._worker_context(), endpoint, consumer).run(slot.stop)
@@ -231,20 +232,6 @@ class Dispatcher:
             )
         except Exception as exc:
             log.warning("endpoint %s: could not move its ordered deliveries to its shard: %s", name, exc)
-
-    async def _consumer(self, endpoint: Endpoint, stop: trio.Event) -> PullConsumer | None:
-        """Create or update the endpoint's durable consumer, retrying until it exists or `stop`."""
-        backoff = 0.5
-        while not stop.is_set():
-            try:
-                (consumer,) = await self.broker.consumers([self.consumer_spec(endpoint)])
-                return consumer
-            except Exception as exc:
-                log.warning("endpoint %s: cannot create its consumer: %s; retrying", endpoint.name, exc)
-            with trio.move_on_after(backoff):
-                await stop.wait()
-            backoff = min(backoff * 2, 5.0)
-        return None
 
     def _worker_context(self) -> WorkerContext:
         """What a worker uses of the gateway, given to it rather than reached through this dispatcher."""

@@ -1,4 +1,5 @@
-"""Moving stored deliveries to another subject: parking, unparking, and the older layout's migration.
+"""Moving stored deliveries to another subject (parking, unparking, spilling, the older layout's
+migration), and creating the consumers egress creates as it goes.
 
 A move publishes a copy and acks the original once the copy is stored, so a crash between the two
 leaves a duplicate, never a loss. The copy keeps the message's own headers (its trace) but none of
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import trio
 
-from hookgate.broker import Broker, Commit, ConsumerSpec, InMsg, OutMsg
+from hookgate.broker import Broker, Commit, ConsumerSpec, InMsg, OutMsg, PullConsumer
 
 log = logging.getLogger("hookgate.dispatcher")
 
@@ -69,3 +70,21 @@ async def move_all(
         if purge and last_moved and spec.filter_subject is not None:
             await broker.purge_subject(spec.stream, spec.filter_subject, last_moved + 1)
     return empty
+
+
+async def consumer_until(
+    broker: Broker, spec: ConsumerSpec, stop: trio.Event, max_backoff: float = 5.0
+) -> PullConsumer | None:
+    """Create or update a durable consumer, retrying (at the stream's consumer limit, say) until
+    it exists; None if `stop` is set first. What it would read waits in the stream meanwhile."""
+    backoff = 0.5
+    while not stop.is_set():
+        try:
+            (consumer,) = await broker.consumers([spec])
+            return consumer
+        except Exception as exc:
+            log.warning("cannot create consumer %s: %s; retrying", spec.durable, exc)
+        with trio.move_on_after(backoff):
+            await stop.wait()
+        backoff = min(backoff * 2, max_backoff)
+    return None

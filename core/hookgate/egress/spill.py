@@ -18,7 +18,7 @@ from typing import Protocol
 import trio
 
 from hookgate.broker import Broker, ConsumerSpec, InMsg, PullConsumer
-from hookgate.egress.forward import moved
+from hookgate.egress.forward import consumer_until, moved
 
 log = logging.getLogger("hookgate.dispatcher")
 
@@ -96,27 +96,14 @@ class Spills:
             buffer=SPILL_BATCH,
         )
         try:
-            consumer = await self._consumer(spec, stopping)
+            # At the stream's consumer limit, the deliveries wait on the subject meanwhile.
+            consumer = await consumer_until(self.broker, spec, stopping, max_backoff=30.0)
             if consumer is not None:
                 await self._feed(name, spec, consumer, stopping)
         except Exception as exc:
             log.warning("endpoint %s: draining its spilled deliveries stopped: %s", name, exc)
         finally:
             self._draining.discard(name)
-
-    async def _consumer(self, spec: ConsumerSpec, stopping: trio.Event) -> PullConsumer | None:
-        backoff = 0.5
-        while not stopping.is_set():
-            try:
-                (consumer,) = await self.broker.consumers([spec])
-                return consumer
-            except Exception as exc:
-                # At the stream's consumer limit, say: the deliveries wait on the subject meanwhile.
-                log.warning("%s: cannot create it: %s; retrying", spec.durable, exc)
-            with trio.move_on_after(backoff):
-                await stopping.wait()
-            backoff = min(backoff * 2, 30.0)
-        return None
 
     async def _feed(
         self, name: str, spec: ConsumerSpec, consumer: PullConsumer, stopping: trio.Event

@@ -25,6 +25,7 @@ from hookgate.egress.outcome import log_context
 from hookgate.egress.parts import EndpointParts
 from hookgate.egress.request import authorize_and_sign, build_request
 from hookgate.egress.send import Result
+from hookgate.egress.watching import cancel_when_set
 from hookgate.observe.redact import redact_headers, redact_text
 from hookgate.observe.tracing import NO_SPAN, Span
 from hookgate.types import Attempt, Delivery, Event
@@ -364,8 +365,3 @@ def _internal_error(delivery: Delivery, exc: Exception) -> Result:
         error_kind="internal",
         error=f"internal error ({type(exc).__name__}) in the gateway or a plugin; see the gateway's log",
     )
-
-
-async def cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
