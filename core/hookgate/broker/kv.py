@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 
 from hookgate.broker.loop import NatsLoop
 from hookgate.broker.messages import KvUpdate
+from hookgate.broker.transient import SETUP_ATTEMPTS, SETUP_BUDGET, retrying
 
 
 def subject(bucket: str, key: str) -> str:
@@ -175,9 +176,14 @@ async def watch(
     def cross(batch: list[KvUpdate]) -> None:
         loop.call_in_trio(hand_over, batch)
 
-    async def start() -> tuple[KeyValue.KeyWatcher, asyncio.Task[None]]:
+    async def watch() -> KeyValue.KeyWatcher:
         kv = await js.key_value(bucket)
-        watcher = await kv.watchall()
+        return await kv.watchall()
+
+    async def start() -> tuple[KeyValue.KeyWatcher, asyncio.Task[None]]:
+        # At startup on a cluster electing leaders, the watch's consumer may time out a while.
+        what = f"watching bucket {bucket}"
+        watcher = await retrying(what, watch, attempts=SETUP_ATTEMPTS, budget=SETUP_BUDGET)
         task = asyncio.get_running_loop().create_task(_pump(watcher, cross))
         # However the pump ends, the trio side's iteration ends too (and its owner may watch
         # again), rather than waiting for batches that will never come.
